@@ -1,0 +1,37 @@
+# `make demo` and `make test` do their own set-up: they create or refresh .venv from the pinned
+# requirements (quick no-op when it is current) and then run.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: venv demo test test-slow bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/make_shards.py
+	$(PY) tools/check_shards.py data/shards/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) bench/shards.py
+
+clean-demo:
+	rm -rf data/synthetic data/shards/demo

@@ -1,0 +1,1 @@
+"""Shard format (schema), writer and checker."""

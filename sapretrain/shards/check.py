@@ -1,0 +1,176 @@
+"""Decode every member of every shard against the schema (the logic of ``tools/check_shards.py``)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from PIL import Image
+
+from sapretrain import storage
+from sapretrain.shards import schema
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass
+class CheckReport:
+    shards: int = 0
+    records: int = 0
+    samples_by_source: Counter = field(default_factory=Counter)
+    records_by_kind: Counter = field(default_factory=Counter)
+    truncated_captions: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [
+            f"shards: {self.shards}   records (pairs): {self.records}   samples: {2 * self.records}"
+            f"   size: {self.bytes / 2**20:.1f} MiB",
+            "samples by source: " + ", ".join(f"{k} {v}" for k, v in sorted(self.samples_by_source.items())),
+            "anchors by relation kind: " + ", ".join(f"{k} {v}" for k, v in sorted(self.records_by_kind.items())),
+            f"captions truncated at the context length: {self.truncated_captions}",
+        ]
+        if self.problems:
+            lines.append(f"PROBLEMS: {len(self.problems)}")
+            lines += [f"  - {p}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
+            if len(self.problems) > MAX_PROBLEMS_SHOWN:
+                lines.append(f"  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more")
+        else:
+            lines.append("OK: every member of every shard decodes and follows schema v%d" % schema.SCHEMA_VERSION)
+        return "\n".join(lines)
+
+
+def list_shards(root: str) -> list[str]:
+    fs, path = storage.url_to_fs(root)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*.tar"))
+    return [f"{str(root).rstrip('/')}/{name}" for name in names]
+
+
+def check_shards(root: str, progress=None) -> CheckReport:
+    """Check all shards under ``root`` against the schema, sizes.json and summary.json."""
+    report = CheckReport()
+    root = str(root).rstrip("/")
+    urls = list_shards(root)
+    if not urls:
+        report.problems.append(f"no *.tar shards under {root}")
+        return report
+    expected_sizes = _load_json(f"{root}/sizes.json", report)
+    summary = _load_json(f"{root}/summary.json", report)
+    expected_hash = {s["shard"]: s["sha256"] for s in (summary or {}).get("shards", [])}
+    for url in urls:
+        name = url.rsplit("/", 1)[-1]
+        data = storage.read_bytes(url)
+        report.shards += 1
+        report.bytes += len(data)
+        if name in expected_hash and hashlib.sha256(data).hexdigest() != expected_hash[name]:
+            report.problems.append(f"{name}: sha256 differs from summary.json")
+        count = check_shard_bytes(name, data, report)
+        if expected_sizes is not None and expected_sizes.get(name) != count:
+            report.problems.append(f"{name}: {count} records, sizes.json says {expected_sizes.get(name)}")
+        if progress is not None:
+            progress(count)
+    if expected_sizes is not None:
+        missing = sorted(set(expected_sizes) - {u.rsplit("/", 1)[-1] for u in urls})
+        report.problems += [f"{name}: listed in sizes.json but missing" for name in missing]
+    return report
+
+
+def check_shard_bytes(name: str, data: bytes, report: CheckReport) -> int:
+    """Check one shard's records; returns the number of good records."""
+    count = 0
+    if len(data) % tarfile.BLOCKSIZE:
+        report.problems.append(f"{name}: {len(data)} bytes is not a whole number of tar blocks: truncated")
+    try:
+        for key, members in iter_records(io.BytesIO(data)):
+            problem = check_record(key, members, report)
+            if problem:
+                report.problems.append(f"{name}/{key}: {problem}")
+            else:
+                count += 1
+    except (tarfile.TarError, EOFError, OSError) as e:
+        report.problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e}) after {count} records")
+    report.records += count
+    return count
+
+
+def iter_records(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive tar members by key, WebDataset style (key = name up to the first dot)."""
+    key, members = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"member {info.name} truncated: {len(data)} of {info.size} bytes")
+            members[ext] = data
+    if key is not None:
+        yield key, members
+
+
+def check_record(key: str, members: dict[str, bytes], report: CheckReport) -> str | None:
+    """The first problem of one record, or None (and the record is counted in ``report``)."""
+    missing = [ext for ext in schema.EXTENSIONS if ext not in members]
+    if missing:
+        return f"missing members {missing}"
+    extra = sorted(set(members) - set(schema.EXTENSIONS))
+    if extra:
+        return f"unexpected members {extra}"
+    try:
+        meta = json.loads(members["json"])
+        schema.validate_record(key, meta)
+    except (ValueError, schema.SchemaError) as e:
+        return f"json: {e}"
+    for member in schema.MEMBERS:
+        for part, ext in schema.image_members(member).items():
+            problem = _check_jpeg(members[ext], meta, part)
+            if problem:
+                return f"{ext}: {problem}"
+    report.records_by_kind[meta["a"]["kind"]] += 1
+    for member in schema.MEMBERS:
+        report.samples_by_source[meta[member]["source"]] += 1
+        report.truncated_captions += bool(meta[member].get("truncated"))
+    return None
+
+
+def _check_jpeg(data: bytes, meta: dict[str, Any], part: str) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            size, fmt = image.size, image.format
+    except Exception as e:  # any decoder failure is a corrupt member, whatever PIL calls it
+        return f"does not decode ({type(e).__name__}: {e})"
+    if fmt != "JPEG":
+        return f"format {fmt}, expected JPEG"
+    if part == "image":
+        if min(size) != meta["image_size"]:
+            return f"size {size}: shorter side should be {meta['image_size']}"
+    elif size != (meta["roi_size"], meta["roi_size"]):
+        return f"size {size}, expected {meta['roi_size']}x{meta['roi_size']}"
+    return None
+
+
+def _load_json(url: str, report: CheckReport) -> dict | None:
+    if not storage.exists(url):
+        report.problems.append(f"{url.rsplit('/', 1)[-1]} is missing (the writer did not finish)")
+        return None
+    try:
+        return json.loads(storage.read_bytes(url))
+    except ValueError as e:
+        report.problems.append(f"{url}: not JSON ({e})")
+        return None

@@ -1,0 +1,332 @@
+"""Curated manifest + images → WebDataset tar shards (the logic behind ``tools/make_shards.py``).
+
+Work is cut into shards of ``shard_size`` consecutive records before any image is opened, so
+shard ``i`` always holds the same records: ``--part I --num-parts N`` writes the shards with
+``i % N == I``, and a re-run skips every shard already committed. A shard is written to a
+temporary file and committed whole (rename locally, a single upload on object stores), then its
+``_progress/<shard>.json`` is written; only a shard with that file counts as done. When every
+shard is done, ``sizes.json`` and ``summary.json`` are written. Nothing in the output depends on
+time, worker count or interruption, so a resumed run is byte-identical to an uninterrupted one.
+
+Output layout (``OUT`` a local dir or fsspec URL)::
+
+    OUT/shard-000000.tar ...   the shards (schema: sapretrain/shards/schema.py)
+    OUT/sizes.json             {"shard-000000.tar": n_records, ...} (open_clip/webdataset convention)
+    OUT/summary.json           counts, skipped inputs by reason with examples, per-shard sha256
+    OUT/config.yaml            the resolved ShardConfig
+    OUT/_progress/*.json       per-shard completion records
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from sapretrain import storage
+from sapretrain.config import dump_config
+from sapretrain.data.manifest import BadSample, SkipLog, read_manifest
+from sapretrain.shards import schema
+from sapretrain.shards.process import ImageSpec, process_sample
+from sapretrain.shards.tokens import SpanTokenizer
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+@dataclass
+class ShardConfig:
+    """How curated samples become shards.
+
+    Run: ``python tools/make_shards.py --manifest M.jsonl --output DIR|URL [--config configs/shards.yaml] [key=value ...]``
+    """
+
+    image_size: int = 224  # shorter side of the stored image (CLIP's input size)
+    roi_size: int = 224  # side of the square subject/object crops
+    roi_context: float = 1.1  # crop side = this x the box's longer side
+    jpeg_quality: int = 90
+    shard_size: int = 1000  # records per shard (records, not samples: each holds a pair)
+    tokenizer: str = "ViT-B-32"  # open_clip model whose tokenizer maps SVO spans to token positions
+    context_length: int = 77
+    max_pixels: int = 89_478_485  # PIL's decompression-bomb limit
+    draft: bool = True  # reduced-scale JPEG decoding when no output needs the full resolution
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(
+            self.image_size, self.roi_size, self.roi_context, self.jpeg_quality, self.max_pixels, self.draft
+        )
+
+
+@dataclass
+class ShardReport:
+    output: str
+    shards_total: int
+    shards_written: int  # by this call
+    shards_skipped: int  # already done before this call
+    records_written: int  # by this call
+    finalized: bool
+    summary: dict[str, Any] | None
+    seconds: float
+
+
+def plan_records(samples: list[dict[str, Any]], skips: SkipLog) -> tuple[list[tuple[dict, dict]], int]:
+    """Anchor/partner pairs in manifest order, and how many mutual pairs were merged.
+
+    A mutual pair (A→B, B→A) becomes one record (A, B): both directions are the same pair to the
+    symmetric contrastive loss, and two copies could land in one batch as false negatives.
+    """
+    by_id = {s["id"]: s for s in samples}
+    order = {s["id"]: i for i, s in enumerate(samples)}
+    records, merged = [], 0
+    for i, anchor in enumerate(samples):
+        partner = by_id.get(anchor["positive"])
+        if partner is None:
+            skips.add("missing_partner", f"{anchor['id']}: positive {anchor['positive']!r} is not a valid sample")
+            continue
+        if partner["id"] == anchor["id"] or partner["image"] == anchor["image"]:
+            skips.add("partner_same_image", f"{anchor['id']}: positive {partner['id']!r} is the same image")
+            continue
+        if partner["positive"] == anchor["id"] and order[partner["id"]] < i:
+            merged += 1
+            continue
+        records.append((anchor, partner))
+    return records, merged
+
+
+def make_shards(
+    manifest: str,
+    output: str,
+    cfg: ShardConfig,
+    part: int = 0,
+    num_parts: int = 1,
+    workers: int = 1,
+    progress: bool = True,
+) -> ShardReport:
+    """Write this part's missing shards; finalize when all parts are done. See module docs."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part {part} must be in [0, --num-parts {num_parts})")
+    start = time.time()
+    output = str(output).rstrip("/")
+    SpanTokenizer(cfg.tokenizer, cfg.context_length)  # fail fast on an unsupported tokenizer
+    claim_output(output, cfg)
+
+    skips = SkipLog()
+    samples = read_manifest(manifest, skips)
+    records, merged = plan_records(samples, skips)
+    shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
+    mine = [i for i in range(len(shards)) if i % num_parts == part]
+    remove_stale_temps(output, set(mine), sole_writer=num_parts == 1)
+    todo = [i for i in mine if not storage.exists(progress_url(output, i))]
+
+    written = run_shards(output, cfg, {i: shards[i] for i in todo}, workers, progress)
+    summary = finalize(output, manifest, len(samples), len(shards), merged, skips)
+    return ShardReport(
+        output=output,
+        shards_total=len(shards),
+        shards_written=len(todo),
+        shards_skipped=len(mine) - len(todo),
+        records_written=written,
+        finalized=summary is not None,
+        summary=summary,
+        seconds=time.time() - start,
+    )
+
+
+def claim_output(output: str, cfg: ShardConfig) -> None:
+    """Save the resolved config, or refuse to mix configs in one output."""
+    url = f"{output}/config.yaml"
+    text = dump_config(cfg)
+    if storage.exists(url):
+        existing = storage.read_bytes(url).decode("utf-8")
+        if existing != text:
+            raise SystemExit(
+                f"{output} holds shards written with a different config (see {url}); "
+                "use a new --output or delete the old one"
+            )
+        return
+    storage.write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def remove_stale_temps(output: str, mine: set[int], sole_writer: bool) -> None:
+    """Delete temporary files a killed run of this part left behind (local outputs only).
+
+    Object-store outputs never hold temporaries: files are staged locally and uploaded whole.
+    """
+    fs, path = storage.url_to_fs(output)
+    if not storage.is_local(fs):
+        return
+    for tmp in fs.glob(f"{path}/*.tmp.*") + fs.glob(f"{path}/_progress/*.tmp.*"):
+        match = re.search(r"shard-(\d+)\.tar", tmp.rsplit("/", 1)[-1])
+        if (match and int(match.group(1)) in mine) or (not match and sole_writer):
+            fs.rm(tmp)
+
+
+def progress_url(output: str, index: int) -> str:
+    return f"{output}/_progress/{SHARD_PATTERN.format(index)}.json"
+
+
+def run_shards(output: str, cfg: ShardConfig, shards: dict[int, list], workers: int, progress: bool) -> int:
+    total = sum(len(records) for records in shards.values())
+    tasks = [(output, cfg, index, records) for index, records in sorted(shards.items())]
+    done = 0
+    if workers <= 1 or len(tasks) <= 1:
+        _init_worker(None)
+        with tqdm(total=total, unit="rec", desc="make_shards", disable=not progress) as bar:
+            for task in tasks:
+                done += write_shard(*task, on_record=bar.update)["records"]
+        return done
+    ctx = mp.get_context("spawn")  # no inherited threads or event loops (fsspec, tqdm)
+    counter = ctx.Value("q", 0)
+    # Workers add to a shared counter per record so the bar moves smoothly, not per shard.
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
+        bar = tqdm(total=total, unit="rec", desc="make_shards", disable=not progress)
+        pending = pool.starmap_async(write_shard, tasks, chunksize=1)
+        while not pending.ready():
+            pending.wait(0.5)
+            bar.update(counter.value - bar.n)
+        for stats in pending.get():
+            done += stats["records"]
+        bar.update(counter.value - bar.n)
+        bar.close()
+    return done
+
+
+_counter = None
+_tokenizers: dict[tuple[str, int], SpanTokenizer] = {}
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _tokenizer(cfg: ShardConfig) -> SpanTokenizer:
+    key = (cfg.tokenizer, cfg.context_length)
+    if key not in _tokenizers:
+        _tokenizers[key] = SpanTokenizer(cfg.tokenizer, cfg.context_length)
+    return _tokenizers[key]
+
+
+def write_shard(output: str, cfg: ShardConfig, index: int, records: list, on_record=None) -> dict[str, Any]:
+    """Write one shard and its progress record; returns the progress record."""
+    tokenizer = _tokenizer(cfg)
+    spec = cfg.image_spec()
+    head = schema.header(tokenizer.name, tokenizer.context_length, cfg.image_size, cfg.roi_size)
+    skips = SkipLog()
+    cache: dict[str, tuple[dict, dict] | BadSample] = {}  # a partner may serve several anchors
+    name = SHARD_PATTERN.format(index)
+    url = f"{output}/{name}"
+    tmp = storage.local_temp_for(url)
+    count = 0
+    with open(tmp, "wb") as raw:
+        sink = _HashingWriter(raw)
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for anchor, partner in records:
+                try:
+                    members = {m: _processed(s, spec, tokenizer, cache) for m, s in zip(schema.MEMBERS, (anchor, partner))}
+                except BadSample as e:
+                    skips.add(e.reason, e.detail)
+                else:
+                    _add_record(tar, anchor["id"], head, members)
+                    count += 1
+                if on_record is not None:
+                    on_record(1)
+                elif _counter is not None:
+                    with _counter.get_lock():
+                        _counter.value += 1
+    storage.commit(tmp, url)
+    stats = {"shard": name, "records": count, "bytes": sink.size, "sha256": sink.sha256.hexdigest(), "skipped": skips.to_dict()}
+    storage.write_bytes_atomic(progress_url(output, index), schema.encode_json(stats))
+    return stats
+
+
+def _processed(sample: dict, spec: ImageSpec, tokenizer: SpanTokenizer, cache: dict) -> tuple[dict, dict]:
+    if sample["id"] not in cache:
+        try:
+            cache[sample["id"]] = process_sample(sample, spec, tokenizer)
+        except BadSample as e:
+            cache[sample["id"]] = BadSample(e.reason, f"{sample['id']}: {e.detail}")
+    result = cache[sample["id"]]
+    if isinstance(result, BadSample):
+        raise result
+    return result
+
+
+def _add_record(tar: tarfile.TarFile, key: str, head: dict, members: dict[str, tuple[dict, dict]]) -> None:
+    meta = dict(head)
+    files: dict[str, bytes] = {}
+    for member, (sample_meta, jpegs) in members.items():
+        meta[member] = sample_meta
+        for part, ext in schema.image_members(member).items():
+            files[ext] = jpegs[part]
+    _add_file(tar, f"{key}.json", schema.encode_json(meta))
+    for ext, data in files.items():
+        _add_file(tar, f"{key}.{ext}", data)
+
+
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (no mtime, owner or host): the same records give the same bytes.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0
+    tar.addfile(info, _BytesReader(data))
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what is written through it."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def finalize(output: str, manifest: str, samples_read: int, shard_count: int, merged: int, skips: SkipLog):
+    """Write sizes.json and summary.json once every shard is done; None while some are missing."""
+    stats = []
+    for index in range(shard_count):
+        url = progress_url(output, index)
+        if not storage.exists(url):
+            return None
+        stats.append(json.loads(storage.read_bytes(url)))
+    for s in stats:
+        skips.merge(SkipLog.from_dict(s["skipped"]))
+    sizes = {s["shard"]: s["records"] for s in stats}
+    summary = {
+        "schema": schema.SCHEMA_VERSION,
+        "manifest": manifest,
+        "samples_read": samples_read,
+        "records": sum(sizes.values()),
+        "mutual_pairs_merged": merged,
+        "skipped": skips.to_dict(),
+        "shards": [{k: s[k] for k in ("shard", "records", "bytes", "sha256")} for s in stats],
+    }
+    storage.write_bytes_atomic(f"{output}/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
+    storage.write_bytes_atomic(f"{output}/summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary

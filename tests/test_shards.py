@@ -1,0 +1,261 @@
+"""Manifest → shards → read back; bad inputs; resume after SIGKILL; parts; S3."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import OBJ_COLOR, PROJECT_ROOT, SUBJ_COLOR, make_image, png_bomb, sample_line, write_manifest
+from sapretrain.shards import schema
+from sapretrain.shards.check import check_shards
+from sapretrain.shards.writer import ShardConfig, make_shards
+
+CFG = ShardConfig(image_size=64, roi_size=32, shard_size=3)
+
+
+def read_back(output) -> dict[str, dict]:
+    """Records of all shards through webdataset itself, keyed by __key__."""
+    urls = sorted(str(p) for p in Path(output).glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
+    return {s["__key__"]: s for s in dataset}
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_roundtrip_equals_input(small_manifest, tmp_path):
+    out = tmp_path / "shards"
+    report = make_shards(str(small_manifest), str(out), CFG, progress=False)
+    lines = {j["id"]: j for j in map(json.loads, small_manifest.read_text().splitlines())}
+    # 4 mutual pairs merge into 4 records, 4 ring samples give 4 records.
+    assert report.summary["records"] == 8 and report.summary["mutual_pairs_merged"] == 4
+    assert report.summary["skipped"]["counts"] == {}
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 2}
+
+    records = read_back(out)
+    assert sorted(records) == ["s0000", "s0002", "s0004", "s0006", "s0008", "s0009", "s0010", "s0011"]
+    for key, record in records.items():
+        meta = record["json"]
+        schema.validate_record(key, meta)
+        assert meta["p"]["id"] == lines[key]["positive"]
+        for member in schema.MEMBERS:
+            sample, source = meta[member], lines[meta[member]["id"]]
+            assert sample["caption"] == source["caption"]
+            assert sample["negative"]["caption"] == source["negative"]["caption"]
+            for part in schema.PARTS:
+                span = source["triplet"][part]
+                assert sample["char_spans"][part] == [span["start"], span["end"]]
+            for part in ("subj", "obj"):
+                x0, y0, x1, y1 = source["boxes"][part]
+                assert sample["boxes"][part] == pytest.approx([x0 / 320, y0 / 240, x1 / 320, y1 / 240], abs=1e-6)
+            image = record[f"{member}.jpg"]
+            assert image.size == (85, 64)  # shorter side 64, aspect 4:3 kept
+            # The ROI crops are centred on the drawn boxes: their centres show the box colours.
+            for part, color in (("subj", SUBJ_COLOR), ("obj", OBJ_COLOR)):
+                crop = np.asarray(record[f"{member}.{part}.jpg"])
+                assert crop.shape == (32, 32, 3)
+                centre = crop[12:20, 12:20].reshape(-1, 3).mean(0)
+                assert np.abs(centre - color).max() < 25, (key, member, part, centre)
+    assert check_shards(str(out)).ok
+
+
+def test_token_positions_agree_with_open_clip(tmp_path):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    images = tmp_path / "images"
+    images.mkdir()
+    long_tail = " and then " + "very " * 80 + "far away"
+    lines = []
+    for i in range(2):
+        make_image(images / f"{i}.jpg", seed=i)
+        line = sample_line(i, f"images/{i}.jpg", 1 - i)
+        if i == 1:  # the object straddles the 77-token cut: only its first tokens survive
+            line["caption"] = "a red box number 1 is left of a blue box" + long_tail
+            obj_start = line["caption"].index("blue box")
+            line["triplet"]["obj"] = {"text": line["caption"][obj_start:], "start": obj_start, "end": len(line["caption"])}
+        lines.append(line)
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    make_shards(str(manifest), str(tmp_path / "out"), CFG, progress=False)
+    record = read_back(tmp_path / "out")["s0000"]["json"]
+    for sample in (record["a"], record["p"], record["a"]["negative"]):
+        expected = tokenizer([sample["caption"]])[0].tolist()
+        assert sample["tokens"] + [0] * (77 - len(sample["tokens"])) == expected
+    anchor = record["a"]
+    decoded = {part: tokenizer.decode(np.array([anchor["tokens"][p] for p in anchor["spans"][part]])) for part in schema.PARTS}
+    assert decoded["subj"].strip() == "red box number 0"
+    assert decoded["rel"].strip() == "left of"
+    assert decoded["obj"].strip() == "blue box"
+    partner = record["p"]
+    assert partner["truncated"] is True and len(partner["tokens"]) == 77
+    assert max(partner["spans"]["obj"]) == 75  # last content position before the end token
+    assert partner["spans"]["obj"][0] == partner["tokens"].index(tokenizer.encoder["blue</w>"])
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        make_image(images / f"good{i}.jpg", seed=i)
+    make_image(images / "full.jpg", seed=9)
+    (images / "truncated.jpg").write_bytes((images / "full.jpg").read_bytes()[:1500])
+    (images / "text.jpg").write_text("this is not an image")
+    png_bomb(images / "bomb.png")
+
+    def good(i, partner, **kw):
+        return sample_line(i, f"images/good{i}.jpg", partner, **kw)
+
+    def bad(i, **changes):
+        line = sample_line(i, "images/good0.jpg", 0)
+        line["image"] = f"images/good{i}.jpg" if i < 4 else "images/good1.jpg"
+        line.update(changes)
+        return line
+
+    empty = bad(10, caption="   ")
+    span_out = bad(11)
+    span_out["triplet"]["obj"]["end"] = 500
+    span_mismatch = bad(12)
+    span_mismatch["triplet"]["subj"]["text"] = "green cube"
+    no_negative = bad(13)
+    del no_negative["negative"]
+    lines = [
+        good(0, 1), good(1, 0), good(2, 3), good(3, 2),
+        bad(20, image="images/missing.jpg"),
+        bad(21, image="images/truncated.jpg"),
+        bad(22, image="images/text.jpg"),
+        bad(23, image="images/bomb.png", width=30000, height=30000),
+        empty, span_out, span_mismatch, no_negative,
+        bad(14, boxes={"subj": [10, 10, 50, 50], "obj": [200, 100, 400, 200]}),  # x1 > 320
+        bad(15, caption=42),
+        bad(16, positive="nobody"),
+        "{not json",
+        good(0, 1),  # duplicate id
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    report = make_shards(str(manifest), str(tmp_path / "out"), CFG, progress=False)
+    counts = report.summary["skipped"]["counts"]
+    assert counts == {
+        "bad_caption": 1,
+        "bad_json": 1,
+        "bad_span": 2,
+        "box_outside_image": 1,
+        "decompression_bomb": 1,
+        "duplicate_id": 1,
+        "empty_caption": 1,
+        "missing_field": 1,
+        "missing_image": 1,
+        "missing_partner": 1,
+        "unreadable_image": 2,
+    }
+    assert sorted(read_back(tmp_path / "out")) == ["s0000", "s0002"]
+    assert all(report.summary["skipped"]["examples"][reason] for reason in counts)
+    assert check_shards(str(tmp_path / "out")).ok
+
+
+def test_cli_reports_and_checker_finds_corruption(small_manifest, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "tests")}
+    run = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tools/make_shards.py"), "--manifest", str(small_manifest),
+         "--output", str(out), "--no-progress", "--workers", "2", "image_size=64", "roi_size=32", "shard_size=3"],
+        capture_output=True, text=True, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "8 records (pairs)" in run.stdout and "skipped: 0" in run.stdout
+    assert "image_size: 64" in (out / "config.yaml").read_text()
+
+    check = [sys.executable, str(PROJECT_ROOT / "tools/check_shards.py"), "--no-progress", str(out)]
+    assert subprocess.run(check, capture_output=True).returncode == 0
+
+    # A JPEG member with garbage in the middle, then a truncated shard: both must be reported.
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"\xff\xd8\xff") + 600
+    data[at : at + 400] = b"\x00" * 400
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(check, capture_output=True, text=True)
+    assert bad.returncode == 1 and "shard-000001.tar" in bad.stdout and "sha256" in bad.stdout
+    (out / "shard-000002.tar").write_bytes((out / "shard-000002.tar").read_bytes()[:5000])
+    report = check_shards(str(out))
+    assert any("shard-000002.tar" in p and "truncated" in p for p in report.problems)
+
+
+def test_unknown_config_key_is_an_error(small_manifest, tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tools/make_shards.py"), "--manifest", str(small_manifest),
+         "--output", str(tmp_path / "o"), "imag_size=64"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 2 and "unknown config key 'imag_size'" in run.stderr and "image_size" in run.stderr
+
+
+def test_parts_and_resume_after_sigkill_are_byte_identical(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(40):
+        make_image(images / f"{i}.jpg", size=(1024, 768), subj=(50, 60, 400, 500), obj=(500, 100, 1000, 700), seed=i)
+        lines.append(sample_line(i, f"images/{i}.jpg", (i + 1) % 40, size=(1024, 768), subj_box=(50, 60, 400, 500), obj_box=(500, 100, 1000, 700)))
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    args = ["image_size=224", "roi_size=224", "shard_size=4", "draft=false"]
+    cmd = [sys.executable, str(PROJECT_ROOT / "tools/make_shards.py"), "--manifest", str(manifest), "--no-progress", "--workers", "1"]
+
+    reference = tmp_path / "reference"
+    subprocess.run(cmd + ["--output", str(reference)] + args, check=True, capture_output=True)
+    assert len(list(reference.glob("*.tar"))) == 10
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--output", str(killed)] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "_progress").glob("*.json"))) < 2:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((killed / "_progress").glob("*.json")))
+    assert 2 <= done_at_kill < 10, "the writer must be killed mid-run for this test to mean anything"
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(cmd + ["--output", str(killed)] + args, check=True, capture_output=True, text=True)
+    assert f"{10 - done_at_kill} written now, {done_at_kill} already done" in resumed.stdout
+    assert files_of(killed) == files_of(reference)
+
+    parts = tmp_path / "parts"
+    for part in (1, 0):
+        subprocess.run(cmd + ["--output", str(parts), "--part", str(part), "--num-parts", "2"] + args, check=True, capture_output=True)
+    assert files_of(parts) == files_of(reference)
+
+
+def test_refuses_to_mix_configs(small_manifest, tmp_path):
+    make_shards(str(small_manifest), str(tmp_path / "o"), CFG, progress=False)
+    with pytest.raises(SystemExit, match="different config"):
+        make_shards(str(small_manifest), str(tmp_path / "o"), ShardConfig(image_size=96), progress=False)
+
+
+def test_s3_input_and_output(small_manifest, tmp_path, s3_env):
+    fs = s3_env
+    fs.mkdir("shards-test")
+    fs.put(str(small_manifest.parent / "images"), "shards-test/in/images", recursive=True)
+    fs.put_file(str(small_manifest), "shards-test/in/manifest.jsonl")
+
+    report = make_shards("s3://shards-test/in/manifest.jsonl", "s3://shards-test/out", CFG, workers=2, progress=False)
+    assert report.summary["records"] == 8
+    check = check_shards("s3://shards-test/out")
+    assert check.ok, check.problems
+    assert check.records == 8
+
+    local = tmp_path / "local"
+    make_shards(str(small_manifest), str(local), CFG, progress=False)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "sizes.json"):
+        assert fs.cat_file(f"shards-test/out/{name}") == (local / name).read_bytes(), name
+    assert not [p for p in fs.find("shards-test/out") if ".tmp" in p]

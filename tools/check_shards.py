@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Decode every member of every shard against the schema; exit 1 on any problem.
+
+    python tools/check_shards.py data/shards/demo
+    python tools/check_shards.py s3://bucket/shards
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from sapretrain.shards.check import check_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="directory or fsspec URL holding *.tar shards")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    with tqdm(unit="rec", desc="check_shards", disable=args.no_progress) as bar:
+        report = check_shards(args.root, progress=bar.update)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
