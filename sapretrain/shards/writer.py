@@ -180,7 +180,9 @@ def run_shards(output: str, cfg: ShardConfig, shards: dict[int, list], workers: 
             for task in tasks:
                 done += write_shard(*task, on_record=bar.update)["records"]
         return done
-    ctx = mp.get_context("spawn")  # no inherited threads or event loops (fsspec, tqdm)
+    # fork: workers inherit the imported modules instead of re-importing torch; the parent has
+    # started no bar yet, and fsspec resets its event loop in forked children.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counter = ctx.Value("q", 0)
     # Workers add to a shared counter per record so the bar moves smoothly, not per shard.
     with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
