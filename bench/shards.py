@@ -79,7 +79,7 @@ def run_bare(root: Path, samples: list[dict], cfg: ShardConfig, workers: int) ->
         for t in tasks:
             bare_one(t)
     else:
-        with mp.get_context("spawn").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers) as pool:  # as make_shards: no re-import
             pool.map(bare_one, tasks, chunksize=8)
     return len(tasks) / (time.perf_counter() - start)
 

@@ -6,6 +6,8 @@ root so the commands work from any directory of a checkout.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from sapretrain.data import synthetic
@@ -35,9 +37,6 @@ def build_demo_manifest(scenes: int = 4000, workers: int = 1, progress: bool = T
 
 def _rebase(line: str, src_dir: Path, dst_dir: Path) -> str:
     """Make a line's relative image path relative to ``dst_dir`` instead of ``src_dir``."""
-    import json
-    import os
-
     sample = json.loads(line)
     image = sample["image"]
     if "://" not in image and not os.path.isabs(image):
