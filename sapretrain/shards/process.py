@@ -56,7 +56,10 @@ def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanToken
 
 def tokenize(caption: str, triplet: dict, tokenizer: SpanTokenizer, where: str) -> dict[str, Any]:
     spans = {part: (triplet[part]["start"], triplet[part]["end"]) for part in PARTS}
-    tokenized = tokenizer(caption, spans)
+    try:
+        tokenized = tokenizer(caption, spans)
+    except ValueError as e:  # e.g. a huge caption whose text cleaning cannot be aligned
+        raise BadSample("bad_caption", f"{where}: {e}") from None
     lost = [part for part in PARTS if not tokenized.spans[part]]
     if lost:
         raise BadSample(

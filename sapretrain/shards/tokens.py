@@ -11,11 +11,13 @@ How a token gets its characters:
 1. ``tokenizer.clean_fn`` (ftfy, html unescape, whitespace collapse, lower case) turns the caption
    into the text the regex split sees. We rebuild that text ourselves with an index map (identity,
    or per-word whitespace collapse + lower case). If ours differs from ``clean_fn``'s (ftfy or html
-   unescaping changed characters, or lower-casing is context dependent), each changed
-   whitespace-separated run is cleaned alone and aligned with its cleaned form (see
-   ``_map_changed``): unchanged characters map exactly, changed ones to the whole source stretch
-   they replace (so "cafÃ©" → "café" maps "é" to "Ã©", "&amp;" → "&" maps "&" to "&amp;").
-   Captions whose cleaning cannot be cut into such local pieces raise ValueError.
+   unescaping changed characters, or lower-casing is context dependent), the caption is cut into
+   the smallest whitespace-separated chunks that clean independently, and each chunk is aligned
+   with its cleaned form (``_chunks``, ``_align``): unchanged characters map exactly, changed ones
+   to the whole source stretch they replace ("cafÃ©" → "café" maps "é" to "Ã©", "&amp;" → "&"
+   maps "&" to "&"), and a character whose pairing is ambiguous joins the changed stretch around
+   it rather than being guessed. So a span gets every token that comes from its characters, and
+   where cleaning blurred the boundary, possibly a neighbour too; never a token from elsewhere.
 2. Each regex match is UTF-8 encoded and BPE-merged by the tokenizer's own ``bpe``; its pieces cover
    consecutive byte ranges of the match ('</w>' only marks the word end), hence character ranges.
    A multi-byte character split over several pieces belongs to each of them.
@@ -42,7 +44,6 @@ _WORD = re.compile(r"\S+")  # the runs `" ".join(text.split())` keeps
 _END_OF_WORD = "</w>"
 _WORD_CACHE_SIZE = 1 << 18  # regex matches whose BPE split is kept; cleared when full
 _MAX_ALIGN_CELLS = 1 << 20  # largest alignment table (chars x chars) built for a changed chunk
-_RUN_BONUS = 1  # alignment score for a matched char that continues a run of matches
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class SpanTokenizer:
     """Tokenize captions like open_clip's OpenAI-BPE ``SimpleTokenizer`` and map char spans to tokens.
 
     ``tokenizer`` injects a ready tokenizer object instead of ``open_clip.get_tokenizer(model_name)``
-    (tests, or sharing one instance); it goes through the same support checks.
+    (tests, or sharing one instance); it goes through the same support checks. Unsupported
+    tokenizers, unknown model names, invalid spans and (rare) captions too long to align after
+    cleaning changed them raise ValueError; ids that disagree with open_clip's raise RuntimeError
+    (a bug or an incompatible open_clip version, never bad input).
     """
 
     def __init__(self, model_name: str = "ViT-B-32", context_length: int | None = None, *, tokenizer=None):
@@ -95,7 +99,9 @@ class SpanTokenizer:
 
         expected = type(tok).encode(self._precleaned, cleaned)
         if ids[1:] != expected:
-            raise RuntimeError(f"span tokenizer ids disagree with open_clip's encode for {text!r}: {ids[1:]} != {expected}")
+            raise RuntimeError(
+                f"span tokenizer ids disagree with open_clip's encode for {text!r}: {ids[1:]} != {expected}"
+            )
 
         ids.append(tok.eot_token_id)
         truncated = len(ids) > self.context_length
@@ -143,7 +149,9 @@ class SpanTokenizer:
             expected = self._tok([probe], context_length=self.context_length)[0].tolist()
             got = self.pad(self(probe, {}).ids)
             if got != expected:
-                raise RuntimeError(f"{self.name} does not reproduce open_clip's tokens for {probe!r}: {got} != {expected}")
+                raise RuntimeError(
+                    f"{self.name} does not reproduce open_clip's tokens for {probe!r}: {got} != {expected}"
+                )
 
 
 class _PreCleaned:
@@ -158,6 +166,8 @@ class _PreCleaned:
         self.clean_fn = _already_clean
 
     def __getattr__(self, name):
+        if name == "_tokenizer":  # not set yet (unpickling): don't recurse
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
 
@@ -224,12 +234,14 @@ def _map_changed(text: str, cleaned: str, clean_fn) -> tuple[list[int], list[int
         if lo:  # the separating space stands for the whitespace before the chunk
             lo.append(start - 1)
             hi.append(start)
-        words = text[start:end].strip()
-        if start == len(text) - len(text.lstrip()) and clean_chunk == words.lower() and len(words) == len(clean_chunk):
-            lo.extend(range(start, start + len(words)))
-            hi.extend(range(start + 1, start + len(words) + 1))
+        # Align the chunk's text without surrounding whitespace, which cleaning strips anyway.
+        start, end = start + len(text[start:end]) - len(text[start:end].lstrip()), start + len(text[start:end].rstrip())
+        words = text[start:end]
+        if clean_chunk == words.lower() and len(words) == len(clean_chunk):
+            lo.extend(range(start, end))
+            hi.extend(range(start + 1, end + 1))
         elif (end - start) * len(clean_chunk) <= _MAX_ALIGN_CELLS:
-            chunk_lo, chunk_hi = _align(text[start:end], range(start, end), clean_chunk)
+            chunk_lo, chunk_hi = _align(words, range(start, end), clean_chunk)
             lo.extend(chunk_lo)
             hi.extend(chunk_hi)
         else:
@@ -242,28 +254,28 @@ def _map_changed(text: str, cleaned: str, clean_fn) -> tuple[list[int], list[int
 def _chunks(text: str, cleaned: str, clean_fn) -> list[tuple[int, int, str]]:
     """Cut the caption into ``(start, end, cleaned chunk)`` pieces whose cleaning is independent.
 
-    ftfy, html unescaping and lower-casing act locally, so each whitespace-separated run, with the
-    whitespace after it, is cleaned alone; a run whose cleaning depends on what follows (ftfy reads
-    "voilÃ" + "\\xa0" as "voilà") is merged with the next runs until the chunk's cleaned text is
-    the next piece of ``cleaned``. Alignment then never leaves its chunk. If the cut fails
-    (cleaning decided on the whole caption, e.g. ftfy's mojibake heuristics), the caption is one
-    chunk.
+    ftfy, html unescaping and lower-casing act locally, so each whitespace-separated run is cleaned
+    alone; a run whose cleaning depends on what follows (ftfy reads "voilÃ" + "\\xa0" as "voilà")
+    is cleaned with the whitespace after it, or merged with the next runs, until the chunk's
+    cleaned text is the next piece of ``cleaned``. Alignment then never leaves its chunk. If the
+    cut fails (ftfy decided on the whole caption at once), the caption is one chunk.
     """
     runs = [match.span() for match in _WORD.finditer(text)]
     chunks, at, k = [], 0, 0  # `at`: where the next chunk's cleaned text starts in `cleaned`
     while k < len(runs):
-        for e in range(k, len(runs)):
-            start, end = runs[k][0], runs[e + 1][0] if e + 1 < len(runs) else len(text)
-            words = text[start : runs[e][1]]
-            if e == k and words.isascii() and words.isprintable() and "&" not in words:
-                clean_chunk = words.lower()  # nothing here for ftfy or html unescaping to change
+        begin = at + 1 if chunks else at  # after the separating space
+        for e, end in _chunk_ends(text, runs, k):
+            start = runs[k][0]
+            chunk = text[start:end]
+            if e == k and chunk.isascii() and chunk.isprintable() and "&" not in chunk:
+                clean_chunk = chunk.lower()  # nothing here for ftfy or html unescaping to change
             else:
-                clean_chunk = clean_fn(text[start:end])
+                clean_chunk = clean_fn(chunk)
+            stop = begin + len(clean_chunk)
             if not clean_chunk:  # e.g. only control characters: nothing in `cleaned` comes from it
                 break
-            begin = at + 1 if chunks else at
-            stop = begin + len(clean_chunk)
-            if (not chunks or cleaned[at : at + 1] == " ") and cleaned.startswith(clean_chunk, begin) and cleaned[stop : stop + 1] in ("", " "):
+            separated = not chunks or cleaned[at : at + 1] == " "
+            if separated and cleaned.startswith(clean_chunk, begin) and cleaned[stop : stop + 1] in ("", " "):
                 chunks.append((start, end, clean_chunk))
                 at = stop
                 break
@@ -275,53 +287,61 @@ def _chunks(text: str, cleaned: str, clean_fn) -> list[tuple[int, int, str]]:
     return chunks
 
 
+def _chunk_ends(text: str, runs: list[tuple[int, int]], k: int):
+    """``(last run, end)`` of the chunks starting at run ``k``, shortest first: runs k..e, without
+    and then with the whitespace that follows them."""
+    for e in range(k, len(runs)):
+        yield e, runs[e][1]
+        after = runs[e + 1][0] if e + 1 < len(runs) else len(text)
+        if after > runs[e][1]:
+            yield e, after
+
+
 def _align(src: str, src_pos: Sequence[int], dst: str) -> tuple[list[int], list[int]]:
     """Map each char of ``dst`` (a cleaned ``src``) to its ``[lo, hi)`` range of the caption.
 
-    ``src_pos[i]`` is the caption index of ``src[i]``. Chars are matched when equal up to case and
-    NFKC ("Ａ" is "a"), or whitespace against the space it became. The alignment maximises the
-    matches, non-space ones counting double, plus a bonus for each match that continues a run of
-    matches: like a diff, it keeps words together instead of pairing a word's letters with a
-    repeat's (difflib's longest-block matching can, and so can a plain Levenshtein alignment).
+    ``src_pos[i]`` is the caption index of ``src[i]``. Chars match when equal up to case and NFKC
+    ("Ａ" is "a"); whitespace never matches (it is interchangeable, and no token holds it). Of a
+    longest common subsequence, only the matches that every longest one makes are kept: a char
+    that could pair with either of two equal chars (one "é" of "&#233;é&#233;" → "ééé") stays
+    unmatched rather than guessed, as do the letters of a word next to its own repeat. (difflib's
+    longest-block matching, or a Levenshtein alignment, would pair some of those wrongly.)
     Matched chars map exactly; between two matches, the changed dst chars map to the whole changed
-    src stretch (e.g. "é" to "Ã©"); dropped non-space src chars join the previous dst char (e.g. "&"
-    covers all of "&amp;"); inserted chars get an empty range.
+    src stretch (e.g. "é" to "Ã©"), word by word when both sides have as many words; inserted chars
+    map to the matched chars on either side; dropped src chars map to nothing ("amp;" of "&amp;"
+    → "&": a span must reach the "&").
     """
     n, m = len(src), len(dst)
     folded = [unicodedata.normalize("NFKC", a).lower() for a in src]
-    same = [[a == b or f == b or (b == " " and a.isspace()) for b in dst] for a, f in zip(src, folded)]
-    weight = [1 if a.isspace() else 2 for a in src]
-    # after_match[i][j] / after_gap[i][j]: best score aligning src[:i] with dst[:j] whose last step
-    # matched src[i-1] with dst[j-1] / skipped a char.
-    never = -(1 << 30)
-    after_match = [[never] * (m + 1) for _ in range(n + 1)]
-    after_gap = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(1, n + 1):
-        match_prev, gap_prev, match_row, gap_row = after_match[i - 1], after_gap[i - 1], after_match[i], after_gap[i]
-        same_i, w = same[i - 1], weight[i - 1]
-        for j in range(1, m + 1):
-            gap_row[j] = max(match_prev[j], gap_prev[j], match_row[j - 1], gap_row[j - 1])
-            if same_i[j - 1]:
-                match_row[j] = max(match_prev[j - 1] + _RUN_BONUS, gap_prev[j - 1]) + w
-    matches, i, j = [(n, m)], n, m  # (src, dst) index pairs of matched chars, plus end sentinel
-    in_match = after_match[n][m] >= after_gap[n][m]
-    while i > 0 and j > 0:
-        if in_match:
-            matches.append((i - 1, j - 1))
-            in_match = after_match[i][j] == after_match[i - 1][j - 1] + _RUN_BONUS + weight[i - 1]
-            i, j = i - 1, j - 1
+    same = [[(a == b or f == b) and not b.isspace() for b in dst] for a, f in zip(src, folded)]
+    # head[i][j]: LCS length of src[:i] and dst[:j]; tail[i][j]: of src[i:] and dst[j:].
+    head = [[0] * (m + 1) for _ in range(n + 1)]
+    tail = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n):
+        for j in range(m):
+            head[i + 1][j + 1] = head[i][j] + 1 if same[i][j] else max(head[i][j + 1], head[i + 1][j])
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            tail[i][j] = tail[i + 1][j + 1] + 1 if same[i][j] else max(tail[i + 1][j], tail[i][j + 1])
+    best = head[n][m]
+
+    def essential(i: int, j: int) -> bool:
+        """Every longest alignment matches src[i] with dst[j]: none pairs src[i] elsewhere or skips it."""
+        elsewhere = max((head[i][k] + 1 + tail[i + 1][k + 1] for k in range(m) if same[i][k] and k != j), default=-1)
+        skipped = max(head[i][k] + tail[i + 1][k] for k in range(m + 1))
+        return max(elsewhere, skipped) < best
+
+    matches, i, j = [], 0, 0  # walk one longest alignment, keeping its essential matches
+    while i < n and j < m:
+        if same[i][j] and tail[i][j] == tail[i + 1][j + 1] + 1:
+            if essential(i, j):
+                matches.append((i, j))
+            i, j = i + 1, j + 1
+        elif tail[i + 1][j] == tail[i][j]:
+            i += 1
         else:
-            best = after_gap[i][j]
-            if best == after_match[i - 1][j]:
-                i, in_match = i - 1, True
-            elif best == after_gap[i - 1][j]:
-                i -= 1
-            elif best == after_match[i][j - 1]:
-                j, in_match = j - 1, True
-            else:
-                j -= 1
-    matches.append((-1, -1))  # start sentinel
-    matches.reverse()
+            j += 1
+    matches = [(-1, -1)] + matches + [(n, m)]  # with sentinels
 
     def start_of(i: int) -> int:  # caption index where src[i:] begins
         return src_pos[i] if i < n else (src_pos[-1] + 1 if n else 0)
@@ -332,12 +352,16 @@ def _align(src: str, src_pos: Sequence[int], dst: str) -> tuple[list[int], list[
     for (pi, pj), (ci, cj) in zip(matches, matches[1:]):
         # The src stretch strictly between two matches, as a caption range.
         start, end = start_of(pi + 1), (src_pos[ci - 1] + 1 if ci > pi + 1 else start_of(pi + 1))
-        if cj > pj + 1:  # dst chars changed (or, if the stretch is empty, inserted) here
+        if cj > pj + 1:  # dst chars changed here
+            if start == end:  # ... or inserted: they belong with the matched chars around them
+                start = src_pos[pi] if pi >= 0 else start
+                end = src_pos[ci] + 1 if ci < n else end
             for k in range(pj + 1, cj):
                 lo[k], hi[k] = start, end
-        elif src[pi + 1 : ci].strip():  # src chars dropped: the neighbouring dst char covers them
-            if pj >= 0:
-                hi[pj] = max(hi[pj], end)
-            elif cj < m:
-                lo[cj] = min(lo[cj], start)
+            src_words = [w.span() for w in _WORD.finditer(src, pi + 1, ci)]
+            dst_words = [w.span() for w in _WORD.finditer(dst, pj + 1, cj)]
+            if src_words and len(src_words) == len(dst_words):  # e.g. 'â€œ\xa0ﬁ' → '" fi': word by word
+                for (s0, s1), (d0, d1) in zip(src_words, dst_words):
+                    for k in range(d0, d1):
+                        lo[k], hi[k] = src_pos[s0], src_pos[s1 - 1] + 1
     return lo, hi
