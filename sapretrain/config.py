@@ -3,6 +3,8 @@
     cfg = load_config(ShardConfig, "configs/shards.yaml", ["image_size=256", "roi.size=128"])
     save_config(cfg, out_dir / "config.yaml")
 
+A file may start from another with ``base: other.yaml`` and list only what differs.
+
 Rules: every key in the YAML file or an override must name a field (an unknown key raises and
 names it, with the closest field as a hint); values are checked against the field's type; the
 resolved config is written next to every output so a run can be reproduced from it alone.
@@ -28,21 +30,42 @@ class ConfigError(ValueError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        import fsspec
-
-        with fsspec.open(str(path), "r") as f:
-            loaded = yaml.safe_load(f)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+    data = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
     return from_dict(cls, data)
+
+
+def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping; ``base: other.yaml`` (relative to this file) is loaded first and
+    this file's keys are merged over it, so a variant states only what differs."""
+    import fsspec
+
+    path = str(path)
+    if path in seen:
+        raise ConfigError(f"config files include each other: {' -> '.join(seen + (path,))}")
+    with fsspec.open(path, "r") as f:
+        loaded = yaml.safe_load(f)
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    base_path = base if "://" in base or Path(base).is_absolute() else str(Path(path).parent / base)
+    return _deep_merge(read_yaml(base_path, seen + (path,)), loaded)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_override(item: str) -> tuple[str, Any]:

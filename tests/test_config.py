@@ -54,3 +54,13 @@ def test_saved_config_reloads_identically(tmp_path):
     again = load_config(Demo, tmp_path / "config.yaml")
     assert again == cfg
     assert dump_config(again) == (tmp_path / "config.yaml").read_text()
+
+
+def test_base_file_is_merged_under_the_variant(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 50\noptim:\n  lr: 0.5\n  betas: [0.8, 0.9]\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\noptim:\n  lr: 0.25\n")
+    cfg = load_config(Demo, tmp_path / "variant.yaml")
+    assert cfg.steps == 50 and cfg.optim.lr == 0.25 and cfg.optim.betas == (0.8, 0.9)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(Demo, tmp_path / "loop.yaml")
