@@ -68,12 +68,26 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class OverrideValue(str):
+    """A command-line value: its text, and its YAML reading (``no`` reads as False in YAML 1.1,
+    so a string field such as ``run.precision=no`` must get the text, a bool field the reading)."""
+
+    def __new__(cls, raw: str):
+        value = super().__new__(cls, raw)
+        value.parsed = yaml.safe_load(raw) if raw.strip() else ""
+        return value
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-4"`` → ``("optim.lr", 1e-4)``; the value is parsed as YAML."""
+    """``"optim.lr=1e-4"`` → ``("optim.lr", OverrideValue("1e-4"))``; typed when applied."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.batch_size=64)")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), OverrideValue(raw)
+
+
+def _wants_text(hint: Any) -> bool:
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -126,6 +140,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if isinstance(value, OverrideValue):
+        value = str(value) if _wants_text(hint) and value.parsed is not None else value.parsed
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -165,6 +181,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if hint is str and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected text, got {value!r} (YAML reads no/yes/off/on as booleans: quote it)")
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -64,3 +64,14 @@ def test_base_file_is_merged_under_the_variant(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="include each other"):
         load_config(Demo, tmp_path / "loop.yaml")
+
+
+def test_override_text_goes_to_string_fields_as_written():
+    @dataclass
+    class Run:
+        precision: str = "bf16"
+        flag: bool = True
+        tag: str | None = "x"
+
+    cfg = load_config(Run, None, ["precision=no", "flag=no", "tag=null"])
+    assert cfg.precision == "no" and cfg.flag is False and cfg.tag is None
