@@ -1,22 +1,23 @@
-# sapretrain on GPU nodes. The pinned torch wheel brings its own CUDA libraries; the host needs
-# an NVIDIA driver recent enough for them and the NVIDIA container toolkit (`docker run --gpus all`).
+# sapretrain on GPU nodes: an official PyTorch CUDA runtime image + this package.
 #   docker build -t sapretrain .
-#   docker run --gpus all -v /data:/data sapretrain \
-#       accelerate launch launch/pretrain.py --config configs/paper.yaml data.shards=/data/shards
-FROM python:3.11-slim-bookworm
+#   docker run --gpus all --ipc=host -v /data:/data -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY sapretrain \
+#       accelerate launch --config_file launch/accelerate/8gpu.yaml launch/pretrain.py \
+#       --config configs/paper.yaml data.shards=/data/shards run.output_dir=/data/runs/paper
+# The image keeps its own CUDA build of torch; everything else comes from setup.cfg.
+ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 ENV PIP_NO_CACHE_DIR=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /opt/sapretrain
 
-COPY requirements.txt constraints.txt setup.cfg pyproject.toml README.md ./
-RUN pip install -r requirements.txt -c constraints.txt
-
+COPY setup.cfg pyproject.toml README.md ./
 COPY sapretrain ./sapretrain
-RUN pip install --no-deps --no-build-isolation -e .
+RUN pip install -e ".[s3,eval]"
 COPY tools ./tools
 COPY launch ./launch
 COPY configs ./configs
 COPY docs ./docs
 
-CMD ["accelerate", "launch", "launch/pretrain.py", "--config", "configs/paper.yaml"]
+CMD ["accelerate", "launch", "--config_file", "launch/accelerate/1gpu.yaml", "launch/pretrain.py", "--config", "configs/paper.yaml"]

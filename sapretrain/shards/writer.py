@@ -111,7 +111,7 @@ def make_shards(
     if not 0 <= part < num_parts:
         raise ValueError(f"--part {part} must be in [0, --num-parts {num_parts})")
     start = time.time()
-    output = str(output).rstrip("/")
+    manifest, output = str(manifest), str(output).rstrip("/")
     SpanTokenizer(cfg.tokenizer, cfg.context_length)  # fail fast on an unsupported tokenizer
     claim_output(output, cfg)
 

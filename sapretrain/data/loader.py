@@ -1,0 +1,711 @@
+"""The trainer's streaming loader: WebDataset shards → model batches, per rank, resumable.
+
+    loader = build_loader(cfg.data, preprocess, rank, world_size, epoch=0, start_batch=0)
+    for batch in loader:            # one epoch (epoch mode) or forever (resampled mode)
+        ...                         # batch: collate_records' dict, batch_pairs / world_size pairs
+        ckpt["data"] = loader.state_dict()      # {"epoch", "batch", "rank", "raw", "layout"}
+    loader.load_state_dict(ckpt["data"])        # before iterating: continue exactly there
+    loader.stats()                  # skipped records / shards by reason, so far
+
+**Sizes.** Every rank yields ``len(loader) = floor(total_records / batch_pairs)`` batches per
+epoch, each of ``batch_pairs / world_size`` records (pairs), so no rank ever waits on another in a
+collective. Exact record counts come from ``sizes.json`` (written by ``make_shards``); it is
+required in both modes (counting by reading every shard would mean a full pass over object storage
+at start-up).
+
+**Epoch mode** (``resampled=False``). The epoch's shard order (shuffled with ``(seed, epoch)``
+when ``shuffle_shards``) is read as one stream of records, and that stream is cut into R×W
+contiguous *slices*, one per (rank, worker) reader, each exactly as long as that reader's share of
+the rank's batches: the DataLoader takes batch ``b`` from worker ``b % W``, so worker ``w`` makes
+``ceil((B - w) / W)`` batches. A slice is a list of ``(shard, first record, stop record)``: a shard
+may be split between two readers (one reads its head, the other skips it without reading the image
+bytes). So the readers of all ranks together read every record at most once, every reader has
+exactly its share, and the ``total - B * batch_pairs`` records left over are the tail of the
+shuffled order (different records each epoch when shards are shuffled, always the same tail when
+not). There must be at least R×W shards (checked at build time, with what to change), so each
+reader's share is about a shard or more, not a fragment of one that several readers re-open.
+Within a reader, a shuffle buffer of ``shuffle_buffer`` records (seeded per seed, epoch, rank,
+worker) mixes records across its shards.
+
+**Resampled mode** (``resampled=True``). Each reader draws shards with replacement (weighted by
+record count), seeded per (seed, epoch, rank, worker); the stream never ends. ``epoch`` still
+exists: it is a chunk of ``len(loader)`` batches after which the readers are reseeded, so a
+resume re-reads at most one chunk's worth of records to find its place.
+
+**Stages.** Each DataLoader worker runs one flat ``wds.DataPipeline``::
+
+    source (plan_epoch's slices of this rank and reader | seeded shard draws)
+    → read_records (tar → records, by key) → check_records (members, json side-car)
+    → shuffle_records (raw bytes) → skip_records (resume) → decode_records (PIL)
+    → islice (the reader's quota) → collate_batches (collate_records, batch_pairs / world_size)
+
+The shuffle buffer holds raw (undecoded) records: less memory than decoded images, and it lets a
+resume skip records *before* decoding them (cheap), since the skip lands on exactly the records
+the interrupted run consumed. ``wds``' own ``.with_epoch`` is not used: it restarts the whole
+pipeline (and with it the resume skip) when a worker runs short; the quota stage below does the
+same job on records.
+
+**Bad data** never crashes or hangs a run: a shard that cannot be opened, a truncated tar, a
+shard shorter than ``sizes.json`` says, a record with missing members or an invalid side-car, an
+image that does not decode are skipped, counted by reason, and logged once per shard (``logging``,
+logger ``sapretrain.data.loader``, from the worker process). A reader that lost records this way
+tops its quota up from a second pass over its own slices (those records are then seen twice this
+epoch, counted as ``reread_records``), so ranks still get equal batch counts. A reader that cannot
+make progress at all (a whole pass without one usable record; resampled mode: ``MAX_EMPTY_DRAWS``
+shard draws in a row without a valid record, or ``BAD_STREAK_SHARDS`` shards' worth of
+undecodable records in a row) raises with the reason, which ends the run (torchrun then stops the
+other ranks) instead of hanging it. Data written for another reader (schema version, longer
+context length) is an error at once, not a skip.
+
+**Stats.** Every batch leaves its worker together with that worker's cumulative counters, so
+``loader.stats()`` in the main process is exact for the batches delivered so far (no shared
+memory); problems are re-counted when a restarted iteration re-reads the same shards.
+
+**Exact resume.** ``state_dict()`` is the position after the batches already yielded (the state
+advances *before* a batch is handed out, so a checkpoint written after a training step resumes
+with the next batch). ``build_loader(..., epoch=e, start_batch=k)`` or ``load_state_dict`` gives
+exactly the batches an uninterrupted run would give next: reader ``w`` skips the raw records its
+first ``k`` batches consumed, and DataLoader worker ``d`` plays reader ``(d + k) % W`` so that
+the next batch comes from the right reader. ``epoch`` and ``batch`` are the same on every rank.
+``raw`` (records each reader consumed, per rank) only matters when records failed to *decode* in
+the part skipped; without it the resumed order is exact on intact data and shifts by the number of
+such records otherwise. The state is exact for the same shards, world size, workers,
+``batch_pairs``, seed and buffer (``layout``); loading another layout's state warns.
+
+Determinism covers the order of records; a random augmentation inside ``preprocess`` would not be
+reproduced (the project's ``build_preprocess`` has none).
+
+**Storage.** Local paths, or any fsspec URL (``s3://`` through s3fs, credentials and endpoint
+from the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``).
+Importing this module also registers an fsspec opener in ``webdataset.gopen`` for the schemes it
+lacks (``s3://`` …), so plain ``wds.WebDataset("s3://...")`` works too.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import random
+import re
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import braceexpand
+import fsspec
+import torch
+import webdataset as wds
+import webdataset.gopen  # noqa: F401  (the module; the package re-exports a function of the same name)
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sapretrain import storage
+from sapretrain.model.batch import collate_records
+from sapretrain.shards import schema
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = tuple(ext for ext in schema.EXTENSIONS if ext != "json")  # a.jpg, a.subj.jpg, ...
+BAD_STREAK_SHARDS = 10  # a reader gives up after this many shards' worth of undecodable records in a row
+MAX_EMPTY_DRAWS = 100  # resampled mode: shard draws in a row without one valid record
+FSSPEC_GOPEN_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "abfss", "oss")
+
+
+@dataclass
+class LoaderConfig:
+    """The ``data`` section of the training config.
+
+    shards: a directory holding ``sizes.json`` (local or fsspec URL), a brace pattern
+    ``dir/shard-{000000..000008}.tar``, or a comma list of either kind of shard name.
+    """
+
+    shards: str = "data/shards/demo"
+    batch_pairs: int = 512  # anchor/positive pairs per GLOBAL batch (all ranks); divisible by world size
+    workers: int = 2  # DataLoader workers per rank (0: read in the training process)
+    shuffle_shards: bool = True  # epoch mode: shard order shuffled per (seed, epoch)
+    shuffle_buffer: int = 1000  # records per reader's shuffle buffer (raw bytes; 0 or 1: off)
+    resampled: bool = False  # infinite seeded draws of shards with replacement, instead of epochs
+    seed: int = 0
+    image_size: int | None = None  # squash-resize decoded images to this square (JPEG draft decode) before preprocess
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    records: int
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Records ``[start, stop)`` of one shard, read by reader ``worker`` of ``rank``."""
+
+    url: str
+    start: int
+    stop: int
+    rank: int = 0
+    worker: int = 0
+
+
+@dataclass(frozen=True)
+class PassEnd:
+    """Marks the end of one pass over a reader's slices (the shuffle buffer drains there)."""
+
+    number: int
+
+
+# ---------------------------------------------------------------- shard lists, opening
+
+
+def list_shards(spec: str) -> list[Shard]:
+    """Shards named by ``spec`` with their record counts from ``sizes.json``."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise ValueError("data.shards is empty: give a shard directory, a brace pattern or a comma list")
+    if len(parts) == 1 and not _is_shard_name(parts[0]):
+        directory = parts[0].rstrip("/")
+        sizes = _read_sizes(directory, what=f"shard directory {directory}")
+        return [Shard(storage.join(directory, name), n) for name, n in sorted(sizes.items())]
+    urls = [url for part in parts for url in braceexpand.braceexpand(part)]
+    sizes_by_dir: dict[str, dict[str, int]] = {}
+    shards = []
+    for url in urls:
+        directory = _dirname(url)
+        if directory not in sizes_by_dir:
+            sizes_by_dir[directory] = _read_sizes(directory, what=f"shards in {directory}")
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name not in sizes_by_dir[directory]:
+            raise ValueError(f"{url}: not listed in {directory}/sizes.json; the loader needs every shard's record count")
+        shards.append(Shard(url, sizes_by_dir[directory][name]))
+    return shards
+
+
+def _is_shard_name(part: str) -> bool:
+    return "{" in part or part.endswith(".tar") or part.endswith(".tar.gz")
+
+
+def _dirname(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _read_sizes(directory: str, what: str) -> dict[str, int]:
+    url = f"{directory}/sizes.json"
+    if not storage.exists(url):
+        raise FileNotFoundError(
+            f"{what}: no {url}. The loader needs exact record counts to give every rank the same "
+            "number of batches; tools/make_shards.py writes sizes.json, for other shards write "
+            '{"shard-000000.tar": N, ...} next to them.'
+        )
+    sizes = json.loads(storage.read_bytes(url))
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        raise ValueError(f"{url}: expected {{shard name: record count}}")
+    return sizes
+
+
+def open_shard(url: str):
+    """A binary file object for a local path or any fsspec URL (credentials from the environment)."""
+    if storage.is_url(url) and not url.startswith("file://"):
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
+
+
+def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """``webdataset.gopen`` handler for fsspec URLs (webdataset 1.0.2 has no s3 opener)."""
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_gopen(schemes: Iterable[str] = FSSPEC_GOPEN_SCHEMES) -> None:
+    """Let ``wds.WebDataset`` open these URL schemes through fsspec (existing handlers are kept)."""
+    for scheme in schemes:
+        sys.modules["webdataset.gopen"].gopen_schemes.setdefault(scheme, gopen_fsspec)
+
+
+register_fsspec_gopen()
+
+
+# ---------------------------------------------------------------- planning
+
+
+def seeded(*parts: Any) -> random.Random:
+    """A ``random.Random`` fixed by ``parts`` (stable across processes and Python runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def reader_batches(batches: int, workers: int, worker: int) -> int:
+    """How many of global batches ``[0, batches)`` reader ``worker`` makes (batch b: reader b % W)."""
+    return max(0, (batches - worker + workers - 1) // workers)
+
+
+def plan_epoch(shards: list[Shard], world_size: int, workers: int, pairs_per_rank: int, batches: int,
+               epoch: int, seed: int, shuffle: bool) -> list[Slice]:
+    """Cut the epoch's record stream into one contiguous run of records per (rank, reader)."""
+    order = list(shards)
+    if shuffle:
+        seeded(seed, epoch, "shards").shuffle(order)
+    stream = ((s.url, s.records) for s in order if s.records > 0)
+    url, left, offset = None, 0, 0
+    slices = []
+    for rank in range(world_size):
+        for worker in range(workers):
+            need = reader_batches(batches, workers, worker) * pairs_per_rank
+            while need > 0:
+                if left == 0:
+                    url, left = next(stream)
+                    offset = 0
+                take = min(need, left)
+                slices.append(Slice(url, offset, offset + take, rank, worker))
+                offset, left, need = offset + take, left - take, need - take
+    return slices
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+@dataclass
+class Counters:
+    """What one reader skipped so far; sent along with every batch it makes."""
+
+    rank: int = 0
+    worker: int = 0
+    raw: int = 0  # records taken from the shuffle buffer (resume position), skipped ones included
+    records_ok: int = 0  # records read whose members and side-car are valid
+    progress: int = 0  # records skipped (resume) or decoded: what a pass must advance
+    dropped: Counter = field(default_factory=Counter)  # reason -> records
+    missing_records: int = 0  # records sizes.json promised that a shard did not deliver
+    reread_records: int = 0  # records delivered twice this epoch to top up a quota
+    bad_shards: dict = field(default_factory=dict)  # url -> first reason
+    rereading: bool = False  # in a top-up pass: its problems were counted in the first pass
+
+    def problem(self, url: str, reason: str, detail: str, records: int = 1) -> None:
+        if self.rereading:
+            return
+        if reason in ("unreadable_shard", "truncated_shard", "short_shard"):
+            self.missing_records += records
+        else:
+            self.dropped[reason] += records
+        if url not in self.bad_shards:
+            self.bad_shards[url] = reason
+            log.warning("rank %d reader %d: %s: %s (%s); skipped and counted, further problems in this "
+                        "shard are counted without a message", self.rank, self.worker, url, reason, detail)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "dropped": dict(self.dropped),
+            "missing_records": self.missing_records,
+            "reread_records": self.reread_records,
+            "bad_shards": dict(self.bad_shards),
+        }
+
+
+def epoch_source(slices: list[Slice], counters: Counters) -> Iterator[Slice | PassEnd]:
+    """The reader's slices, then again (lazily: only if the quota is not met) after a PassEnd.
+
+    The next pass starts only after every record of this one went through the shuffle, the resume
+    skip and the decoder, so a pass that advanced nothing means nothing ever will.
+    """
+    for number in itertools.count():
+        before = counters.progress
+        if number > 0:
+            counters.rereading = True
+            log.warning("rank %d reader %d: records were lost to bad data; reading its %d shard slice(s) "
+                        "again (pass %d) so that every rank still gets the same number of batches",
+                        counters.rank, counters.worker, len(slices), number + 1)
+        yield from slices
+        yield PassEnd(number)
+        if counters.progress == before:
+            raise RuntimeError(f"rank {counters.rank} reader {counters.worker}: none of its shards "
+                               f"{sorted({s.url for s in slices})} yields a usable record; problems: {counters.bad_shards}")
+
+
+def resampled_source(shards: list[Shard], rng: random.Random, counters: Counters) -> Iterator[Slice]:
+    """Shards drawn with replacement, weighted by record count, forever."""
+    urls = [s.url for s in shards if s.records > 0]
+    weights = [s.records for s in shards if s.records > 0]
+    empty = 0
+    while True:
+        before = counters.records_ok
+        index = rng.choices(range(len(urls)), weights=weights)[0]
+        yield Slice(urls[index], 0, weights[index], counters.rank, counters.worker)
+        empty = empty + 1 if counters.records_ok == before else 0
+        if empty >= MAX_EMPTY_DRAWS:
+            raise RuntimeError(f"rank {counters.rank} reader {counters.worker}: {empty} shard draws in a row "
+                               f"gave no valid record; bad shards so far: {counters.bad_shards}")
+
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
+
+
+def read_records(src: Iterable, counters: Counters, opener: Callable = open_shard) -> Iterator[dict | PassEnd]:
+    """Slices → raw records ``{"__key__", "__url__", ext: bytes}`` (tar members grouped by key)."""
+    for item in src:
+        if isinstance(item, PassEnd):
+            yield item
+            continue
+        for record in _read_slice(item, counters, opener):
+            if counters.rereading:
+                record["__reread__"] = True
+            yield record
+
+
+def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dict]:
+    expected, got = sl.stop - sl.start, 0
+    try:
+        stream = opener(sl.url)
+    except Exception as e:  # missing object, no permission, unreachable endpoint
+        counters.problem(sl.url, "unreadable_shard", f"{type(e).__name__}: {e}", expected)
+        return
+    index, current = -1, None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                tar.members = []  # stream mode: do not keep every header in memory
+                match = _KEY_RE.match(member.name)
+                if not member.isreg() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None and index >= sl.start:
+                        got += 1
+                        yield current
+                    index += 1
+                    current = None
+                    if index >= sl.stop:
+                        return
+                    current = {"__key__": key, "__url__": sl.url}
+                if index >= sl.start:  # records before the slice are stepped over unread
+                    current[ext] = tar.extractfile(member).read()
+        if current is not None and index >= sl.start:
+            got += 1
+            yield current
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        # The record being read when the tar broke is dropped: it may lack members.
+        counters.problem(sl.url, "truncated_shard", f"{type(e).__name__}: {e}, after {got} of the "
+                         f"{expected} records wanted from it", expected - got)
+        return
+    if got < expected:
+        counters.problem(sl.url, "short_shard", f"ended after {got} of the {expected} records wanted "
+                         "from it (sizes.json counts more)", expected - got)
+
+
+def check_records(src: Iterable, counters: Counters, context_length: int) -> Iterator[dict | PassEnd]:
+    """Drop records with missing members or an invalid side-car (parsed here, before the shuffle)."""
+    for record in src:
+        if isinstance(record, PassEnd):
+            yield record
+            continue
+        missing = [ext for ext in schema.EXTENSIONS if ext not in record]
+        if missing:
+            counters.problem(record["__url__"], "incomplete_record", f"{record['__key__']} lacks {missing}")
+            continue
+        try:
+            meta = json.loads(record["json"])
+            if not isinstance(meta, dict):
+                raise schema.SchemaError("side-car is not a JSON object")
+        except (ValueError, schema.SchemaError) as e:
+            counters.problem(record["__url__"], "bad_json", f"{record['__key__']}: {e}")
+            continue
+        _check_compatible(meta, record, context_length)
+        try:
+            schema.validate_record(record["__key__"], meta)
+        except schema.SchemaError as e:
+            counters.problem(record["__url__"], "bad_json", f"{record['__key__']}: {e}")
+            continue
+        record["json"] = meta
+        counters.records_ok += 1
+        yield record
+
+
+def _check_compatible(meta: dict, record: dict, context_length: int) -> None:
+    """Data written for another reader is a configuration error, not a bad record."""
+    where = f"{record['__url__']} ({record['__key__']})"
+    version = meta.get("schema")
+    if isinstance(version, int) and version != schema.SCHEMA_VERSION:
+        raise ValueError(f"{where}: shard schema {version}, this loader reads schema {schema.SCHEMA_VERSION}; "
+                         "rewrite the shards with tools/make_shards.py or use a matching sapretrain version")
+    length = meta.get("context_length")
+    if isinstance(length, int) and length > context_length:
+        raise ValueError(f"{where}: captions were tokenized with context length {length}, the model's is "
+                         f"{context_length}; rewrite the shards with context_length={context_length}")
+
+
+def shuffle_records(src: Iterable, bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Seeded shuffle buffer over raw records; drains at the end of each pass."""
+    buf: list = []
+    for item in src:
+        if isinstance(item, PassEnd):
+            rng.shuffle(buf)
+            yield from buf
+            buf = []
+        elif len(buf) < max(1, bufsize):
+            buf.append(item)
+        else:
+            i = rng.randrange(len(buf))
+            yield buf[i]
+            buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def skip_records(src: Iterable, count: int, counters: Counters) -> Iterator[dict]:
+    """Resume: drop the first ``count`` records leaving the shuffle buffer, undecoded."""
+    src = iter(src)
+    for _ in itertools.islice(src, count):
+        counters.progress += 1
+    yield from src
+
+
+def decode_records(src: Iterable, counters: Counters, image_size: int | None, max_streak: int) -> Iterator[dict]:
+    """Raw records → records with PIL images; undecodable ones are dropped and counted."""
+    streak = 0
+    for record in src:
+        counters.raw += 1
+        try:
+            out = dict(record)
+            for ext in IMAGE_KEYS:
+                out[ext] = decode_image(record[ext], image_size)
+        except Exception as e:  # truncated or corrupt JPEG, decompression bomb, ...
+            counters.problem(record["__url__"], "bad_image", f"{record['__key__']}: {type(e).__name__}: {e}")
+            streak += 1
+            if streak >= max_streak:
+                raise RuntimeError(f"rank {counters.rank} reader {counters.worker}: {streak} records in a row "
+                                   f"failed to decode; bad shards: {counters.bad_shards}") from e
+            continue
+        streak = 0
+        counters.progress += 1
+        counters.reread_records += out.pop("__reread__", False)  # decoded ones are all delivered
+        yield out
+
+
+def decode_image(data: bytes, size: int | None = None) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if size:
+        image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that keeps >= size
+    image.load()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if size and image.size != (size, size):
+        # Squash, never crop: boxes are normalised to the whole frame.
+        image = image.resize((size, size), Image.BICUBIC)
+    return image
+
+
+def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_length: int,
+                    counters: Counters, worker: int) -> Iterator[tuple[dict, dict]]:
+    """Groups of ``pairs`` records → (model batch, this reader's position and counters)."""
+    src = iter(src)
+    while True:
+        records = list(itertools.islice(src, pairs))
+        if not records:
+            return
+        if len(records) < pairs:
+            raise RuntimeError(f"reader {worker}: partial batch of {len(records)} records (quota bug)")
+        batch = collate_records(records, preprocess, context_length)
+        yield batch, {"worker": worker, "raw": counters.raw, "counts": counters.snapshot()}
+
+
+# ---------------------------------------------------------------- one rank's readers
+
+
+class _RankStream(IterableDataset):
+    """The rest of one epoch for one rank; each DataLoader worker runs one reader's pipeline."""
+
+    def __init__(self, loader: "Loader", epoch: int, start_batch: int, raw: list[int]):
+        super().__init__()
+        self.cfg, self.shards = loader.cfg, loader.shards
+        self.rank, self.world_size, self.readers = loader.rank, loader.world_size, loader.readers
+        self.pairs, self.batches = loader.pairs_per_rank, loader.batches_per_epoch
+        self.preprocess, self.context_length = loader.preprocess, loader.context_length
+        self.epoch, self.start_batch, self.raw = epoch, start_batch, raw
+
+    def __iter__(self):
+        info = get_worker_info()
+        # Rotate so the first batch of this run (global batch k) comes from reader k % W.
+        worker = ((info.id if info else 0) + self.start_batch) % self.readers
+        return iter(self.pipeline(worker))
+
+    def pipeline(self, worker: int) -> wds.DataPipeline:
+        cfg = self.cfg
+        counters = Counters(rank=self.rank, worker=worker, raw=self.raw[worker])
+        # Good records this reader still owes: its batches of the epoch minus those already made.
+        left = reader_batches(self.batches, self.readers, worker) - reader_batches(self.start_batch, self.readers, worker)
+        key = (cfg.seed, self.epoch, self.rank, worker)
+        if cfg.resampled:
+            source = lambda: resampled_source(self.shards, seeded(*key, "shards"), counters)  # noqa: E731
+        else:
+            plan = plan_epoch(self.shards, self.world_size, self.readers, self.pairs, self.batches,
+                              self.epoch, cfg.seed, cfg.shuffle_shards)
+            mine = [s for s in plan if s.rank == self.rank and s.worker == worker]
+            source = lambda: epoch_source(mine, counters)  # noqa: E731
+        done = self.raw[worker]
+        max_streak = BAD_STREAK_SHARDS * max(s.records for s in self.shards)
+        return wds.DataPipeline(
+            source,
+            lambda src: read_records(src, counters),
+            lambda src: check_records(src, counters, self.context_length),
+            lambda src: shuffle_records(src, cfg.shuffle_buffer, seeded(*key, "buffer")),
+            lambda src: skip_records(src, done, counters),  # resume: raw records already consumed
+            lambda src: decode_records(src, counters, cfg.image_size, max_streak),
+            lambda src: itertools.islice(src, left * self.pairs),  # the quota: equal batches on every rank
+            lambda src: collate_batches(src, self.pairs, self.preprocess, self.context_length, counters, worker),
+        )
+
+
+# ---------------------------------------------------------------- the trainer's object
+
+
+class Loader:
+    """One rank's batches, epoch by epoch; see the module docs. Build with :func:`build_loader`."""
+
+    def __init__(self, cfg: LoaderConfig, preprocess: Callable, rank: int, world_size: int,
+                 shards: list[Shard], context_length: int = 77):
+        self.cfg, self.preprocess, self.context_length = cfg, preprocess, context_length
+        self.rank, self.world_size, self.shards = rank, world_size, shards
+        self.readers = max(1, cfg.workers)
+        self.pairs_per_rank = cfg.batch_pairs // world_size
+        self.total_records = sum(s.records for s in shards)
+        self.batches_per_epoch = self.total_records // cfg.batch_pairs
+        self.layout = (f"shards={len(shards)}:{self.total_records} world={world_size} workers={self.readers} "
+                       f"batch_pairs={cfg.batch_pairs} seed={cfg.seed} buffer={cfg.shuffle_buffer} "
+                       f"shuffle_shards={cfg.shuffle_shards} resampled={cfg.resampled}")
+        self._epoch, self._batch, self._raw = 0, 0, self._raw_at(0)
+        self._totals: dict[str, Any] = _empty_stats()
+        self._live: dict[int, dict] = {}  # reader -> its latest counters in the running iteration
+        self._delivered = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batch(self) -> int:
+        """Batches of the current epoch already yielded."""
+        return self._batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batch": self._batch, "rank": self.rank, "raw": list(self._raw),
+                "layout": self.layout}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next iteration (``raw`` is used only from this rank's state)."""
+        if state.get("layout", self.layout) != self.layout:
+            log.warning("resuming data position %s written with layout [%s] under layout [%s]: the order "
+                        "will differ from an uninterrupted run", state, state["layout"], self.layout)
+        raw = state.get("raw") if state.get("rank") == self.rank and state.get("layout") == self.layout else None
+        self._seek(int(state["epoch"]), int(state["batch"]), raw)
+
+    def _seek(self, epoch: int, batch: int, raw: list[int] | None = None) -> None:
+        if batch < 0 or epoch < 0:
+            raise ValueError(f"data position epoch={epoch} batch={batch} must not be negative")
+        if batch >= self.batches_per_epoch:
+            epoch, batch, raw = epoch + 1, 0, None
+        self._epoch, self._batch = epoch, batch
+        self._raw = list(raw) if raw is not None and len(raw) == self.readers else self._raw_at(batch)
+
+    def _raw_at(self, batch: int) -> list[int]:
+        """Raw records each reader consumed for the first ``batch`` batches of intact data."""
+        return [reader_batches(batch, self.readers, w) * self.pairs_per_rank for w in range(self.readers)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield from self._rest_of_epoch()
+            if not self.cfg.resampled:
+                return
+
+    def _rest_of_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._batch >= self.batches_per_epoch:
+            self._seek(self._epoch + 1, 0)
+        epoch = self._epoch
+        dataset = _RankStream(self, epoch, self._batch, list(self._raw))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+                            pin_memory=torch.cuda.is_available())
+        try:
+            for batch, info in loader:
+                self._raw[info["worker"]] = info["raw"]
+                self._live[info["worker"]] = info["counts"]
+                self._batch += 1  # before handing it out: a checkpoint taken after it resumes after it
+                self._delivered += 1
+                yield batch
+        finally:
+            self._fold_live(epoch)
+        self._seek(epoch + 1, 0)
+
+    def _fold_live(self, epoch: int) -> None:
+        if not self._live:
+            return
+        folded = _empty_stats()
+        for counts in self._live.values():
+            _add_stats(folded, counts)
+        self._live = {}
+        _add_stats(self._totals, folded)
+        lost = sum(folded["dropped"].values()) + folded["missing_records"]
+        if lost:
+            log.warning("rank %d epoch %d: %d records skipped (%s), %d missing from %d shard(s), %d re-read "
+                        "to keep batches equal", self.rank, epoch, sum(folded["dropped"].values()),
+                        folded["dropped"], folded["missing_records"], len(folded["bad_shards"]),
+                        folded["reread_records"])
+
+    def stats(self) -> dict[str, Any]:
+        """Counts so far on this rank: batches and records yielded, and what bad data cost."""
+        out = _empty_stats()
+        _add_stats(out, self._totals)
+        for counts in self._live.values():
+            _add_stats(out, counts)
+        out["batches"] = self._delivered
+        out["records"] = self._delivered * self.pairs_per_rank
+        return out
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {"dropped": {}, "missing_records": 0, "reread_records": 0, "bad_shards": {}}
+
+
+def _add_stats(into: dict, counts: dict) -> None:
+    for reason, n in counts["dropped"].items():
+        into["dropped"][reason] = into["dropped"].get(reason, 0) + n
+    into["missing_records"] += counts["missing_records"]
+    into["reread_records"] += counts["reread_records"]
+    for url, reason in counts["bad_shards"].items():
+        into["bad_shards"].setdefault(url, reason)
+
+
+def build_loader(cfg: LoaderConfig, preprocess: Callable, rank: int, world_size: int, epoch: int = 0,
+                 start_batch: int = 0, context_length: int = 77) -> Loader:
+    """This rank's loader, positioned at batch ``start_batch`` of ``epoch``. Checks the layout first."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    if cfg.batch_pairs < 1 or cfg.batch_pairs % world_size:
+        raise ValueError(
+            f"data.batch_pairs={cfg.batch_pairs} must be a positive multiple of the world size {world_size} "
+            f"(it is the global batch; each rank takes batch_pairs / world_size pairs): use e.g. "
+            f"data.batch_pairs={max(1, round(cfg.batch_pairs / world_size)) * world_size}"
+        )
+    if cfg.workers < 0:
+        raise ValueError(f"data.workers={cfg.workers} must be >= 0")
+    shards = list_shards(cfg.shards)
+    total = sum(s.records for s in shards)
+    if total < cfg.batch_pairs:
+        raise ValueError(f"{cfg.shards}: {total} records, fewer than one global batch of "
+                         f"data.batch_pairs={cfg.batch_pairs}")
+    readers = world_size * max(1, cfg.workers)
+    nonempty = sum(1 for s in shards if s.records > 0)
+    if not cfg.resampled and nonempty < readers:
+        raise ValueError(
+            f"{cfg.shards}: {nonempty} shards for {world_size} rank(s) x {max(1, cfg.workers)} worker(s) = "
+            f"{readers} readers; every DataLoader worker needs at least one shard. Lower data.workers to "
+            f"{max(1, nonempty // world_size)} or fewer, or re-shard with a smaller shard_size "
+            f"(tools/make_shards.py shard_size=...) to get at least {readers} shards, or use data.resampled=true"
+        )
+    loader = Loader(cfg, preprocess, rank, world_size, shards, context_length)
+    loader._seek(epoch, start_batch)
+    log.info("data: %d shards, %d records, rank %d of %d, %d pairs per rank batch, %d batches per epoch, %s mode",
+             len(shards), total, rank, world_size, loader.pairs_per_rank, len(loader),
+             "resampled" if cfg.resampled else "epoch")
+    return loader

@@ -1,0 +1,86 @@
+"""Training checkpoints: atomic, keep-last-k, local or fsspec storage, ``weights_only`` loading.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step-00001000/`` holding
+``state.pt`` (trainable weights, loss parameters, optimizer, scheduler, grad scaler, step, data
+position, config), ``rng-<rank>.pt`` (each rank's RNG states) and, written last, ``DONE``. Only a
+directory with ``DONE`` counts, so a run killed while saving resumes from the previous one.
+"""
+from __future__ import annotations
+
+import io
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from sapretrain import storage
+
+STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    return f"{output_dir.rstrip('/')}/checkpoints/step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, dir)`` of every complete checkpoint, oldest first."""
+    fs, path = storage.url_to_fs(f"{output_dir.rstrip('/')}/checkpoints")
+    if not fs.exists(path):
+        return []
+    found = []
+    for entry in fs.ls(path, detail=False):
+        match = STEP_DIR.search(entry.rstrip("/"))
+        if match and fs.exists(f"{entry.rstrip('/')}/DONE"):
+            found.append((int(match.group(1)), checkpoint_dir(output_dir, int(match.group(1)))))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_tensor_file(obj: Any, url: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def load_tensor_file(url: str) -> Any:
+    # weights_only: a checkpoint can hold tensors and plain containers, never code.
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prune(output_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    found = complete_checkpoints(output_dir)
+    for _, url in found[: max(0, len(found) - keep)]:
+        fs, path = storage.url_to_fs(url)
+        # DONE first: a half-deleted checkpoint must not look complete.
+        fs.rm(f"{path}/DONE")
+        fs.rm(path, recursive=True)

@@ -1,0 +1,381 @@
+"""The SA-CLIP training loop (``launch/pretrain.py`` is its command line).
+
+Sections, top to bottom: set-up (accelerator, model, loss, optimizer, schedule), one training
+step (with feature-cached accumulation), checkpoints and resume, logging, the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from sapretrain import storage
+from sapretrain.config import save_config
+from sapretrain.data.loader import build_loader
+from sapretrain.losses import SAClipLoss
+from sapretrain.model.batch import batch_to, build_preprocess
+from sapretrain.model.saclip import SAClip, build_saclip
+from sapretrain.train import checkpoint as ckpt
+from sapretrain.train.config import TrainConfig
+
+
+# ----- set-up
+
+
+def build_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    trackers = [t for t in cfg.run.trackers if t != "wandb" or _wandb_available()]
+    return Accelerator(
+        mixed_precision=cfg.run.precision,
+        log_with=trackers or None,
+        project_dir=log_dir(cfg),
+        # Every trainable parameter gets a gradient each step (see build_model), so DDP needs
+        # no unused-parameter search.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def _wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        print("run.trackers names wandb, which is not installed: logging without it")
+        return False
+    return True
+
+
+def log_dir(cfg: TrainConfig) -> str:
+    """Local directory for logs and metrics (checkpoints may live on object storage)."""
+    out = cfg.run.output_dir.rstrip("/")
+    return out if not storage.is_url(out) else os.path.join("runs", out.rsplit("/", 1)[-1])
+
+
+def build_model(cfg: TrainConfig) -> SAClip:
+    model = build_saclip(cfg.model)
+    if not cfg.loss.clip:
+        # Only the CLIP loss reads CLIP's logit scale: a parameter without gradient would make
+        # DDP wait for it forever.
+        model.clip.logit_scale.requires_grad_(False)
+    if cfg.run.grad_checkpointing:
+        model.clip.set_grad_checkpointing(True)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: SAClip, loss_fn: SAClipLoss) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.optim.weight_decay)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"name": "loss", "params": loss_params, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----- one step
+
+
+def merge_microbatches(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Features of K micro-batches → one batch in the [anchors; partners] layout the losses expect."""
+    if len(features) == 1:
+        return features[0]
+    merged = {}
+    for key, value in features[0].items():
+        if value.ndim == 0:  # logit scale: one per model, not per sample
+            merged[key] = value
+            continue
+        halves = [f[key].chunk(2) for f in features]  # each (N_k, D), (N_k, D)
+        merged[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return merged
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
+    """One batch of N pairs → k micro-batches of N/k pairs, each in [anchors; partners] layout."""
+    if k == 1:
+        return [batch]
+    n = next(iter(batch.values())).shape[0] // 2
+    if n % k:
+        raise ValueError(f"{n} pairs per rank do not split into optim.accum_freq={k} equal micro-batches")
+    m = n // k
+    return [
+        {key: torch.cat([v[j * m : (j + 1) * m], v[n + j * m : n + (j + 1) * m]]) for key, v in batch.items()}
+        for j in range(k)
+    ]
+
+
+def train_step(accelerator, model, loss_fn, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Forward/backward over one global batch given as micro-batches; returns the loss terms.
+
+    With several micro-batches the contrastive batch stays the whole global batch (GradCache, as
+    open_clip's ``accum_freq``): features of all micro-batches are computed without gradient,
+    then each micro-batch is recomputed with gradient and the loss over all features (the others
+    cached) is back-propagated. Summed over micro-batches this is exactly the gradient of the
+    one-shot loss, except for parameters the loss reads directly (logit scales), whose full
+    gradient arrives in every pass: those are divided by K afterwards.
+    """
+    k = len(micro_batches)
+    if k == 1:
+        with accelerator.autocast():
+            terms = loss_fn(model(micro_batches[0]))
+            total = sum(terms.values())
+        accelerator.backward(total)
+        return terms
+    with torch.no_grad(), accelerator.autocast():
+        cached = [model(mb) for mb in micro_batches]
+    for j, mb in enumerate(micro_batches):
+        # Gradients are all-reduced once, in the last pass.
+        sync = contextlib.nullcontext() if j == k - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                live = model(mb)
+                terms = loss_fn(merge_microbatches([live if i == j else cached[i] for i in range(k)]))
+                total = sum(terms.values())
+            accelerator.backward(total)
+    for p in direct_parameters(accelerator.unwrap_model(model), loss_fn):
+        if p.grad is not None:
+            p.grad.div_(k)
+    return terms
+
+
+def sync_loss_gradients(accelerator, loss_fn: SAClipLoss) -> None:
+    """Average the loss module's own parameters' gradients over ranks (DDP only wraps the model)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in loss_fn.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(accelerator.num_processes)
+
+
+def direct_parameters(model: SAClip, loss_fn: SAClipLoss) -> list[torch.nn.Parameter]:
+    """Parameters the loss uses directly rather than through per-sample features."""
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if model.clip.logit_scale.requires_grad:
+        params.append(model.clip.logit_scale)
+    return params
+
+
+# ----- checkpoints
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data epoch in progress
+    batch: int = 0  # batches of that epoch already consumed
+
+
+def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, pos: Position) -> str:
+    url = ckpt.checkpoint_dir(cfg.run.output_dir, pos.step)
+    accelerator.wait_for_everyone()
+    ckpt.save_tensor_file(ckpt.rng_state(), f"{url}/rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        frozen = set() if cfg.run.save_frozen else frozen_parameter_names(unwrapped)
+        state = {
+            "position": asdict(pos),
+            "world_size": accelerator.num_processes,
+            "model": {k: v for k, v in unwrapped.state_dict().items() if k not in frozen},
+            "loss": loss_fn.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+            "config": json.loads(json.dumps(asdict(cfg))),
+        }
+        ckpt.save_tensor_file(state, f"{url}/state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        storage.write_bytes_atomic(f"{url}/DONE", b"")
+        ckpt.prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return url
+
+
+def frozen_parameter_names(model: SAClip) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("clip.visual.")}
+
+
+def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> Position:
+    state = ckpt.load_tensor_file(f"{url}/state.pt")
+    if state["world_size"] != accelerator.num_processes:
+        raise SystemExit(
+            f"{url} was written by {state['world_size']} processes, this run has {accelerator.num_processes}: "
+            "resume with the same number of processes (the data position is per rank)"
+        )
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    frozen = frozen_parameter_names(model)
+    if unexpected or set(missing) - frozen:
+        raise SystemExit(f"{url} does not fit this model: missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
+    loss_fn.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"]:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_url = f"{url}/rng-{accelerator.process_index}.pt"
+    if storage.exists(rng_url):
+        ckpt.set_rng_state(ckpt.load_tensor_file(rng_url))
+    return Position(**state["position"])
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(output_dir)  # None: a fresh start
+    if not storage.exists(f"{resume.rstrip('/')}/DONE"):
+        raise SystemExit(f"--resume {resume}: not a complete checkpoint directory (no DONE file)")
+    return resume.rstrip("/")
+
+
+# ----- logging
+
+
+class MetricsLog:
+    """Console lines, trackers (TensorBoard/W&B via Accelerate) and ``metrics.jsonl`` on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, start_step: int):
+        self.accelerator = accelerator
+        self.path = os.path.join(log_dir(cfg), "metrics.jsonl")
+        self.steps = cfg.optim.steps
+        if accelerator.is_main_process:
+            os.makedirs(log_dir(cfg), exist_ok=True)
+            self._truncate_after(start_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """After a resume, drop lines of steps that will be trained again."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, step: int, terms: dict[str, float], extra: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **terms, **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log({**terms, **extra}, step=step)
+        loss_text = " ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in terms.items() if k != "loss")
+        print(
+            f"step {step}/{self.steps}  loss {terms['loss']:.4f} ({loss_text})  "
+            f"{extra['pairs_per_s']:.1f} pairs/s  data {100 * extra['data_fraction']:.0f}%  lr {extra['lr']:.2e}",
+            flush=True,
+        )
+
+
+# ----- the loop
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Position:
+    accelerator = build_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.run.seed)  # same initial weights on every rank
+    model = build_model(cfg)
+    loss_fn = SAClipLoss(cfg.loss)
+    optimizer = build_optimizer(cfg, model, loss_fn)
+    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.steps)
+    preprocess = build_preprocess(model)
+    context_length = model.clip.context_length
+
+    if accelerator.is_main_process:
+        os.makedirs(log_dir(cfg), exist_ok=True)
+        save_config(cfg, f"{cfg.run.output_dir.rstrip('/')}/config.yaml")
+    resume_url = resolve_resume(resume, cfg.run.output_dir)
+    pos = Position()
+    if resume_url:
+        pos = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
+        accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
+    if cfg.run.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn.to(accelerator.device)
+    if accelerator.is_main_process and cfg.run.trackers:
+        accelerator.init_trackers("sapretrain", config=_flat(asdict(cfg)))
+    metrics = MetricsLog(cfg, accelerator, pos.step)
+
+    model.train()
+    window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
+    while pos.step < cfg.optim.steps:
+        loader = build_loader(
+            cfg.data, preprocess, accelerator.process_index, accelerator.num_processes,
+            epoch=pos.epoch, start_batch=pos.batch, context_length=context_length,
+        )
+        fetch_start = time.perf_counter()
+        yielded = 0
+        for batch in loader:
+            window["data"] += time.perf_counter() - fetch_start
+            batch = batch_to(batch, accelerator.device)
+            terms = train_step(accelerator, model, loss_fn, split_microbatches(batch, cfg.optim.accum_freq))
+            sync_loss_gradients(accelerator, loss_fn)
+            yielded += 1
+            total = sum(terms.values()).detach()
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"non-finite loss at step {pos.step + 1}: "
+                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                    + " (lower optim.lr, check the data, or use run.precision=bf16 instead of fp16)"
+                )
+            if cfg.optim.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.unwrap_model(model).clamp_logit_scale()
+            pos.step += 1
+            pos.batch += 1
+            window["pairs"] += batch["text"].shape[0] // 2 * accelerator.num_processes
+
+            if pos.step % cfg.run.log_every == 0 or pos.step == cfg.optim.steps:
+                reduced = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
+                reduced["loss"] = sum(reduced.values())
+                elapsed = time.perf_counter() - window["start"]
+                metrics.log(pos.step, reduced, {
+                    "lr": scheduler.get_last_lr()[0],
+                    "pairs_per_s": window["pairs"] / elapsed,
+                    "data_fraction": window["data"] / elapsed,
+                })
+                window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
+            if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps:
+                save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos)
+            if pos.step >= cfg.optim.steps:
+                break
+            fetch_start = time.perf_counter()
+        else:
+            if yielded == 0 and pos.batch == 0:
+                raise SystemExit(f"epoch {pos.epoch} yielded no batch: data.batch_pairs is larger than the dataset")
+            pos.epoch += 1
+            pos.batch = 0
+    accelerator.end_training()
+    return pos
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → flat scalar dict (TensorBoard's hparams take scalars only)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
