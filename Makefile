@@ -22,7 +22,8 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) tools/make_shards.py
-	$(PY) tools/check_shards.py data/shards/demo
+	$(PY) tools/check_shards.py --no-progress data/shards/demo
+	ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/demo.yaml --resume auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q

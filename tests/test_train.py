@@ -152,3 +152,21 @@ def test_non_finite_loss_stops_with_the_step(train_shards, tmp_path):
     )
     assert run.returncode != 0
     assert "non-finite loss at step" in run.stderr
+
+
+def test_streams_shards_from_s3_and_checkpoints_to_s3(train_shards, tmp_path, s3_env, s3_server):
+    fs = s3_env
+    fs.mkdir("train-test")
+    fs.put(str(train_shards), "train-test/shards", recursive=True)
+    env = {**cpu_env(), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}
+    cmd = [sys.executable, PRETRAIN, "--config", str(PROJECT_ROOT / "configs" / "demo.yaml"), "--resume", "auto"]
+    args = overrides("s3://train-test/shards", "s3://train-test/runs/s3run", steps=2)
+    run = subprocess.run(cmd + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert fs.exists("train-test/runs/s3run/checkpoints/step-00000002/DONE")
+    assert fs.exists("train-test/runs/s3run/config.yaml")
+    assert sorted(losses(tmp_path / "runs" / "s3run")) == [1, 2]  # logs stay on local disk
+    # Resuming a finished run from object storage trains nothing more.
+    again = subprocess.run(cmd + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed from s3://train-test/runs/s3run/checkpoints/step-00000002" in again.stdout

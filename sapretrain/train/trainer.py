@@ -364,6 +364,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
             pos.epoch += 1
             pos.batch = 0
     accelerator.end_training()
+    if accelerator.is_main_process and os.path.exists(metrics.path):
+        from sapretrain.train.plots import plot_metrics
+
+        png = plot_metrics(metrics.path, os.path.join(log_dir(cfg), "training.png"))
+        if png:
+            print(f"training curves: {png}")
     return pos
 
 
