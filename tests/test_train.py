@@ -170,3 +170,24 @@ def test_streams_shards_from_s3_and_checkpoints_to_s3(train_shards, tmp_path, s3
     # Resuming a finished run from object storage trains nothing more.
     again = subprocess.run(cmd + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "resumed from s3://train-test/runs/s3run/checkpoints/step-00000002" in again.stdout
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from sapretrain.config import load_config
+    from sapretrain.train.config import TrainConfig
+    from sapretrain.train.trainer import build_model
+
+    batch = random_batch(2)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = load_config(TrainConfig, None, ["model.name=sa-tiny", "model.pretrained=null", "model.lock_image=false",
+                                              f"run.grad_checkpointing={str(checkpointing).lower()}"])
+        model = build_model(cfg)
+        assert not model.clip.logit_scale.requires_grad  # no CLIP loss: no gradient, no DDP hang
+        loss = sum(SAClipLoss(cfg.loss)(model(batch)).values())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
