@@ -1,0 +1,1 @@
+"""Curation: caption sources, SVO extraction, filtering (DESIGN.md §1 Curation)."""

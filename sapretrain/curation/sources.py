@@ -1,0 +1,820 @@
+"""Source readers: image–caption datasets → one stream of caption records (``captions.jsonl``).
+
+    python tools/collect_captions.py --source coco --captions captions_train2017.json \
+        --instances instances_train2017.json --image-root train2017 --output captions.jsonl
+
+A caption record (one JSON object per line of the output)::
+
+    {"id": "coco-139-371952", "image": "/data/coco/train2017/000000000139.jpg",
+     "caption": "A woman stands in the dining area at the table.", "source": "coco",
+     "width": 640, "height": 426,
+     "objects": [{"name": "person", "box": [412.8, 157.61, 465.85, 295.62]}, ...]}
+
+- ``id`` matches ``[A-Za-z0-9_-]+`` (it becomes a tar key downstream) and is derived from the
+  source's own ids, so re-running gives the same ids: ``coco-<image_id>-<caption annotation id>``,
+  ``vg-<image_id>-<region_id>``, ``<source>-<tar key>`` for tars, ``<source>-<file stem>-<row>``
+  (or the sanitised ``id`` column/field) for CSV/TSV/JSONL.
+- ``image`` is a local path (made absolute), an fsspec URL, or for an image inside a tar a
+  **tar-member reference** ``<tar path or URL>#<member name>``, e.g.
+  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``split_tar_ref``).
+- ``caption`` is the source text with runs of whitespace collapsed to one space.
+- ``width``/``height`` (pixels of the referenced image) are present only when the source states
+  them; ``objects`` only when the source has ground-truth boxes (COCO instances, VG objects); an
+  empty list then means "the source has boxes, none for this image". Boxes are
+  ``[x0, y0, x1, y1]`` pixels, clipped to the image when its size is known. COCO crowd boxes carry
+  ``"crowd": true``. VG records also carry their region's ``region`` box, and only the objects at
+  least ``min_object_overlap`` inside that region.
+
+Splitting (``--part/--num-parts``): COCO and VG by image (all captions of an image in one part),
+tars by input file, CSV/TSV/JSONL by row. Skips are counted by the part that owns the input, so
+the parts' records and skip counts add up to those of one whole run.
+
+Skip reasons (``SkipLog``). A record is dropped for: ``missing_caption``, ``bad_caption`` (not
+text), ``empty_caption``, ``bad_encoding``, ``missing_image``, ``unknown_image`` (caption of an
+image id not in the file), ``bad_image_entry``, ``bad_annotation``, ``bad_row`` (CSV/TSV field
+count or syntax), ``bad_json`` (JSONL line). Whole inputs: ``missing_input``, ``unreadable_tar``,
+``truncated_tar`` (the records before the damage are kept, the incomplete last key is dropped).
+Only part of a record is dropped for: ``object_bad_box``, ``object_no_name``,
+``object_unknown_category``, ``region_bad_box``, ``sidecar_bad_json`` (tar json side-car).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import inspect
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Callable, Iterable, Iterator
+
+import fsspec
+from fsspec.utils import infer_compression
+
+from sapretrain import storage
+from sapretrain.data.manifest import SkipLog
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_COLUMNS = ("path", "image", "url")  # tried in this order when no image column is named
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+CSV_FIELD_LIMIT = 2**31 - 1
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which share of the input units this process handles: unit ``i`` goes to part ``i % num_parts``."""
+
+    part: int = 0
+    num_parts: int = 1
+
+    def __post_init__(self):
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise ValueError(f"--part {self.part} must be in [0, --num-parts {self.num_parts})")
+
+    def mine(self, index: int) -> bool:
+        return index % self.num_parts == self.part
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shared helpers
+
+
+def clean_caption(value: Any, skips: SkipLog, where: str) -> str | None:
+    """The caption with whitespace collapsed, or None (counted) when it cannot be used."""
+    if value is None:
+        skips.add("missing_caption", where)
+        return None
+    if not isinstance(value, str):
+        skips.add("bad_caption", f"{where}: {type(value).__name__}, not text")
+        return None
+    text = " ".join(value.split())
+    if not text:
+        skips.add("empty_caption", where)
+        return None
+    if _has_surrogates(text):
+        skips.add("bad_encoding", f"{where}: not valid UTF-8")
+        return None
+    return text
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def safe_id(value: Any) -> str:
+    """``value`` as a tar-key-safe id part: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(value)).strip("_") or "_"
+
+
+def positive_int(value: Any) -> int | None:
+    """An int > 0 from an int, integral float or numeric string; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _numbers(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def xywh_to_xyxy(x: Any, y: Any, w: Any, h: Any, width: int | None = None, height: int | None = None):
+    """``[x0, y0, x1, y1]`` pixels from COCO/VG ``x, y, w, h``; see ``clip_box``."""
+    if not _numbers((x, y, w, h)):
+        return None
+    return clip_box([x, y, x + w, y + h], width, height)
+
+
+def clip_box(box: Any, width: int | None = None, height: int | None = None) -> list[float] | None:
+    """``box`` clipped to the image when its size is given, or None if it is not 4 numbers with area."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not _numbers(box):
+        return None
+    x0, y0, x1, y1 = box
+    if width is not None:
+        x0, x1 = max(0, x0), min(width, x1)
+    if height is not None:
+        y0, y1 = max(0, y0), min(height, y1)
+    if not (x0 < x1 and y0 < y1):
+        return None
+    return [round(float(v), 2) for v in (x0, y0, x1, y1)]
+
+
+def inside_fraction(box: list[float], region: list[float]) -> float:
+    """Fraction of ``box``'s area that lies inside ``region``."""
+    iw = min(box[2], region[2]) - max(box[0], region[0])
+    ih = min(box[3], region[3]) - max(box[1], region[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / ((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def absolute(ref: str) -> str:
+    """Local paths absolute (output lines must not depend on the working directory); URLs as given."""
+    return ref if storage.is_url(ref) else os.path.abspath(ref)
+
+
+def resolve_image(value: str, base: str) -> str:
+    return absolute(storage.join(base, value))
+
+
+def split_tar_ref(ref: str) -> tuple[str, str] | None:
+    """``(tar url, member)`` for a tar-member image reference ``<tar>#<member>``, else None."""
+    tar, sep, member = ref.rpartition("#")
+    if sep and member and tar.lower().endswith(TAR_SUFFIXES):
+        return tar, member
+    return None
+
+
+def make_record(id_: str, image: str, caption: str, source: str, width=None, height=None, objects=None, **extra):
+    record: Record = {"id": id_, "image": image, "caption": caption, "source": source}
+    if width is not None and height is not None:
+        record["width"], record["height"] = width, height
+    if objects is not None:
+        record["objects"] = objects
+    record.update({k: v for k, v in extra.items() if v is not None})
+    return record
+
+
+def load_json(url: str) -> Any:
+    """A whole JSON document (COCO/VG annotation files are single documents)."""
+    with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
+        return json.load(f)
+
+
+def expand_inputs(inputs: str | Iterable[str]) -> list[str]:
+    """Input URLs after brace expansion (``{00000..00099}``) and globbing (``*``, ``?``, ``[``)."""
+    from braceexpand import braceexpand
+
+    urls: list[str] = []
+    for pattern in [inputs] if isinstance(inputs, str) else inputs:
+        for url in braceexpand(str(pattern)):
+            if any(c in url for c in "*?["):
+                fs, path = storage.url_to_fs(url)
+                matches = sorted(fs.glob(path))
+                urls.extend(m if storage.is_local(fs) else fs.unstrip_protocol(m) for m in matches)
+            else:
+                urls.append(url)
+    return urls
+
+
+def _stem(url: str) -> str:
+    name = PurePosixPath(url.rstrip("/")).name
+    for suffix in (".gz", ".bz2", ".xz", ".zst", ".jsonl", ".json", ".csv", ".tsv", ".txt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return safe_id(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+
+def read_coco(
+    captions: str,
+    image_root: str,
+    instances: str | None = None,
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "coco",
+) -> Iterator[Record]:
+    """One record per caption of a COCO ``captions_*.json``; boxes from ``instances_*.json``."""
+    doc = load_json(captions)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise ValueError(f"{captions}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+    known = {img.get("id") for img in images if isinstance(img, dict)}
+    by_image: dict[Any, list[dict]] = defaultdict(list)
+    for index, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            if split.mine(index):
+                skips.add("bad_annotation", f"{captions}: caption annotation #{index} has no image_id")
+        elif ann["image_id"] not in known:
+            if split.mine(index):
+                skips.add("unknown_image", f"caption {ann.get('id')}: image {ann['image_id']!r} not in 'images'")
+        else:
+            by_image[ann["image_id"]].append(ann)
+    categories, boxes = _coco_instances(instances) if instances else ({}, {})
+
+    root = absolute(image_root)
+    for index, img in enumerate(images):
+        if not split.mine(index):
+            continue
+        image_id = img.get("id") if isinstance(img, dict) else None
+        anns = by_image.pop(image_id, [])
+        if not isinstance(img.get("file_name") if isinstance(img, dict) else None, str):
+            for _ in anns or [None]:  # each caption of the image is lost
+                skips.add("bad_image_entry", f"{captions}: images[{index}] has no file_name")
+            continue
+        width, height = positive_int(img.get("width")), positive_int(img.get("height"))
+        objects = None
+        if instances and anns:
+            objects = _coco_objects(boxes.get(image_id, []), categories, width, height, skips, image_id)
+        for number, ann in enumerate(anns):
+            caption = clean_caption(ann.get("caption"), skips, f"coco caption {ann.get('id')} of image {image_id}")
+            if caption is None:
+                continue
+            yield make_record(
+                f"coco-{safe_id(image_id)}-{safe_id(ann.get('id', number))}",
+                storage.join(root, img["file_name"]),
+                caption,
+                source_name,
+                width,
+                height,
+                objects,
+            )
+
+
+def _coco_instances(url: str) -> tuple[dict[Any, str], dict[Any, list[dict]]]:
+    doc = load_json(url)
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise ValueError(f"{url}: not a COCO instances file (needs an 'annotations' list)")
+    categories = {c.get("id"): c.get("name") for c in doc.get("categories", []) if isinstance(c, dict)}
+    boxes: dict[Any, list[dict]] = defaultdict(list)
+    for ann in doc["annotations"]:
+        if isinstance(ann, dict):
+            # Only what a box needs: the segmentation polygons (most of the file) are freed.
+            boxes[ann.get("image_id")].append({k: ann.get(k) for k in ("category_id", "bbox", "iscrowd")})
+    return categories, boxes
+
+
+def _coco_objects(anns: list[dict], categories: dict, width, height, skips: SkipLog, image_id) -> list[dict]:
+    objects = []
+    for ann in anns:
+        name = categories.get(ann.get("category_id"))
+        if not isinstance(name, str) or not name:
+            skips.add("object_unknown_category", f"image {image_id}: category {ann.get('category_id')!r}")
+            continue
+        bbox = ann.get("bbox")
+        box = xywh_to_xyxy(*bbox, width, height) if isinstance(bbox, list) and len(bbox) == 4 else None
+        if box is None:
+            skips.add("object_bad_box", f"coco image {image_id}: {name} bbox {bbox!r} has no area in the image")
+            continue
+        obj = {"name": name, "box": box}
+        if ann.get("iscrowd"):
+            obj["crowd"] = True
+        objects.append(obj)
+    return objects
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual Genome
+
+
+def read_vg(
+    regions: str,
+    image_root: str,
+    objects: str | None = None,
+    image_data: str | None = None,
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "vg",
+    min_object_overlap: float = 0.5,
+) -> Iterator[Record]:
+    """One record per region phrase of ``region_descriptions.json``.
+
+    Images are ``<image_root>/<dir>/<image_id>.jpg`` with ``<dir>`` (``VG_100K``/``VG_100K_2``)
+    from ``image_data.json``'s url, as the official zips unpack; ``<image_root>/<image_id>.jpg``
+    without it.
+    """
+    entries = load_json(regions)
+    if not isinstance(entries, list):
+        raise ValueError(f"{regions}: not a VG region_descriptions file (needs a list of images)")
+    info: dict[Any, dict] = {}
+    if image_data:
+        for item in load_json(image_data):
+            if isinstance(item, dict):
+                info[item.get("image_id", item.get("id"))] = item
+    raw_objects: dict[Any, list] = {}
+    if objects:
+        for item in load_json(objects):
+            if isinstance(item, dict):
+                raw_objects[item.get("image_id", item.get("id"))] = item.get("objects") or []
+
+    root = absolute(image_root)
+    for index, entry in enumerate(entries):
+        if not split.mine(index):
+            continue
+        image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
+        if image_id is None or not isinstance(entry.get("regions"), list):
+            skips.add("bad_image_entry", f"{regions}: entry #{index} has no id or regions")
+            continue
+        meta = info.get(image_id, {})
+        width, height = positive_int(meta.get("width")), positive_int(meta.get("height"))
+        url = meta.get("url")
+        rel = "/".join(url.rstrip("/").split("/")[-2:]) if isinstance(url, str) and "/" in url else f"{image_id}.jpg"
+        image = storage.join(root, rel)
+        image_objects = None
+        if objects:
+            image_objects = _vg_objects(raw_objects.get(image_id, []), width, height, skips, image_id)
+        for number, region in enumerate(entry["regions"]):
+            if not isinstance(region, dict):
+                skips.add("bad_annotation", f"vg image {image_id}: region #{number} is not an object")
+                continue
+            region_id = region.get("region_id", region.get("id", number))
+            caption = clean_caption(region.get("phrase"), skips, f"vg region {region_id} of image {image_id}")
+            if caption is None:
+                continue
+            xywh = (region.get(k) for k in ("x", "y", "width", "height"))
+            box = xywh_to_xyxy(*xywh, width, height)
+            if box is None:
+                skips.add("region_bad_box", f"vg region {region_id}: box has no area in the image")
+            kept = image_objects
+            if kept is not None and box is not None and min_object_overlap > 0:
+                kept = [o for o in kept if inside_fraction(o["box"], box) >= min_object_overlap]
+            id_ = f"vg-{safe_id(image_id)}-{safe_id(region_id)}"
+            yield make_record(id_, image, caption, source_name, width, height, kept, region=box)
+
+
+def _vg_objects(raw: list, width, height, skips: SkipLog, image_id) -> list[dict]:
+    out = []
+    for obj in raw:
+        if not isinstance(obj, dict):
+            continue
+        names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
+        name = names[0] if isinstance(names, list) and names else None
+        if not isinstance(name, str) or not name.strip():
+            skips.add("object_no_name", f"vg image {image_id}: object {obj.get('object_id')}")
+            continue
+        box = xywh_to_xyxy(obj.get("x"), obj.get("y"), obj.get("w"), obj.get("h"), width, height)
+        if box is None:
+            skips.add("object_bad_box", f"vg image {image_id}: object {obj.get('object_id')} has no area in the image")
+            continue
+        out.append({"name": " ".join(name.split()), "box": box})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# img2dataset-style WebDataset tars
+
+
+def read_wds(
+    inputs: str | list[str], *, skips: SkipLog, split: Split = Split(), source_name: str = "wds"
+) -> Iterator[Record]:
+    """One record per key of img2dataset tars (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``).
+
+    The tars are streamed (no seeking: works the same on object storage). Split by input file.
+    """
+    for index, url in enumerate(expand_inputs(inputs)):
+        if split.mine(index):
+            yield from read_tar(absolute(url), skips, source_name)
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key runs to the first dot of the file name; the rest is the extension."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Remembers why the archive ended: tarfile treats a cut-off header like the end marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.end_reason = e
+            raise
+
+
+def read_tar(url: str, skips: SkipLog, source_name: str) -> Iterator[Record]:
+    key, group, records, members = None, {}, 0, 0
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
+            for member in tar:
+                members += 1
+                if not member.isfile():
+                    continue
+                k, ext = split_member(member.name)
+                if k != key:
+                    if key is not None:
+                        record = _tar_record(url, key, group, skips, source_name)
+                        if record is not None:
+                            records += 1
+                            yield record
+                    key, group = k, {}
+                if ext in ("txt", "json"):
+                    group[ext] = tar.extractfile(member).read()
+                elif ext in IMAGE_EXTS:
+                    # Reading the data (not skipping it) is what detects an image cut short.
+                    tar.extractfile(member).read()
+                    group.setdefault("image", member.name)
+            end = getattr(tar, "end_reason", None)
+            if members and not isinstance(end, tarfile.EOFHeaderError):
+                # No end-of-archive zero block: the file stops early, the last key may be incomplete.
+                raise tarfile.ReadError(f"no end-of-archive marker ({type(end).__name__})")
+        if key is not None:
+            record = _tar_record(url, key, group, skips, source_name)
+            if record is not None:
+                yield record
+    except FileNotFoundError as e:
+        skips.add("missing_input", f"{url}: {e}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if members == 0:
+            skips.add("unreadable_tar", f"{url}: {e}")
+        else:
+            skips.add("truncated_tar", f"{url}: {e} ({records} records kept, key {key!r} dropped)")
+
+
+def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: str) -> Record | None:
+    where = f"{url}#{key}"
+    meta: dict = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            skips.add("sidecar_bad_json", f"{where}.json: {e}")
+            meta = {}
+    if "image" not in group:
+        skips.add("missing_image", f"{where}: no image member")
+        return None
+    if "txt" in group:
+        try:
+            text: Any = group["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            skips.add("bad_encoding", f"{where}.txt: not valid UTF-8")
+            return None
+    else:
+        text = meta.get("caption")
+    caption = clean_caption(text, skips, where)
+    if caption is None:
+        return None
+    url_meta = meta.get("url")
+    return make_record(
+        f"{safe_id(source_name)}-{safe_id(key)}",
+        f"{url}#{group['image']}",
+        caption,
+        source_name,
+        positive_int(meta.get("width")),
+        positive_int(meta.get("height")),
+        url=url_meta if isinstance(url_meta, str) else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV / TSV / JSONL
+
+
+def read_csv(
+    inputs: str | list[str],
+    image_root: str | None = None,
+    caption_column: str = "caption",
+    image_column: str | None = None,
+    id_column: str | None = None,
+    columns: str | list[str] | None = None,
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "csv",
+    delimiter: str = ",",
+) -> Iterator[Record]:
+    """One record per row. The first row names the columns unless ``columns`` does (headerless
+    files such as CC3M's ``caption<TAB>url`` TSV). Relative paths resolve against ``image_root``,
+    else the file's directory. CSV follows RFC 4180 quoting; TSV has none (a field holds no tab).
+
+    Streams row by row; split by row index (data rows, header excluded, over all inputs in order).
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",")]
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    index = -1
+    for url in expand_inputs(inputs):
+        base = image_root if image_root is not None else storage.parent(url)
+        with fsspec.open(url, "rb", compression="infer") as raw:
+            # surrogateescape: a row with bad bytes is skipped (bad_encoding), not the whole file.
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
+            header = list(columns) if columns else next(reader, None)
+            if header is None:
+                continue
+            header = [h.strip().lstrip("\ufeff") for h in header]
+            image_col = image_column or next((c for c in IMAGE_COLUMNS if c in header), None)
+            for needed, what in ((caption_column, "caption"), (image_col, "image")):
+                if needed not in header:
+                    name = needed or "/".join(IMAGE_COLUMNS)
+                    raise ValueError(f"{url}: no {what} column {name!r} (columns: {header})")
+            if id_column is not None and id_column not in header:
+                raise ValueError(f"{url}: no id column {id_column!r} (columns: {header})")
+            stem, row_number = _stem(url), -1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    row_number += 1
+                    index += 1
+                    if split.mine(index):
+                        skips.add("bad_row", f"{url} line {reader.line_num}: {e}")
+                    continue
+                if not row:
+                    continue
+                row_number += 1
+                index += 1
+                if not split.mine(index):
+                    continue
+                where = f"{url} line {reader.line_num}"
+                if len(row) != len(header):
+                    skips.add("bad_row", f"{where}: {len(row)} fields, header has {len(header)}")
+                    continue
+                values = dict(zip(header, row))
+                names = (caption_column, image_col, id_column)
+                default_id = f"{source_name}-{stem}-{row_number}"
+                record = _table_record(values, names, base, default_id, source_name, skips, where)
+                if record is not None:
+                    yield record
+
+
+def read_tsv(
+    inputs: str | list[str],
+    image_root: str | None = None,
+    caption_column: str = "caption",
+    image_column: str | None = None,
+    id_column: str | None = None,
+    columns: str | list[str] | None = None,
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "tsv",
+) -> Iterator[Record]:
+    """``read_csv`` with tab-separated, unquoted columns."""
+    return read_csv(
+        inputs, image_root, caption_column, image_column, id_column, columns,
+        skips=skips, split=split, source_name=source_name, delimiter="\t",
+    )  # fmt: skip
+
+
+def _table_record(values: dict, names: tuple, base: str, default_id: str, source_name: str, skips: SkipLog, where: str):
+    """The record of one CSV row or JSONL line; ``names`` = (caption, image, id or None) columns."""
+    caption_column, image_column, id_column = names
+    caption = clean_caption(values.get(caption_column), skips, where)
+    if caption is None:
+        return None
+    image = values.get(image_column)
+    if not isinstance(image, str) or not image.strip():
+        skips.add("missing_image", f"{where}: empty {image_column!r}")
+        return None
+    if _has_surrogates(image):
+        skips.add("bad_encoding", f"{where}: image reference is not valid UTF-8")
+        return None
+    own_id = values.get(id_column) if id_column else None
+    if own_id is not None and not (isinstance(own_id, (str, int)) and str(own_id).strip()):
+        own_id = None
+    return make_record(
+        f"{safe_id(source_name)}-{safe_id(own_id)}" if own_id is not None else safe_id(default_id),
+        resolve_image(image.strip(), base),
+        caption,
+        source_name,
+        positive_int(values.get("width")),
+        positive_int(values.get("height")),
+    )
+
+
+def read_jsonl(
+    inputs: str | list[str],
+    image_root: str | None = None,
+    caption_column: str = "caption",
+    image_column: str | None = None,
+    id_column: str | None = None,
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "jsonl",
+) -> Iterator[Record]:
+    """One record per line: ``caption`` and the first of ``path``/``image``/``url`` (or the named
+    fields); ``width``/``height`` and ``objects`` are kept when valid. Split by line index."""
+    index = -1
+    for url in expand_inputs(inputs):
+        base = image_root if image_root is not None else storage.parent(url)
+        stem = _stem(url)
+        with fsspec.open(url, "rb", compression="infer") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                index += 1
+                if not split.mine(index):
+                    continue
+                where = f"{url} line {number}"
+                try:
+                    line = json.loads(raw)
+                    if not isinstance(line, dict):
+                        raise ValueError("not a JSON object")
+                except (ValueError, UnicodeDecodeError) as e:
+                    skips.add("bad_json", f"{where}: {e}")
+                    continue
+                image_col = image_column or next((c for c in IMAGE_COLUMNS if c in line), IMAGE_COLUMNS[0])
+                names = (caption_column, image_col, id_column or "id")
+                default_id = f"{source_name}-{stem}-{number - 1}"
+                record = _table_record(line, names, base, default_id, source_name, skips, where)
+                if record is None:
+                    continue
+                if isinstance(line.get("objects"), list):
+                    size = record.get("width"), record.get("height")
+                    record["objects"] = _clean_objects(line["objects"], *size, skips, where)
+                yield record
+
+
+def _clean_objects(objects: list, width, height, skips: SkipLog, where: str) -> list[dict]:
+    out = []
+    for obj in objects:
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            skips.add("object_no_name", f"{where}: {obj!r}")
+            continue
+        box = clip_box(obj.get("box"), width, height)
+        if box is None:
+            skips.add("object_bad_box", f"{where}: {name} box {obj.get('box')!r} has no area in the image")
+            continue
+        out.append({**obj, "name": " ".join(name.split()), "box": box})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and the collect stage
+
+READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "coco": read_coco,
+    "vg": read_vg,
+    "wds": read_wds,
+    "csv": read_csv,
+    "tsv": read_tsv,
+    "jsonl": read_jsonl,
+}
+
+
+@dataclass
+class CollectReport:
+    output: str
+    records: int = 0
+    skips: SkipLog = field(default_factory=SkipLog)
+    seconds: float = 0.0
+    already_done: bool = False
+
+
+def reader_options(source: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options ``source``'s reader takes, from ``options`` (None = not given).
+
+    Raises ValueError naming the flag when one does not apply to the source or a required one is
+    missing, so a typo'd flag cannot be silently ignored.
+    """
+    if source not in READERS:
+        raise ValueError(f"unknown source {source!r}; known: {', '.join(READERS)}")
+    params = inspect.signature(READERS[source]).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = [k for k in given if k not in params or k in ("skips", "split")]
+    if wrong:
+        raise ValueError(f"{', '.join(_flag(k) for k in wrong)} does not apply to --source {source}")
+    required = [k for k, p in params.items() if p.default is inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY]
+    missing = [k for k in required if k not in given]
+    if missing:
+        raise ValueError(f"--source {source} needs {', '.join(_flag(k) for k in missing)}")
+    return given
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def part_output(output: str, split: Split) -> str:
+    """``output`` with ``{part}`` filled in; several parts must not share one output file."""
+    if "{part}" in output:
+        return output.replace("{part}", f"{split.part:05d}")
+    if split.num_parts > 1:
+        raise ValueError(
+            "with --num-parts > 1, put {part} in --output (e.g. captions-{part}.jsonl)"
+            " so the parts do not overwrite each other"
+        )
+    return output
+
+
+def collect(
+    source: str,
+    output: str,
+    options: dict[str, Any],
+    split: Split = Split(),
+    limit: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> CollectReport:
+    """Run ``source``'s reader and write its records to ``output`` (JSONL, ``.gz`` etc. by suffix).
+
+    The output appears only when complete (temporary file, then commit), so a killed run leaves
+    nothing half-written; re-running skips an output that already exists unless ``overwrite``.
+    """
+    from tqdm import tqdm
+
+    kwargs = reader_options(source, options)
+    output = part_output(str(output), split)
+    report = CollectReport(output)
+    if not overwrite and storage.exists(output):
+        report.already_done = True
+        return report
+    start = time.time()
+    _remove_stale_temps(output)
+    tmp = storage.local_temp_for(output)
+    try:
+        with fsspec.open(tmp, "wt", encoding="utf-8", compression=infer_compression(output)) as f, tqdm(
+            desc=f"{source} part {split.part}/{split.num_parts}", unit=" rec", disable=not progress, total=limit
+        ) as bar:
+            for record in READERS[source](**kwargs, skips=report.skips, split=split):
+                if limit is not None and report.records >= limit:
+                    break
+                try:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                except UnicodeEncodeError:
+                    report.skips.add("bad_encoding", f"{record.get('id')}: not valid UTF-8")
+                    continue
+                report.records += 1
+                bar.update()
+                if limit is not None and report.records >= limit:
+                    break
+        storage.commit(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    report.seconds = time.time() - start
+    return report
+
+
+def _remove_stale_temps(output: str) -> None:
+    """Temporary files a killed run of this same output left next to it (local outputs only)."""
+    fs, path = storage.url_to_fs(output)
+    if storage.is_local(fs):
+        for stale in glob.glob(glob.escape(path) + ".tmp.*"):
+            os.unlink(stale)
+
+
+def format_report(report: CollectReport) -> str:
+    if report.already_done:
+        return f"output: {report.output} already exists, nothing to do (--overwrite to redo)"
+    counts = report.skips.counts
+    lines = [
+        f"output: {report.output}",
+        f"records written: {report.records} in {report.seconds:.1f} s",
+        f"skipped: {sum(counts.values())}" if counts else "skipped: 0",
+    ]
+    for reason, n in sorted(counts.items()):
+        lines.append(f"  {reason}: {n}   e.g. {report.skips.examples[reason][0]}")
+    return "\n".join(lines)

@@ -1,0 +1,381 @@
+"""Source readers (COCO, VG, img2dataset tars, CSV/TSV/JSONL) → captions JSONL; skips; parts; CLI."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT
+from sapretrain.curation.sources import READERS, Split, collect, reader_options, split_tar_ref
+from sapretrain.data.manifest import SkipLog
+
+SCRIPT = PROJECT_ROOT / "tools" / "collect_captions.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: each writes tiny source files in tmp_path and returns the reader's options.
+
+
+def write_json(path: Path, doc) -> str:
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def coco_files(tmp_path: Path) -> dict:
+    captions = {
+        "images": [
+            {"id": 1, "file_name": "000001.jpg", "width": 100, "height": 80},
+            {"id": 2, "file_name": "000002.jpg", "width": 50, "height": 50},
+            {"id": 3, "width": 10, "height": 10},  # no file_name
+            {"id": 4, "file_name": "000004.jpg", "width": 60, "height": 60},
+        ],
+        "annotations": [
+            {"id": 11, "image_id": 1, "caption": "A man  riding a horse.\n"},
+            {"id": 12, "image_id": 1, "caption": "   "},
+            {"id": 21, "image_id": 2, "caption": "a cat on a mat"},
+            {"id": 22, "image_id": 2, "caption": 5},
+            {"id": 31, "image_id": 99, "caption": "an orphan caption"},
+            {"id": 41, "image_id": 3, "caption": "image without a file"},
+            {"id": 51, "caption": "no image id"},
+            {"id": 13, "image_id": 1},
+            {"id": 42, "image_id": 4, "caption": "a dog under a table"},
+            {"id": 43, "image_id": 4, "caption": "a table over a dog"},
+        ],
+    }
+    instances = {
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "horse"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [90.5, 70, 20, 20], "iscrowd": 0},  # clipped
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # no area
+            {"id": 4, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "iscrowd": 0},  # unknown category
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "iscrowd": 1},
+        ],
+    }
+    return {
+        "captions": write_json(tmp_path / "captions_train.json", captions),
+        "instances": write_json(tmp_path / "instances_train.json", instances),
+        "image_root": str(tmp_path / "train"),
+    }
+
+
+def vg_files(tmp_path: Path) -> dict:
+    regions = [
+        {
+            "id": 1,
+            "regions": [
+                {"region_id": 100, "image_id": 1, "phrase": "man on a horse", "x": 0, "y": 0, "width": 50, "height": 50},
+                {"region_id": 101, "image_id": 1, "phrase": "", "x": 0, "y": 0, "width": 5, "height": 5},
+                {"region_id": 102, "image_id": 1, "phrase": "sky above the man", "x": 60, "y": 0, "width": 40, "height": 20},
+                {"region_id": 103, "image_id": 1, "phrase": "off the image", "x": 200, "y": 0, "width": 10, "height": 10},
+            ],
+        },
+        {"id": 2, "regions": [{"region_id": 200, "image_id": 2, "phrase": "a dog", "x": 1, "y": 1, "width": 9, "height": 9}]},
+        {"id": 3, "regions": [{"region_id": 300, "image_id": 3, "phrase": None, "x": 1, "y": 1, "width": 9, "height": 9}]},
+        {"regions": []},  # no image id
+    ]
+    objects = [
+        {
+            "image_id": 1,
+            "objects": [
+                {"object_id": 1, "names": ["man"], "x": 5, "y": 5, "w": 20, "h": 40},
+                {"object_id": 2, "names": ["horse"], "x": 10, "y": 20, "w": 30, "h": 25},
+                {"object_id": 3, "names": ["sky"], "x": 60, "y": 0, "w": 40, "h": 10},
+                {"object_id": 4, "names": [], "x": 1, "y": 1, "w": 2, "h": 2},
+                {"object_id": 5, "names": ["dot"], "x": 1, "y": 1, "w": 0, "h": 2},
+            ],
+        }
+    ]
+    image_data = [
+        {"image_id": 1, "width": 100, "height": 80, "url": "https://cs.stanford.edu/people/rak248/VG_100K/1.jpg"},
+        {"image_id": 2, "width": 20, "height": 20, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/2.jpg"},
+    ]
+    return {
+        "regions": write_json(tmp_path / "region_descriptions.json", regions),
+        "objects": write_json(tmp_path / "objects.json", objects),
+        "image_data": write_json(tmp_path / "image_data.json", image_data),
+        "image_root": str(tmp_path / "VG"),
+    }
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def wds_files(tmp_path: Path) -> dict:
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        add_member(tar, "000000.jpg", b"\xff\xd8jpeg0")
+        add_member(tar, "000000.txt", "a bird on a wire ".encode())
+        meta = {"width": 256, "height": 192, "url": "http://e.com/0.jpg", "caption": "the txt wins"}
+        add_member(tar, "000000.json", json.dumps(meta).encode())
+        add_member(tar, "000001.jpg", b"\xff\xd8jpeg1")  # no txt: caption from the json
+        meta = {"width": 64, "height": 64, "caption": "a boat under a bridge"}
+        add_member(tar, "000001.json", json.dumps(meta).encode())
+        add_member(tar, "000002.jpg", b"\xff\xd8jpeg2")  # neither txt nor caption
+        add_member(tar, "000002.json", json.dumps({"width": 64, "height": 64}).encode())
+        add_member(tar, "000003.txt", b"a caption without an image")
+        add_member(tar, "000004.png", b"png")
+        add_member(tar, "000004.txt", b"a png image")
+        add_member(tar, "000004.json", b"{not json")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        add_member(tar, "000010.jpg", b"\xff\xd8" + b"a" * 2000)
+        add_member(tar, "000010.txt", b"a cup on a table")
+        add_member(tar, "000011.jpg", b"\xff\xd8" + b"b" * 2000)
+        add_member(tar, "000011.txt", b"a lost caption")
+    # Cut inside 000011.jpg's data: 000010 survives, 000011 is lost.
+    (folder / "00001.tar").write_bytes(buf.getvalue()[: 512 * 11])
+    return {"inputs": [str(folder / "0000*.tar"), str(folder / "00009.tar")]}  # the second is missing
+
+
+CSV_TEXT = (
+    "caption,path,width,height\n"
+    '"a dog, on a sofa",imgs/1.jpg,640,480\n'
+    ",imgs/2.jpg,10,10\n"
+    "a lonely caption,,10,10\n"
+    "too,many,fields,here,now\n"
+    "a cat near a window,https://e.com/c.jpg,x,y\n"
+    '"two\nlines",/abs/3.jpg,5,5\n'
+)
+
+
+def csv_files(tmp_path: Path) -> dict:
+    (tmp_path / "pairs.csv").write_text(CSV_TEXT)
+    return {"inputs": [str(tmp_path / "pairs.csv")]}
+
+
+def tsv_files(tmp_path: Path) -> dict:
+    data = (
+        b'the "best" dog on a rug\thttp://e.com/1.jpg\n'
+        b"three\tfields\there\n"
+        b"bad bytes \xff\xfe here\thttp://e.com/2.jpg\n"
+        b"a car behind a truck\thttp://e.com/3.jpg\n"
+    )
+    (tmp_path / "cc.tsv").write_bytes(data)
+    return {"inputs": [str(tmp_path / "cc.tsv")], "columns": "caption,url"}
+
+
+def jsonl_files(tmp_path: Path) -> dict:
+    lines = [
+        json.dumps({"caption": "a dog left of a cat", "image": "x.jpg", "width": 10, "height": 10,
+                    "objects": [{"name": "dog", "box": [1, 1, 5, 5]}, {"name": "cat", "box": [5, 5, 1, 1]}]}),
+        "not json",
+        json.dumps({"caption": 3, "url": "http://e.com/3.jpg"}),
+        "",
+        json.dumps([1, 2]),
+        json.dumps({"caption": "a kite above a tree", "path": "/abs/y.jpg", "id": "my id!"}),
+        json.dumps({"caption": "no image at all"}),
+    ]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return {"inputs": [str(tmp_path / "pairs.jsonl")]}
+
+
+FIXTURES = {"coco": coco_files, "vg": vg_files, "wds": wds_files, "csv": csv_files, "tsv": tsv_files, "jsonl": jsonl_files}
+
+
+def read(source: str, options: dict, split: Split = Split()) -> tuple[list[dict], SkipLog]:
+    skips = SkipLog()
+    records = list(READERS[source](**reader_options(source, options), skips=skips, split=split))
+    return records, skips
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def test_coco_records_boxes_and_skips(tmp_path):
+    records, skips = read("coco", coco_files(tmp_path))
+    by_id = {r["id"]: r for r in records}
+    assert list(by_id) == ["coco-1-11", "coco-2-21", "coco-4-42", "coco-4-43"]
+    first = by_id["coco-1-11"]
+    assert first["caption"] == "A man riding a horse."
+    assert first["image"] == str(tmp_path / "train" / "000001.jpg")
+    assert (first["source"], first["width"], first["height"]) == ("coco", 100, 80)
+    # xywh → xyxy, clipped to the 100 x 80 image; crowd kept and marked.
+    assert first["objects"] == [
+        {"name": "person", "box": [10.0, 20.0, 40.0, 60.0]},
+        {"name": "horse", "box": [90.5, 70.0, 100.0, 80.0]},
+        {"name": "person", "box": [0.0, 0.0, 10.0, 10.0], "crowd": True},
+    ]
+    assert by_id["coco-2-21"]["objects"] == []  # instances given, none for this image
+    assert skips.counts == Counter(
+        empty_caption=1, bad_caption=1, unknown_image=1, bad_image_entry=1, bad_annotation=1, missing_caption=1,
+        object_bad_box=1, object_unknown_category=1,
+    )  # fmt: skip
+
+    plain, _ = read("coco", {k: v for k, v in coco_files(tmp_path).items() if k != "instances"})
+    assert [r["id"] for r in plain] == list(by_id) and all("objects" not in r for r in plain)
+
+
+def test_vg_records_regions_and_objects(tmp_path):
+    records, skips = read("vg", vg_files(tmp_path))
+    by_id = {r["id"]: r for r in records}
+    assert list(by_id) == ["vg-1-100", "vg-1-102", "vg-1-103", "vg-2-200"]
+    man = by_id["vg-1-100"]
+    assert man["image"] == str(tmp_path / "VG" / "VG_100K" / "1.jpg")
+    assert (man["width"], man["height"], man["region"]) == (100, 80, [0.0, 0.0, 50.0, 50.0])
+    assert man["objects"] == [
+        {"name": "man", "box": [5.0, 5.0, 25.0, 45.0]},
+        {"name": "horse", "box": [10.0, 20.0, 40.0, 45.0]},
+    ]
+    assert [o["name"] for o in by_id["vg-1-102"]["objects"]] == ["sky"]
+    # A region outside the image keeps its phrase, has no region box, and keeps all the objects.
+    assert "region" not in by_id["vg-1-103"] and len(by_id["vg-1-103"]["objects"]) == 3
+    assert by_id["vg-2-200"]["image"].endswith("VG/VG_100K_2/2.jpg") and by_id["vg-2-200"]["objects"] == []
+    assert skips.counts == Counter(
+        empty_caption=1, missing_caption=1, bad_image_entry=1, region_bad_box=1, object_no_name=1, object_bad_box=1
+    )
+    everything, _ = read("vg", {**vg_files(tmp_path), "min_object_overlap": 0})
+    assert len(everything[0]["objects"]) == 3
+
+
+def test_wds_tars_missing_txt_and_truncation(tmp_path):
+    records, skips = read("wds", {**wds_files(tmp_path), "source_name": "cc3m"})
+    folder = tmp_path / "wds"
+    assert records == [
+        {"id": "cc3m-000000", "image": f"{folder}/00000.tar#000000.jpg", "caption": "a bird on a wire", "source": "cc3m",
+         "width": 256, "height": 192, "url": "http://e.com/0.jpg"},
+        {"id": "cc3m-000001", "image": f"{folder}/00000.tar#000001.jpg", "caption": "a boat under a bridge",
+         "source": "cc3m", "width": 64, "height": 64},
+        {"id": "cc3m-000004", "image": f"{folder}/00000.tar#000004.png", "caption": "a png image", "source": "cc3m"},
+        {"id": "cc3m-000010", "image": f"{folder}/00001.tar#000010.jpg", "caption": "a cup on a table", "source": "cc3m"},
+    ]  # fmt: skip
+    assert skips.counts == Counter(missing_caption=1, missing_image=1, sidecar_bad_json=1, truncated_tar=1, missing_input=1)
+    assert split_tar_ref(records[0]["image"]) == (f"{folder}/00000.tar", "000000.jpg")
+    assert split_tar_ref("/data/a#b.jpg") is None
+
+
+def test_csv_rows(tmp_path):
+    records, skips = read("csv", csv_files(tmp_path))
+    assert [(r["id"], r["caption"], r["image"]) for r in records] == [
+        ("csv-pairs-0", "a dog, on a sofa", str(tmp_path / "imgs" / "1.jpg")),
+        ("csv-pairs-4", "a cat near a window", "https://e.com/c.jpg"),
+        ("csv-pairs-5", "two lines", "/abs/3.jpg"),
+    ]
+    assert (records[0]["width"], records[0]["height"]) == (640, 480) and "width" not in records[1]
+    assert skips.counts == Counter(empty_caption=1, missing_image=1, bad_row=1)
+
+    with pytest.raises(ValueError, match="no caption column 'text'"):
+        read("csv", {**csv_files(tmp_path), "caption_column": "text"})
+    root, _ = read("csv", {**csv_files(tmp_path), "image_root": "s3://bucket/images", "image_column": "path"})
+    assert root[0]["image"] == "s3://bucket/images/imgs/1.jpg"
+
+
+def test_tsv_headerless_unquoted(tmp_path):
+    records, skips = read("tsv", {**tsv_files(tmp_path), "source_name": "cc3m"})
+    assert [(r["id"], r["caption"], r["image"]) for r in records] == [
+        ("cc3m-cc-0", 'the "best" dog on a rug', "http://e.com/1.jpg"),
+        ("cc3m-cc-3", "a car behind a truck", "http://e.com/3.jpg"),
+    ]
+    assert skips.counts == Counter(bad_row=1, bad_encoding=1)
+
+
+def test_jsonl_lines(tmp_path):
+    records, skips = read("jsonl", jsonl_files(tmp_path))
+    assert [(r["id"], r["image"]) for r in records] == [
+        ("jsonl-pairs-0", str(tmp_path / "x.jpg")),
+        ("jsonl-my_id", "/abs/y.jpg"),
+    ]
+    assert records[0]["objects"] == [{"name": "dog", "box": [1.0, 1.0, 5.0, 5.0]}]
+    assert skips.counts == Counter(bad_json=2, bad_caption=1, missing_image=1, object_bad_box=1)
+
+
+@pytest.mark.parametrize("source", sorted(FIXTURES))
+def test_parts_partition_records_and_skips(tmp_path, source):
+    options = FIXTURES[source](tmp_path)
+    whole, whole_skips = read(source, options)
+    ids, skips = [], Counter()
+    for part in range(3):
+        records, part_skips = read(source, options, Split(part, 3))
+        ids += [r["id"] for r in records]
+        skips += part_skips.counts
+    assert sorted(ids) == sorted(r["id"] for r in whole) and len(set(ids)) == len(ids)
+    assert skips == whole_skips.counts
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(ValueError, match="--instances does not apply to --source csv"):
+        reader_options("csv", {"inputs": ["a.csv"], "instances": "x.json"})
+    with pytest.raises(ValueError, match="--source coco needs --captions"):
+        reader_options("coco", {"image_root": "x"})
+    with pytest.raises(ValueError, match="--source vg needs --image-root"):
+        reader_options("vg", {"regions": "r.json"})
+    with pytest.raises(ValueError, match="--num-parts > 1, put {part}"):
+        collect("csv", "out.jsonl", {"inputs": ["a.csv"]}, Split(0, 2), progress=False)
+
+
+def test_collect_atomic_gzip_limit_and_resume(tmp_path):
+    options = csv_files(tmp_path)
+    out = tmp_path / "out" / "caps-{part}.jsonl.gz"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "caps-00000.jsonl.gz.tmp.12345").write_text("left by a killed run")
+    report = collect("csv", str(out), options, Split(0, 1), limit=2, progress=False)
+    path = tmp_path / "out" / "caps-00000.jsonl.gz"
+    lines = [json.loads(x) for x in gzip.open(path, "rt")]
+    assert report.records == 2 and [x["id"] for x in lines] == ["csv-pairs-0", "csv-pairs-4"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["caps-00000.jsonl.gz"]  # no temp left behind
+    assert collect("csv", str(out), options, progress=False).already_done
+
+
+# ---------------------------------------------------------------------------------------------
+# The tool
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), *args, "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT)
+
+
+def test_cli_end_to_end(tmp_path):
+    files = coco_files(tmp_path)
+    out = tmp_path / "captions.jsonl"
+    args = ["--source", "coco", "--captions", files["captions"], "--instances", files["instances"],
+            "--image-root", files["image_root"], "--output", str(out)]  # fmt: skip
+    run = run_tool(*args)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["coco-1-11", "coco-2-21", "coco-4-42", "coco-4-43"]
+    assert "records written: 4" in run.stdout and "unknown_image: 1" in run.stdout and "skipped: 8" in run.stdout
+    assert "already exists" in run_tool(*args).stdout
+
+    # Parts over several processes: their outputs together are the whole output.
+    parts = []
+    for part in range(2):
+        run = run_tool(*args[:-1], str(tmp_path / "p-{part}.jsonl"), "--part", str(part), "--num-parts", "2")
+        assert run.returncode == 0, run.stderr
+        parts += [json.loads(x) for x in (tmp_path / f"p-{part:05d}.jsonl").read_text().splitlines()]
+    assert sorted(x["id"] for x in parts) == sorted(x["id"] for x in lines)
+
+    wrong = run_tool("--source", "csv", "--input", "a.csv", "--instances", "i.json", "--output", str(tmp_path / "x.jsonl"))
+    assert wrong.returncode == 2 and "--instances does not apply to --source csv" in wrong.stderr
+
+
+def test_s3_inputs_and_output(tmp_path, s3_env):
+    fs = s3_env
+    fs.mkdir("sources-test")
+    wds_files(tmp_path)
+    fs.put(str(tmp_path / "wds"), "sources-test/wds", recursive=True)
+    fs.put_file(coco_files(tmp_path)["captions"], "sources-test/coco/captions.json")
+
+    options = {"inputs": ["s3://sources-test/wds/*.tar"], "source_name": "cc3m"}
+    report = collect("wds", "s3://sources-test/out/cc3m.jsonl", options, progress=False)
+    lines = [json.loads(x) for x in fs.cat_file("sources-test/out/cc3m.jsonl").decode().splitlines()]
+    assert report.records == 4 and lines[0]["image"] == "s3://sources-test/wds/00000.tar#000000.jpg"
+    assert report.skips.counts == Counter(missing_caption=1, missing_image=1, sidecar_bad_json=1, truncated_tar=1)
+    assert not [p for p in fs.find("sources-test/out") if ".tmp" in p]
+
+    coco = {"captions": "s3://sources-test/coco/captions.json", "image_root": "s3://sources-test/coco/train"}
+    records, _ = read("coco", coco)
+    assert records[0]["image"] == "s3://sources-test/coco/train/000001.jpg"
