@@ -123,7 +123,7 @@ def test_two_processes_train_checkpoint_and_resume_after_sigkill(train_shards, t
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(v == v for v in ref.values())
     # keep_checkpoints=3 of steps 2, 4, 6
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
-    assert {"rng-0.pt", "rng-1.pt", "state.pt", "DONE"} <= {p.name for p in (reference / "checkpoints/step-00000006").iterdir()}
+    assert {"rank-0.pt", "rank-1.pt", "state.pt", "DONE"} <= {p.name for p in (reference / "checkpoints/step-00000006").iterdir()}
 
     killed = tmp_path / "killed"
     cmd = two_process_cmd() + ["--config", config, "--resume", "auto"] + overrides(train_shards, killed)
@@ -191,3 +191,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(train_shards, tmp_path):
+    """4 batches per epoch: resumed from the step-4 checkpoint, epochs 1 and 2 follow (steps 5-10)."""
+    import shutil
+
+    cmd = [sys.executable, PRETRAIN, "--config", str(PROJECT_ROOT / "configs" / "demo.yaml"), "--resume", "auto"]
+    reference = tmp_path / "reference"
+    args = overrides(train_shards, reference, steps=10, **{"run.keep_checkpoints": 5})
+    assert subprocess.run(cmd + args, env=cpu_env(), capture_output=True, timeout=600).returncode == 0
+    ref = losses(reference)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    for step in (6, 8, 10):  # as if killed right after the step-4 checkpoint
+        shutil.rmtree(resumed / "checkpoints" / f"step-{step:08d}")
+    args = overrides(train_shards, resumed, steps=10, **{"run.keep_checkpoints": 5})
+    run = subprocess.run(cmd + args, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "at step 4 (epoch 0, batch 4)" in run.stdout
+    got = losses(resumed)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(5, 11):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-00001000/`` holding
 ``state.pt`` (trainable weights, loss parameters, optimizer, scheduler, grad scaler, step, data
-position, config), ``rng-<rank>.pt`` (each rank's RNG states) and, written last, ``DONE``. Only a
+position, config), ``rank-<rank>.pt`` (each rank's RNG states and exact loader position) and,
+written last, ``DONE``. Only a
 directory with ``DONE`` counts, so a run killed while saving resumes from the previous one.
 """
 from __future__ import annotations

@@ -69,6 +69,22 @@ def build_model(cfg: TrainConfig) -> SAClip:
     return model
 
 
+def build_preprocess_or_check_features(cfg: TrainConfig, model: SAClip, log=print):
+    """Pixels: the model's preprocessing. Feature shards (``data.features``): no preprocessing, and
+    the shards must hold this model's own frozen-tower outputs (docs/features.md)."""
+    if not cfg.data.features:
+        return build_preprocess(model)
+    from sapretrain.features import FeatureMismatch, check_features
+
+    try:
+        header = check_features(cfg.data.features, model, cfg.data.image_size)
+    except (FeatureMismatch, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    log(f"data.features: training on cached vision features from {cfg.data.features} "
+          f"({header['model']['name']}, pretrained {header['model']['pretrained']}); the vision tower is not run")
+    return None
+
+
 def build_optimizer(cfg: TrainConfig, model: SAClip, loss_fn: SAClipLoss) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.optim.weight_decay)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -180,10 +196,13 @@ class Position:
     batch: int = 0  # batches of that epoch already consumed
 
 
-def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, pos: Position) -> str:
+def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, pos: Position,
+                    data_state: dict) -> str:
     url = ckpt.checkpoint_dir(cfg.run.output_dir, pos.step)
     accelerator.wait_for_everyone()
-    ckpt.save_tensor_file(ckpt.rng_state(), f"{url}/rng-{accelerator.process_index}.pt")
+    # Per rank: RNG states and the loader's exact stream position (its skip counts are per rank).
+    rank_state = {"rng": ckpt.rng_state(), "data": data_state}
+    ckpt.save_tensor_file(rank_state, f"{url}/rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         frozen = set() if cfg.run.save_frozen else frozen_parameter_names(unwrapped)
@@ -210,7 +229,7 @@ def frozen_parameter_names(model: SAClip) -> set[str]:
     return {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("clip.visual.")}
 
 
-def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> Position:
+def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> tuple[Position, dict | None]:
     state = ckpt.load_tensor_file(f"{url}/state.pt")
     if state["world_size"] != accelerator.num_processes:
         raise SystemExit(
@@ -226,10 +245,9 @@ def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler)
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
-    rng_url = f"{url}/rng-{accelerator.process_index}.pt"
-    if storage.exists(rng_url):
-        ckpt.set_rng_state(ckpt.load_tensor_file(rng_url))
-    return Position(**state["position"])
+    rank_state = ckpt.load_tensor_file(f"{url}/rank-{accelerator.process_index}.pt")
+    ckpt.set_rng_state(rank_state["rng"])
+    return Position(**state["position"]), rank_state["data"]
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -292,16 +310,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
     loss_fn = SAClipLoss(cfg.loss)
     optimizer = build_optimizer(cfg, model, loss_fn)
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.steps)
-    preprocess = build_preprocess(model)
+    preprocess = build_preprocess_or_check_features(cfg, model, accelerator.print)
     context_length = model.clip.context_length
 
     if accelerator.is_main_process:
         os.makedirs(log_dir(cfg), exist_ok=True)
         save_config(cfg, f"{cfg.run.output_dir.rstrip('/')}/config.yaml")
     resume_url = resolve_resume(resume, cfg.run.output_dir)
-    pos = Position()
+    pos, data_state = Position(), None
     if resume_url:
-        pos = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
+        pos, data_state = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     if cfg.run.compile:
         model = torch.compile(model)
@@ -313,14 +331,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
 
     model.train()
     window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
+    loader = build_loader(
+        cfg.data, preprocess, accelerator.process_index, accelerator.num_processes,
+        epoch=pos.epoch, start_batch=pos.batch, context_length=context_length,
+    )
+    if data_state is not None:
+        loader.load_state_dict(data_state)  # this rank's exact stream position
     while pos.step < cfg.optim.steps:
-        loader = build_loader(
-            cfg.data, preprocess, accelerator.process_index, accelerator.num_processes,
-            epoch=pos.epoch, start_batch=pos.batch, context_length=context_length,
-        )
         fetch_start = time.perf_counter()
         yielded = 0
-        for batch in loader:
+        for batch in loader:  # one epoch (or forever, resampled); iterating again continues
             window["data"] += time.perf_counter() - fetch_start
             batch = batch_to(batch, accelerator.device)
             terms = train_step(accelerator, model, loss_fn, split_microbatches(batch, cfg.optim.accum_freq))
@@ -340,7 +360,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
             optimizer.zero_grad(set_to_none=True)
             accelerator.unwrap_model(model).clamp_logit_scale()
             pos.step += 1
-            pos.batch += 1
+            pos.epoch, pos.batch = loader.epoch, loader.batch
             window["pairs"] += batch["text"].shape[0] // 2 * accelerator.num_processes
 
             if pos.step % cfg.run.log_every == 0 or pos.step == cfg.optim.steps:
@@ -354,15 +374,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
                 })
                 window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
             if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps:
-                save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos)
+                save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos, loader.state_dict())
             if pos.step >= cfg.optim.steps:
                 break
             fetch_start = time.perf_counter()
-        else:
-            if yielded == 0 and pos.batch == 0:
-                raise SystemExit(f"epoch {pos.epoch} yielded no batch: data.batch_pairs is larger than the dataset")
-            pos.epoch += 1
-            pos.batch = 0
+        if yielded == 0:
+            raise SystemExit(f"epoch {loader.epoch} yielded no batch: data.batch_pairs is larger than the dataset")
     accelerator.end_training()
     if accelerator.is_main_process and os.path.exists(metrics.path):
         from sapretrain.train.plots import plot_metrics
