@@ -215,3 +215,24 @@ def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(train_shards,
     assert sorted(got) == list(range(1, 11))
     for step in range(5, 11):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("terms", [
+    "loss.clip=true loss.contrastive_text=false loss.contrastive_image=false loss.triplet=false",
+    "loss.contrastive_text=true loss.contrastive_image=false loss.triplet=false",
+    "loss.contrastive_image=true loss.contrastive_text=false loss.triplet=false",
+    "loss.triplet=true loss.contrastive_text=false loss.contrastive_image=false",
+    "loss.clip=true",
+])
+def test_every_trainable_parameter_gets_a_gradient(terms):
+    """DDP (find_unused_parameters=False) hangs or fails on a trainable parameter without gradient."""
+    from sapretrain.config import load_config
+    from sapretrain.train.config import TrainConfig
+    from sapretrain.train.trainer import build_model
+
+    cfg = load_config(TrainConfig, None, ["model.name=sa-tiny", "model.pretrained=null", "model.lock_image=false"] + terms.split())
+    model = build_model(cfg)
+    sum(SAClipLoss(cfg.loss)(model(random_batch(2))).values()).backward()
+    without = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not without, without
+    assert any(p.requires_grad for p in model.parameters())

@@ -37,7 +37,7 @@ def build_accelerator(cfg: TrainConfig):
         mixed_precision=cfg.run.precision,
         log_with=trackers or None,
         project_dir=log_dir(cfg),
-        # Every trainable parameter gets a gradient each step (see build_model), so DDP needs
+        # Every trainable parameter gets a gradient each step (see freeze_unused), so DDP needs
         # no unused-parameter search.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
@@ -60,13 +60,35 @@ def log_dir(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig) -> SAClip:
     model = build_saclip(cfg.model)
-    if not cfg.loss.clip:
-        # Only the CLIP loss reads CLIP's logit scale: a parameter without gradient would make
-        # DDP wait for it forever.
-        model.clip.logit_scale.requires_grad_(False)
+    freeze_unused(model, cfg.loss)
     if cfg.run.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     return model
+
+
+def freeze_unused(model: SAClip, loss) -> None:
+    """Freeze every part no enabled loss term reads.
+
+    A trainable parameter without a gradient makes DDP wait for it forever (or search for unused
+    parameters every step), and it would only decay in AdamW. Which feature feeds which term:
+    u (text tower + SVO head): contrastive_text, triplet; v (vision tower + ROI head):
+    contrastive_image, triplet; text_embed, image_embed and CLIP's logit scale: clip.
+    """
+    text = loss.contrastive_text or loss.triplet or loss.clip
+    vision = loss.contrastive_image or loss.triplet or loss.clip
+    parts = {
+        "svo_proj": loss.contrastive_text or loss.triplet,
+        "box_embed": loss.contrastive_image or loss.triplet,
+        "roi_proj": loss.contrastive_image or loss.triplet,
+    }
+    for name, module in model.named_children():
+        if name in parts and module is not None and not parts[name]:
+            module.requires_grad_(False)
+    model.clip.logit_scale.requires_grad_(model.clip.logit_scale.requires_grad and loss.clip)
+    for name, p in model.clip.named_parameters():
+        is_vision = name.startswith("visual.")
+        if name != "logit_scale" and not (vision if is_vision else text):
+            p.requires_grad_(False)
 
 
 def build_preprocess_or_check_features(cfg: TrainConfig, model: SAClip, log=print):
