@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Image–caption sources → one captions JSONL (the input of tools/extract_svo.py).
+r"""Image–caption sources → one captions JSONL (the input of tools/extract_svo.py).
 
     python tools/collect_captions.py --source coco --captions captions_train2017.json \
         [--instances instances_train2017.json] --image-root train2017 --output captions.jsonl

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Captions JSONL → the same lines plus SVO ``triplets`` (DESIGN.md §2 contract).
+r"""Captions JSONL → the same lines plus SVO ``triplets`` (DESIGN.md §2 contract).
 
     python tools/extract_svo.py --input captions.jsonl --output triplets.jsonl \
         [--workers 4] [--batch-size 256] [--chunk-size 5000] [--part 0 --num-parts 16] \

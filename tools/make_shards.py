@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Curated manifest + images → WebDataset tar shards.
+r"""Curated manifest + images → WebDataset tar shards.
 
     python tools/make_shards.py                      # the embedded default → data/shards/demo/
     python tools/make_shards.py --manifest curated.jsonl --output s3://bucket/shards \
