@@ -72,6 +72,14 @@ the part skipped; without it the resumed order is exact on intact data and shift
 such records otherwise. The state is exact for the same shards, world size, workers,
 ``batch_pairs``, seed and buffer (``layout``); loading another layout's state warns.
 
+**Feature shards** (``data.features``, docs/features.md). Feature shards written by
+``tools/cache_features.py`` are the same records with the six images replaced by one
+``feat.npy`` member (the frozen tower's outputs); with ``features`` set, that directory is streamed
+instead of ``shards`` through the same planning, resume and bad-data handling, ``feat.npy`` is
+decoded instead of the JPEGs (an invalid array is skipped and counted as ``bad_features``), and
+batches come from ``collate_features`` (``image_features``/``roi_features`` instead of
+``image``/``rois``; ``preprocess`` is not used).
+
 Determinism covers the order of records; a random augmentation inside ``preprocess`` would not be
 reproduced (the project's ``build_preprocess`` has none).
 
@@ -104,7 +112,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sapretrain import storage
-from sapretrain.model.batch import collate_records
+from sapretrain.model.batch import collate_features, collate_records, decode_features
 from sapretrain.shards import schema
 
 log = logging.getLogger(__name__)
@@ -131,6 +139,9 @@ class LoaderConfig:
     resampled: bool = False  # infinite seeded draws of shards with replacement, instead of epochs
     seed: int = 0
     image_size: int | None = None  # squash-resize decoded images to this square (JPEG draft decode) before preprocess
+    # Feature shards of `shards` (tools/cache_features.py): streamed instead of `shards`; the
+    # frozen vision tower is not run (needs model.lock_image; docs/features.md). Local or fsspec URL.
+    features: str | None = None
 
 
 @dataclass(frozen=True)
@@ -391,13 +402,14 @@ def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dic
                          "from it (sizes.json counts more)", expected - got)
 
 
-def check_records(src: Iterable, counters: Counters, context_length: int) -> Iterator[dict | PassEnd]:
+def check_records(src: Iterable, counters: Counters, context_length: int,
+                  extensions: tuple[str, ...] = schema.EXTENSIONS) -> Iterator[dict | PassEnd]:
     """Drop records with missing members or an invalid side-car (parsed here, before the shuffle)."""
     for record in src:
         if isinstance(record, PassEnd):
             yield record
             continue
-        missing = [ext for ext in schema.EXTENSIONS if ext not in record]
+        missing = [ext for ext in extensions if ext not in record]
         if missing:
             counters.problem(record["__url__"], "incomplete_record", f"{record['__key__']} lacks {missing}")
             continue
@@ -458,17 +470,22 @@ def skip_records(src: Iterable, count: int, counters: Counters) -> Iterator[dict
     yield from src
 
 
-def decode_records(src: Iterable, counters: Counters, image_size: int | None, max_streak: int) -> Iterator[dict]:
-    """Raw records → records with PIL images; undecodable ones are dropped and counted."""
+def decode_records(src: Iterable, counters: Counters, image_size: int | None, max_streak: int,
+                   features: bool = False) -> Iterator[dict]:
+    """Raw records → records with PIL images (feature shards: float16 arrays); undecodable ones
+    are dropped and counted."""
     streak = 0
+    reason = "bad_features" if features else "bad_image"
     for record in src:
         counters.raw += 1
         try:
             out = dict(record)
-            for ext in IMAGE_KEYS:
+            if features:
+                out[schema.FEATURE_EXT] = decode_features(record[schema.FEATURE_EXT])
+            for ext in () if features else IMAGE_KEYS:
                 out[ext] = decode_image(record[ext], image_size)
-        except Exception as e:  # truncated or corrupt JPEG, decompression bomb, ...
-            counters.problem(record["__url__"], "bad_image", f"{record['__key__']}: {type(e).__name__}: {e}")
+        except Exception as e:  # truncated or corrupt JPEG, decompression bomb, bad array ...
+            counters.problem(record["__url__"], reason, f"{record['__key__']}: {type(e).__name__}: {e}")
             streak += 1
             if streak >= max_streak:
                 raise RuntimeError(f"rank {counters.rank} reader {counters.worker}: {streak} records in a row "
@@ -494,7 +511,7 @@ def decode_image(data: bytes, size: int | None = None) -> Image.Image:
 
 
 def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_length: int,
-                    counters: Counters, worker: int) -> Iterator[tuple[dict, dict]]:
+                    counters: Counters, worker: int, collate: Callable = collate_records) -> Iterator[tuple[dict, dict]]:
     """Groups of ``pairs`` records → (model batch, this reader's position and counters)."""
     src = iter(src)
     while True:
@@ -503,7 +520,7 @@ def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_len
             return
         if len(records) < pairs:
             raise RuntimeError(f"reader {worker}: partial batch of {len(records)} records (quota bug)")
-        batch = collate_records(records, preprocess, context_length)
+        batch = collate(records, preprocess, context_length)
         yield batch, {"worker": worker, "raw": counters.raw, "counts": counters.snapshot()}
 
 
@@ -542,15 +559,19 @@ class _RankStream(IterableDataset):
             source = lambda: epoch_source(mine, counters)  # noqa: E731
         done = self.raw[worker]
         max_streak = BAD_STREAK_SHARDS * max(s.records for s in self.shards)
+        features = bool(cfg.features)
+        extensions = schema.FEATURE_EXTENSIONS if features else schema.EXTENSIONS
+        collate = collate_features if features else collate_records
         return wds.DataPipeline(
             source,
             lambda src: read_records(src, counters),
-            lambda src: check_records(src, counters, self.context_length),
+            lambda src: check_records(src, counters, self.context_length, extensions),
             lambda src: shuffle_records(src, cfg.shuffle_buffer, seeded(*key, "buffer")),
             lambda src: skip_records(src, done, counters),  # resume: raw records already consumed
-            lambda src: decode_records(src, counters, cfg.image_size, max_streak),
+            lambda src: decode_records(src, counters, cfg.image_size, max_streak, features),
             lambda src: itertools.islice(src, left * self.pairs),  # the quota: equal batches on every rank
-            lambda src: collate_batches(src, self.pairs, self.preprocess, self.context_length, counters, worker),
+            lambda src: collate_batches(src, self.pairs, self.preprocess, self.context_length, counters, worker,
+                                        collate),
         )
 
 
@@ -570,7 +591,8 @@ class Loader:
         self.batches_per_epoch = self.total_records // cfg.batch_pairs
         self.layout = (f"shards={len(shards)}:{self.total_records} world={world_size} workers={self.readers} "
                        f"batch_pairs={cfg.batch_pairs} seed={cfg.seed} buffer={cfg.shuffle_buffer} "
-                       f"shuffle_shards={cfg.shuffle_shards} resampled={cfg.resampled}")
+                       f"shuffle_shards={cfg.shuffle_shards} resampled={cfg.resampled}"
+                       + (" features" if cfg.features else ""))
         self._epoch, self._batch, self._raw = 0, 0, self._raw_at(0)
         self._totals: dict[str, Any] = _empty_stats()
         self._live: dict[int, dict] = {}  # reader -> its latest counters in the running iteration
@@ -689,23 +711,24 @@ def build_loader(cfg: LoaderConfig, preprocess: Callable, rank: int, world_size:
         )
     if cfg.workers < 0:
         raise ValueError(f"data.workers={cfg.workers} must be >= 0")
-    shards = list_shards(cfg.shards)
+    spec = cfg.features or cfg.shards  # feature shards stand in for the pixel shards
+    shards = list_shards(spec)
     total = sum(s.records for s in shards)
     if total < cfg.batch_pairs:
-        raise ValueError(f"{cfg.shards}: {total} records, fewer than one global batch of "
+        raise ValueError(f"{spec}: {total} records, fewer than one global batch of "
                          f"data.batch_pairs={cfg.batch_pairs}")
     readers = world_size * max(1, cfg.workers)
     nonempty = sum(1 for s in shards if s.records > 0)
     if not cfg.resampled and nonempty < readers:
         raise ValueError(
-            f"{cfg.shards}: {nonempty} shards for {world_size} rank(s) x {max(1, cfg.workers)} worker(s) = "
+            f"{spec}: {nonempty} shards for {world_size} rank(s) x {max(1, cfg.workers)} worker(s) = "
             f"{readers} readers; every DataLoader worker needs at least one shard. Lower data.workers to "
             f"{max(1, nonempty // world_size)} or fewer, or re-shard with a smaller shard_size "
             f"(tools/make_shards.py shard_size=...) to get at least {readers} shards, or use data.resampled=true"
         )
     loader = Loader(cfg, preprocess, rank, world_size, shards, context_length)
     loader._seek(epoch, start_batch)
-    log.info("data: %d shards, %d records, rank %d of %d, %d pairs per rank batch, %d batches per epoch, %s mode",
-             len(shards), total, rank, world_size, loader.pairs_per_rank, len(loader),
-             "resampled" if cfg.resampled else "epoch")
+    log.info("data: %d %sshards, %d records, rank %d of %d, %d pairs per rank batch, %d batches per epoch, %s mode",
+             len(shards), "feature " if cfg.features else "", total, rank, world_size, loader.pairs_per_rank,
+             len(loader), "resampled" if cfg.resampled else "epoch")
     return loader

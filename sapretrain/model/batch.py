@@ -11,17 +11,25 @@ A batch of N records (anchor/positive pairs) has 2N samples, ``[anchors (N) ; pa
     neg_spans  (2N, 3, L)
 
 Sample i's positive partner is sample (i + N) mod 2N.
+
+Feature shards (``collate_features``, docs/features.md) give the same batch with the frozen
+tower's outputs instead of pixels (``SAClip.forward`` takes either):
+
+    image_features  (2N, D)       float32 raw f_v of the images (stored float16)
+    roi_features    (2N, 2, D)    float32 raw f_v of the subject, object crops
 """
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import open_clip
 import torch
 from torch import nn
 
-from sapretrain.shards.schema import MEMBERS, PARTS, image_members
+from sapretrain.shards.schema import FEATURE_EXT, FEATURE_SLOTS, MEMBERS, PARTS, image_members
 
 
 def build_preprocess(model: nn.Module) -> Callable:
@@ -55,22 +63,20 @@ def caption_tensors(caption: dict, context_length: int, where: str = "caption") 
     return ids, masks
 
 
-def collate_records(records: Sequence[dict], preprocess: Callable, context_length: int = 77) -> dict[str, torch.Tensor]:
-    """Decoded shard records (``json`` side-car + PIL images per member) → the batch above."""
-    if not records:
-        raise ValueError("collate_records: no records")
+def _samples(records: Sequence[dict]) -> list[tuple[dict, dict, str, str]]:
+    """(record, sample side-car, member, key) of anchors of all records, then their partners."""
     sides = [rec["json"] if isinstance(rec["json"], dict) else json.loads(rec["json"]) for rec in records]
-    samples = [  # anchors of all records, then their partners
+    return [
         (rec, side[m], m, rec.get("__key__", f"record {i}"))
         for m in MEMBERS
         for i, (rec, side) in enumerate(zip(records, sides))
     ]
 
-    images, rois, boxes, texts, spans, neg_texts, neg_spans = [], [], [], [], [], [], []
-    for rec, sample, member, key in samples:
-        names = image_members(member)
-        images.append(preprocess(rec[names["image"]]))
-        rois.append(torch.stack([preprocess(rec[names["subj"]]), preprocess(rec[names["obj"]])]))
+
+def _text_fields(samples: list, context_length: int) -> dict[str, torch.Tensor]:
+    """boxes and caption / negative tensors of the samples, in order."""
+    boxes, texts, spans, neg_texts, neg_spans = [], [], [], [], []
+    for _, sample, member, key in samples:
         boxes.append([sample["boxes"]["subj"], sample["boxes"]["obj"]])
         ids, masks = caption_tensors(sample, context_length, f"{key}.{member} caption")
         texts.append(ids)
@@ -78,16 +84,49 @@ def collate_records(records: Sequence[dict], preprocess: Callable, context_lengt
         ids, masks = caption_tensors(sample["negative"], context_length, f"{key}.{member} negative")
         neg_texts.append(ids)
         neg_spans.append(masks)
-
     return {
-        "image": torch.stack(images),
-        "rois": torch.stack(rois),
         "boxes": torch.tensor(boxes, dtype=torch.float32),
         "text": torch.stack(texts),
         "spans": torch.stack(spans),
         "neg_text": torch.stack(neg_texts),
         "neg_spans": torch.stack(neg_spans),
     }
+
+
+def collate_records(records: Sequence[dict], preprocess: Callable, context_length: int = 77) -> dict[str, torch.Tensor]:
+    """Decoded shard records (``json`` side-car + PIL images per member) → the batch above."""
+    if not records:
+        raise ValueError("collate_records: no records")
+    samples = _samples(records)
+    images, rois = [], []
+    for rec, _, member, _ in samples:
+        names = image_members(member)
+        images.append(preprocess(rec[names["image"]]))
+        rois.append(torch.stack([preprocess(rec[names["subj"]]), preprocess(rec[names["obj"]])]))
+    return {"image": torch.stack(images), "rois": torch.stack(rois), **_text_fields(samples, context_length)}
+
+
+def decode_features(data: bytes) -> np.ndarray:
+    """A feature shard's ``KEY.feat.npy`` → float16 (2, 3, D); ValueError on anything else."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.float16 or array.ndim != 3 or array.shape[:2] != (len(MEMBERS), len(FEATURE_SLOTS)):
+        raise ValueError(f"feature array {array.dtype} {array.shape}, expected float16 ({len(MEMBERS)}, {len(FEATURE_SLOTS)}, D)")
+    if not np.isfinite(array).all():
+        raise ValueError("feature array holds non-finite values")
+    return array
+
+
+def collate_features(records: Sequence[dict], preprocess: Callable | None = None,
+                     context_length: int = 77) -> dict[str, torch.Tensor]:
+    """Feature-shard records (``json`` side-car + decoded ``feat.npy``) → the batch with
+    ``image_features``/``roi_features`` in place of ``image``/``rois`` (``preprocess`` unused)."""
+    if not records:
+        raise ValueError("collate_features: no records")
+    samples = _samples(records)
+    feats = torch.from_numpy(np.stack([rec[FEATURE_EXT] for rec in records])).float()  # (N, 2, 3, D)
+    feats = feats.transpose(0, 1).flatten(0, 1)  # (2N, 3, D): anchors of all records, then partners
+    return {"image_features": feats[:, 0].contiguous(), "roi_features": feats[:, 1:].contiguous(),
+            **_text_fields(samples, context_length)}
 
 
 def batch_to(batch: dict[str, Any], device, dtype: torch.dtype | None = None) -> dict[str, Any]:

@@ -44,6 +44,12 @@ def image_members(member: str) -> dict[str, str]:
 
 EXTENSIONS = ("json",) + tuple(ext for m in MEMBERS for ext in image_members(m).values())
 
+# Feature shards (tools/cache_features.py, docs/features.md): the same records with the images
+# replaced by the frozen tower's outputs, float16 (2, 3, D) = [a, p] x FEATURE_SLOTS.
+FEATURE_EXT = "feat.npy"
+FEATURE_SLOTS = ("image", "subj", "obj")
+FEATURE_EXTENSIONS = ("json", FEATURE_EXT)
+
 
 def header(tokenizer: str, context_length: int, image_size: int, roi_size: int) -> dict[str, Any]:
     """Fields shared by every record of a dataset (repeated per record so a record stands alone)."""
