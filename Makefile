@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv demo test test-slow bench clean-demo
+.PHONY: venv demo test bench clean-demo
 
 venv: $(STAMP)
 
@@ -28,11 +28,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
-
 bench: $(STAMP)
-	$(PY) bench/shards.py
+	for b in shards loader model train featcache svo; do $(PY) bench/$$b.py || exit 1; done
 
 clean-demo:
-	rm -rf data/synthetic data/shards/demo
+	rm -rf data/synthetic data/shards/demo data/demo_manifest.jsonl runs/demo

@@ -44,7 +44,7 @@ from sapretrain.model.batch import build_preprocess
 from sapretrain.model.saclip import SAClip, SAClipConfig, build_saclip
 from sapretrain.shards import schema
 from sapretrain.shards.check import iter_records
-from sapretrain.shards.writer import _add_file, _HashingWriter
+from sapretrain.shards.writer import add_file, HashingWriter
 
 FORMAT = "sapretrain-features"
 FORMAT_VERSION = 1
@@ -212,7 +212,7 @@ def write_feature_shard(src_url: str, url: str, model: SAClip, preprocess, image
     tmp = storage.local_temp_for(url)
     count = 0
     with open(tmp, "wb") as raw:
-        sink = _HashingWriter(raw)
+        sink = HashingWriter(raw)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
             pending: list[tuple[str, bytes, list[torch.Tensor]]] = []
             for key, members in records:
@@ -271,8 +271,8 @@ def _flush(tar: tarfile.TarFile, pending: list, model: SAClip, device: str, on_r
     for (key, side_car, _), array in zip(pending, feats.numpy()):
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
-        _add_file(tar, f"{key}.json", side_car)
-        _add_file(tar, f"{key}.{FEATURE_EXT}", buf.getvalue())
+        add_file(tar, f"{key}.json", side_car)
+        add_file(tar, f"{key}.{FEATURE_EXT}", buf.getvalue())
     n = len(pending)
     pending.clear()
     if on_records:

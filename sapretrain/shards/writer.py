@@ -226,7 +226,7 @@ def write_shard(output: str, cfg: ShardConfig, index: int, records: list, on_rec
     tmp = storage.local_temp_for(url)
     count = 0
     with open(tmp, "wb") as raw:
-        sink = _HashingWriter(raw)
+        sink = HashingWriter(raw)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for anchor, partner in records:
                 try:
@@ -266,12 +266,12 @@ def _add_record(tar: tarfile.TarFile, key: str, head: dict, members: dict[str, t
         meta[member] = sample_meta
         for part, ext in schema.image_members(member).items():
             files[ext] = jpegs[part]
-    _add_file(tar, f"{key}.json", schema.encode_json(meta))
+    add_file(tar, f"{key}.json", schema.encode_json(meta))
     for ext, data in files.items():
-        _add_file(tar, f"{key}.{ext}", data)
+        add_file(tar, f"{key}.{ext}", data)
 
 
-def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata (no mtime, owner or host): the same records give the same bytes.
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -292,7 +292,7 @@ class _BytesReader:
         return chunk
 
 
-class _HashingWriter:
+class HashingWriter:
     """File wrapper that hashes and counts what is written through it."""
 
     def __init__(self, raw):
