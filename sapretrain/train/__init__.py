@@ -1,1 +1,1 @@
-"""Training: configs now; the loop, checkpoints and distribution land with the trainer issue."""
+"""Training: the config tree, the loop (trainer.py), checkpoints and training plots."""
