@@ -88,6 +88,17 @@ def small_manifest(tmp_path):
     return write_manifest(tmp_path / "manifest.jsonl", lines)
 
 
+def synthetic_shards(root: Path, scenes: int, shard_size: int) -> Path:
+    """Shards of ``scenes`` synthetic scenes at 64 px (mutual pairs: scenes / 2 records)."""
+    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.shards.writer import ShardConfig, make_shards
+
+    manifest = write_synthetic(root / "synthetic", "train", scenes, workers=1, progress=False)
+    cfg = ShardConfig(image_size=64, roi_size=64, shard_size=shard_size)
+    make_shards(str(manifest), str(root / "shards"), cfg, progress=False)
+    return root / "shards"
+
+
 def png_bomb(path: Path, width=30000, height=30000) -> None:
     """A tiny PNG whose header claims width x height pixels."""
     from PIL import Image

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, synthetic_shards
 from sapretrain.data.loader import LoaderConfig, build_loader
 from sapretrain.features import FeatureMismatch, build_frozen_model, cache_features, check_features
 from sapretrain.losses import LossConfig, SAClipLoss
@@ -31,13 +31,7 @@ FP16_RTOL = 2.0**-11
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """12 records of synthetic scenes (64 px) in 4 shards."""
-    from sapretrain.data.synthetic import write_synthetic
-    from sapretrain.shards.writer import ShardConfig, make_shards
-
-    root = tmp_path_factory.mktemp("feature-data")
-    manifest = write_synthetic(root / "synthetic", "train", 24, workers=1, progress=False)
-    make_shards(str(manifest), str(root / "shards"), ShardConfig(image_size=64, roi_size=64, shard_size=3), progress=False)
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("feature-data"), scenes=24, shard_size=3)
 
 
 @pytest.fixture(scope="module")

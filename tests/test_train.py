@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, synthetic_shards
 from sapretrain.losses import LossConfig, SAClipLoss
 from sapretrain.model.saclip import SAClipConfig, build_saclip
 from sapretrain.train.trainer import merge_microbatches, split_microbatches, train_step
@@ -78,13 +78,7 @@ def test_accumulated_gradients_equal_one_big_batch(learnable):
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory):
     """32 records of synthetic scenes (64 px) in 8 shards."""
-    from sapretrain.data.synthetic import write_synthetic
-    from sapretrain.shards.writer import ShardConfig, make_shards
-
-    root = tmp_path_factory.mktemp("train-data")
-    manifest = write_synthetic(root / "synthetic", "train", 64, workers=1, progress=False)
-    make_shards(str(manifest), str(root / "shards"), ShardConfig(image_size=64, roi_size=64, shard_size=4), progress=False)
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("train-data"), scenes=64, shard_size=4)
 
 
 def overrides(shards, out, steps=6, **extra):
