@@ -1,0 +1,107 @@
+"""Evaluation runs: models in, ``results.json`` + ``results.md`` + plots out (tools/evaluate.py).
+
+Every task evaluates one or more models through the same code (``encode.load_model``); models are
+given as ``SPEC`` or ``LABEL=SPEC``. With ``baseline`` naming one of them, the spatial probe adds a
+verdict: each other model's gain in k-NN relation accuracy over the baseline, per modality,
+against a target (``make demo``: SA-CLIP objective vs plain CLIP objective, +0.20).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from sapretrain.eval import spatial
+from sapretrain.eval.encode import Encoder, load_model, model_summary
+
+VERDICT_TARGET = 0.20  # k-NN accuracy points the SA-CLIP objective should gain over plain CLIP
+
+
+def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["SA-CLIP=runs/demo/saclip", "openclip:ViT-B-32:openai"]`` → ``[(label, spec), ...]``."""
+    models = []
+    for item in items:
+        label, sep, spec = item.partition("=")
+        if not sep or label.startswith(("openclip:", "s3:", "gs:", "/", ".")):
+            label, spec = item, item
+        if not spec:
+            raise ValueError(f"{item!r}: empty model spec")
+        models.append((label, spec))
+    labels = [label for label, _ in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}")
+    return models
+
+
+def run_spatial(models: Sequence[tuple[str, str]], out_dir: str | Path, scenes: int = 800, k: int = 10,
+                baseline: str | None = None, target: float = VERDICT_TARGET, workers: int = 1,
+                device: str = "cpu", plot: bool = True, progress: bool = True) -> dict[str, Any]:
+    """The spatial probe over ``models``; writes results.json, results.md and spatial_tsne.png."""
+    labels = [label for label, _ in models]
+    if baseline is not None and baseline not in labels:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {labels}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    probe = spatial.probe_set(scenes, workers=workers, progress=progress)
+    embeddings, results = {}, {}
+    for label, spec in models:
+        model, _ = load_model(spec, device=device)
+        embeddings[label] = spatial.embed(Encoder(model), probe)
+        results[label] = {"spec": spec, **model_summary(model), **spatial.score(embeddings[label], probe.labels, k)}
+    report: dict[str, Any] = {
+        "task": "spatial",
+        "probe": {"split": "eval", "scenes": scenes, "k": k, "chance": 1 / len(spatial.CONFIGURATIONS),
+                  "relations": list(spatial.CONFIGURATIONS)},
+        "models": results,
+    }
+    if baseline is not None:
+        report["verdict"] = verdict(results, baseline, target)
+    if plot:
+        spatial.tsne_plot(embeddings, probe.labels, str(out / "spatial_tsne.png"))
+        report["plots"] = ["spatial_tsne.png"]
+    report["seconds"] = round(time.time() - started, 1)
+    write_report(report, out, spatial_table(report))
+    return report
+
+
+def verdict(results: dict[str, dict], baseline: str, target: float) -> dict[str, Any]:
+    """Gain of every model over ``baseline`` in k-NN accuracy, per modality; pass = all gains >= target."""
+    base = results[baseline]
+    gains = {
+        label: {m: round(r[m]["knn_accuracy"] - base[m]["knn_accuracy"], 4) for m in spatial.MODALITIES}
+        for label, r in results.items() if label != baseline
+    }
+    passed = bool(gains) and all(g >= target for by_modality in gains.values() for g in by_modality.values())
+    return {"baseline": baseline, "target": target, "gains": gains, "pass": passed}
+
+
+def spatial_table(report: dict[str, Any]) -> str:
+    probe = report["probe"]
+    lines = [
+        f"Spatial probe: {probe['scenes']} held-apart scenes, 8 relations (chance {probe['chance']:.3f}), "
+        f"leave-one-out {probe['k']}-NN",
+        "",
+        "| model | text k-NN | image k-NN | text silhouette | image silhouette |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in report["models"].items():
+        lines.append(f"| {label} | {r['text']['knn_accuracy']:.3f} | {r['image']['knn_accuracy']:.3f} | "
+                     f"{r['text']['silhouette']:.3f} | {r['image']['silhouette']:.3f} |")
+    v = report.get("verdict")
+    if v:
+        lines.append("")
+        for label, g in v["gains"].items():
+            lines.append(f"{label} vs {v['baseline']}: text {g['text']:+.3f}, image {g['image']:+.3f} "
+                         f"(target {v['target']:+.2f} each)")
+        lines.append(f"verdict: {'PASS' if v['pass'] else 'FAIL'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: Path, table: str) -> None:
+    """results.json and results.md, each written whole (temporary file + rename)."""
+    for name, text in (("results.json", json.dumps(report, indent=2) + "\n"), ("results.md", table)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)

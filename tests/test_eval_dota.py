@@ -1,0 +1,339 @@
+"""DoTA zero-shot anomaly evaluation: grouping, labels, scores, AUC, skips, explanations, models.
+
+Frames are drawn in DoTA's layout (``<root>/<clip>/images/000000.jpg``) for real clip ids from an
+excerpt of the DoTA metadata (tests/fixtures/dota/). A fake encoder reads a frame's grey level
+``p`` and embeds it as ``(p, 1 - p)``; abnormal descriptions embed as ``(1, 0)`` and normal ones as
+``(0, 1)``, so every score and AUC can be worked out by hand.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sapretrain.eval import dota
+from sapretrain.eval.dota import (
+    Description,
+    clip_group,
+    description_triplets,
+    evaluate_dota,
+    explain,
+    format_dota_table,
+    frame_auc,
+    frame_label,
+    frame_scores,
+    load_descriptions,
+    pick_boxes,
+    plot_dota,
+)
+
+from conftest import PROJECT_ROOT
+
+METADATA = PROJECT_ROOT / "tests/fixtures/dota/metadata_val_excerpt.json"
+DESCRIPTIONS = PROJECT_ROOT / "configs/eval/dota_descriptions.yaml"
+STRIDE = 10
+SIZE = (64, 36)
+TURNING = "J-j5eIHg8I0_001654"  # other: turning, 41 frames, anomaly [21, 41)
+LATERAL = "fTmYppzzloc_000821"  # other: lateral, 50 frames, anomaly [2, 49)
+PEDESTRIAN = "Pbw0A-RCjcw_001580"  # other: pedestrian, 49 frames, anomaly [12, 49)
+OBSTACLE = "eN6y6-4C1Rc_005830"  # other: obstacle, 59 frames, anomaly [12, 31)
+EGO = "pWZSG2cUdEo_003797"
+TARGET = "a car turns into the path of another car"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    from sapretrain.curation.svo import load_nlp
+
+    return load_nlp()
+
+
+@pytest.fixture(scope="module")
+def metadata():
+    return json.loads(METADATA.read_text())
+
+
+def write_frames(root: Path, metadata: dict, levels=None, stride: int = STRIDE) -> Path:
+    """Every ``stride``-th frame of each clip as a flat grey JPEG: white inside the anomaly window,
+    black outside, unless ``levels[clip][frame]`` gives the grey level (0..1)."""
+    for clip_id, meta in metadata.items():
+        folder = root / clip_id / "images"
+        folder.mkdir(parents=True)
+        for frame in range(0, meta["num_frames"], stride):
+            p = (levels or {}).get(clip_id, {}).get(frame, float(frame_label(meta, frame)))
+            grey = round(255 * p)
+            Image.new("RGB", SIZE, (grey, grey, grey)).save(folder / f"{frame:06d}.jpg", quality=95)
+    return root
+
+
+class FakeEncoder:
+    """Images: (p, 1 - p) for grey level p; texts: (0, 1) normal, (1, 0.5) abnormal, (1, 0) ``target``."""
+
+    uses_boxes = False
+
+    def __init__(self, sections, target: str | None = None):
+        self.abnormal = {d.text for ds in sections.values() for d in ds if d.abnormal}
+        self.target = target
+        self.image_calls = 0
+
+    def texts(self, samples):
+        rows = []
+        for s in samples:
+            assert s.triplet is not None and s.caption[s.triplet["rel"]["start"]:s.triplet["rel"]["end"]]
+            if s.caption == self.target:
+                rows.append([1.0, 0.0])
+            elif s.caption in self.abnormal:
+                rows.append([1.0, 0.5] if self.target else [1.0, 0.0])
+            else:
+                rows.append([0.0, 1.0])
+        return torch.tensor(rows)
+
+    def images(self, samples):
+        self.image_calls += 1
+        p = [round(float(np.asarray(s.image).mean()) / 255, 2) for s in samples]
+        return torch.tensor([[x, 1 - x] for x in p])
+
+
+def cos_abnormal(p: float) -> float:
+    return p / math.hypot(p, 1 - p)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping, labels, boxes
+
+
+def test_grouping_of_anomaly_classes(metadata):
+    groups = {k: clip_group(v["anomaly_class"]) for k, v in metadata.items()}
+    assert groups[EGO] is None
+    assert groups[TURNING] == groups[LATERAL] == "VV"
+    assert groups[PEDESTRIAN] == "VP" and groups[OBSTACLE] == "VO"
+    assert groups["4wKjxDXnmYs_000061"] == groups["ezY7QrSWeWw_001685"] == dota.UNGROUPED
+    for cat in ("start_stop_or_stationary", "moving_ahead_or_waiting", "oncoming"):
+        assert clip_group(f"other: {cat}") == "VV"
+        assert clip_group(f"ego: {cat}") is None
+    for bad in ("other turning", "other: flying", "bus: turning"):
+        with pytest.raises(ValueError, match="anomaly_class"):
+            clip_group(bad)
+
+
+def test_frame_labels_are_half_open(metadata):
+    meta = metadata[OBSTACLE]  # [12, 31)
+    assert [frame_label(meta, f) for f in (0, 11, 12, 30, 31, 58)] == [0, 0, 1, 1, 0, 0]
+
+
+def test_pick_boxes_two_largest():
+    objects = [{"bbox": [0, 0, 10, 10]}, {"bbox": [20, 20, 50, 30]}, {"bbox": [5, 5, 25, 25]},
+               {"bbox": [100, 100, 120, 120]}]  # the last lies outside a 64x36 frame
+    assert pick_boxes(objects, 64, 36) == {"subj": [5.0, 5.0, 25.0, 25.0], "obj": [20.0, 20.0, 50.0, 30.0]}
+    assert pick_boxes(objects[:1], 64, 36) == {"subj": [0.0, 0.0, 10.0, 10.0], "obj": [0.0, 0.0, 64.0, 36.0]}
+    assert pick_boxes(objects[3:], 64, 36) is None
+    assert pick_boxes([], 64, 36) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptions
+
+
+def test_shipped_descriptions_load_and_all_have_triplets(nlp):
+    sections = load_descriptions(DESCRIPTIONS)
+    assert set(sections) == {"VV", "VP", "VO", "common"}
+    for group in ("VV", "VP", "VO"):
+        kinds = {d.abnormal for d in sections[group]}
+        assert kinds == {True, False}
+        assert 8 <= sum(d.abnormal for d in sections[group]) <= 20
+    turning = [d for d in sections["VV"] if d.path == "VV/abnormal/turning"]
+    assert Description(TARGET, "VV/abnormal/turning", True) in turning
+    texts = sorted({d.text for ds in sections.values() for d in ds})
+    assert set(description_triplets(texts, nlp)) == set(texts)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("VX:\n  normal: [a car hits a car]\n", "unknown group 'VX'"),
+    ("VV:\n  normal: []\n  abnormal: [a car hits a car]\n", "VV/normal: empty list"),
+    ("VV:\n  normal: [a car is behind a car, 3]\n  abnormal: [a car hits a car]\n", r"VV/normal\[1\]"),
+    ("VV:\n  normal: [a car is behind a car]\n  abnormal:\n    turning: {}\n", "VV/abnormal/turning: empty mapping"),
+    ("VV:\n  normal: [a car is behind a car]\n  strange: [a car hits a car]\n", "unknown key"),
+    ("VV:\n  normal: [a car is behind a car]\n  abnormal: a car hits a car\n", "expected a list"),
+    ("VV:\n  normal: [a car is behind a car, a car is behind a car]\n  abnormal: [a car hits a car]\n", "duplicate"),
+    ("- a car hits a car\n", "expected a mapping"),
+    ("common:\n  normal: [a car is behind a car]\nVV:\n  normal: [a car follows a bus]\n", "VV has no abnormal"),
+])
+def test_description_errors(tmp_path, body, message):
+    path = tmp_path / "d.yaml"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        load_descriptions(path)
+
+
+def test_description_without_triplet_is_named(tmp_path, nlp, metadata):
+    path = tmp_path / "d.yaml"
+    path.write_text("common:\n  normal: [a car is behind a car]\n  abnormal: [a car hits a car, very heavy rain]\n")
+    with pytest.raises(ValueError, match="very heavy rain"):
+        evaluate_dota(FakeEncoder(load_descriptions(path)), METADATA, tmp_path, descriptions=path, nlp=nlp,
+                      progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and AUC by hand
+
+
+def test_frame_scores_by_hand():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    score, contrast, sims = frame_scores(v, u, [True, False, True])
+    r = 1 / math.sqrt(2)
+    np.testing.assert_allclose(sims, [[1, 0, r], [0, 1, r]], atol=1e-12)
+    np.testing.assert_allclose(score, [(1 + r) / 2, r / 2], atol=1e-12)
+    np.testing.assert_allclose(contrast, [(1 + r) / 2, r / 2 - 1], atol=1e-12)
+
+
+def test_frame_auc_ties_and_one_class():
+    # positives 0.6, 0.9 vs negatives 0.2, 0.6, 0.8: 1 + 0.5 + 0 + 3 wins out of 6 pairs
+    assert frame_auc([0, 0, 0, 1, 1], [0.2, 0.6, 0.8, 0.6, 0.9]) == (0.75, None)
+    assert frame_auc([1, 0], [0.0, 1.0]) == (0.0, None)
+    auc, note = frame_auc([0, 0], [0.1, 0.2])
+    assert auc is None and "only normal" in note
+    assert frame_auc([], []) == (None, "no frames")
+
+
+def test_hand_computed_auc_end_to_end(tmp_path, nlp, metadata):
+    meta = {TURNING: metadata[TURNING]}  # frames 0..40 by 10; labels 0 0 0 1 1
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    levels = {TURNING: {0: 0.2, 10: 0.6, 20: 0.8, 30: 0.6, 40: 0.9}}
+    frames = write_frames(tmp_path / "frames", meta, levels)
+    encoder = FakeEncoder(load_descriptions(DESCRIPTIONS))
+    result = evaluate_dota(encoder, tmp_path / "meta.json", frames, nlp=nlp, frame_stride=STRIDE, progress=False)
+
+    clip = result["clips"][TURNING]
+    assert clip["frames"] == [0, 10, 20, 30, 40] and clip["labels"] == [0, 0, 0, 1, 1]
+    np.testing.assert_allclose(clip["score"], [cos_abnormal(p) for p in (0.2, 0.6, 0.8, 0.6, 0.9)], atol=1e-5)
+    # normal descriptions embed as (0, 1): contrast = (p - (1 - p)) / |v|
+    np.testing.assert_allclose(clip["contrast"][1], (0.6 - 0.4) / math.hypot(0.6, 0.4), atol=1e-5)
+    vv = result["groups"]["VV"]
+    assert vv["auc"] == pytest.approx(0.75) and vv["auc_contrast"] == pytest.approx(0.75)
+    assert (vv["frames"], vv["abnormal_frames"], vv["clips"]) == (5, 2, 1)
+    assert result["groups"]["overall"]["auc"] == pytest.approx(0.75)
+    for group in ("VP", "VO"):
+        assert result["groups"][group]["auc"] is None and result["groups"][group]["note"] == "no frames"
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs with the fake encoder
+
+
+def test_separable_frames_groups_and_counts(tmp_path, nlp, metadata):
+    frames = write_frames(tmp_path / "frames", metadata)
+    encoder = FakeEncoder(load_descriptions(DESCRIPTIONS))
+    result = evaluate_dota(encoder, METADATA, frames, nlp=nlp, frame_stride=STRIDE, progress=False)
+
+    assert result["excluded"] == {"ego": 1}
+    assert EGO not in result["clips"] and result["clips_evaluated"] == 8
+    assert encoder.image_calls == 8  # one batch per clip
+    expected = {"VV": (2, 10, 6), "VP": (2, 12, 6), "VO": (2, 13, 5), "overall": (8, 48, 20)}
+    for group, (clips, n, abnormal) in expected.items():
+        m = result["groups"][group]
+        assert (m["clips"], m["frames"], m["abnormal_frames"], m["normal_frames"]) == (clips, n, abnormal, n - abnormal)
+        assert m["auc"] == 1.0 and m["auc_contrast"] == 1.0
+    assert result["skipped"] == dict.fromkeys(dota.SKIP_REASONS, 0)
+    assert result["clips"]["ezY7QrSWeWw_001685"]["group"] == dota.UNGROUPED
+
+    table = format_dota_table(result)
+    assert "| VV | 100.0 | 100.0 | 2 | 10 (6) |" in table and "Ego clips excluded: 1" in table
+    plot_dota(result, tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    limited = evaluate_dota(encoder, METADATA, frames, nlp=nlp, frame_stride=STRIDE, max_clips=3, progress=False)
+    assert limited["clips_evaluated"] == 3 and limited["groups"]["overall"]["clips"] == 3
+
+
+def test_explanations_name_the_matching_description(tmp_path, nlp, metadata):
+    meta = {TURNING: metadata[TURNING]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    frames = write_frames(tmp_path / "frames", meta)
+    encoder = FakeEncoder(load_descriptions(DESCRIPTIONS), target=TARGET)
+    result = evaluate_dota(encoder, tmp_path / "meta.json", frames, nlp=nlp, frame_stride=STRIDE, progress=False)
+    ex = result["clips"][TURNING]["explanations"]
+    assert ex["anomaly_window"][0] == {"text": TARGET, "path": "VV/abnormal/turning", "abnormal": True,
+                                       "similarity": 1.0}
+    assert len(ex["anomaly_window"]) == 3 and all(d["abnormal"] for d in ex["anomaly_window"])
+    assert ex["anomaly_window"][1]["similarity"] == pytest.approx(1 / math.hypot(1, 0.5), abs=1e-6)
+    assert len(ex["normal_frames"]) == 3 and not any(d["abnormal"] for d in ex["normal_frames"])
+
+
+def test_explain_without_anomalous_frames():
+    ds = [Description("a", "VV/normal", False), Description("b", "VV/abnormal", True)]
+    out = explain(np.array([[0.1, 0.9], [0.3, 0.5]]), [0, 0], ds, k=3)
+    assert out["anomaly_window"] == []
+    assert [d["text"] for d in out["normal_frames"]] == ["b", "a"]
+    assert out["normal_frames"][0]["similarity"] == pytest.approx(0.7)
+
+
+def test_missing_and_unreadable_frames_are_skipped_and_counted(tmp_path, nlp, metadata):
+    frames = write_frames(tmp_path / "frames", metadata)
+    (frames / TURNING / "images" / "000010.jpg").unlink()
+    (frames / TURNING / "images" / "000030.jpg").write_bytes(b"not a jpeg")
+    shutil.rmtree(frames / PEDESTRIAN)  # missing clip folder
+    for f in (frames / OBSTACLE / "images").iterdir():  # folder there, every frame unreadable
+        f.write_bytes(b"\xff\xd8\xff")
+    encoder = FakeEncoder(load_descriptions(DESCRIPTIONS))
+    result = evaluate_dota(encoder, METADATA, frames, nlp=nlp, frame_stride=STRIDE, progress=False)
+
+    assert result["skipped"] == {"missing_folder": 1, "missing_clip": 1, "missing_frame": 1, "unreadable_frame": 7}
+    assert PEDESTRIAN not in result["clips"] and OBSTACLE not in result["clips"]
+    assert result["clips_evaluated"] == 6
+    clip = result["clips"][TURNING]
+    assert clip["frames"] == [0, 20, 40] and clip["labels"] == [0, 0, 1]
+    assert result["groups"]["VP"]["clips"] == 1 and result["groups"]["VO"]["frames"] == 7
+    assert result["groups"]["overall"]["frames"] == 48 - 2 - 5 - 6
+
+
+# --------------------------------------------------------------------------------------------
+# Real (random-init) models
+
+
+def test_end_to_end_random_saclip_and_plain_clip(tmp_path, nlp, metadata):
+    from sapretrain.eval.encode import Encoder, load_model
+    from sapretrain.model import SAClipConfig, build_saclip
+
+    torch.manual_seed(0)
+    frames = write_frames(tmp_path / "frames", metadata)
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    labels = [{"frame_id": 0, "image_path": f"frames/{TURNING}/images/000000.jpg", "accident_id": 5,
+               "accident_name": "turning", "objects": [
+                   {"obj_track_id": 1, "bbox": [2, 2, 30, 20], "category": "car"},
+                   {"obj_track_id": 2, "bbox": [35, 10, 60, 30], "category": "car"}]},
+              {"frame_id": 10, "image_path": f"frames/{TURNING}/images/000010.jpg", "accident_id": 5,
+               "accident_name": "turning", "objects": [{"obj_track_id": 1, "bbox": [2, 2, 30, 20], "category": "car"}]}]
+    (annotations / f"{TURNING}.json").write_text(json.dumps({"labels": labels}))
+
+    model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False)).eval()
+    result = evaluate_dota(Encoder(model), METADATA, frames, annotations_root=annotations, nlp=nlp,
+                           frame_stride=STRIDE, progress=False)
+    assert result["clips_evaluated"] == 8 and result["groups"]["overall"]["frames"] == 48
+    assert result["no_boxes"] == 48 - 2  # two annotated frames of TURNING
+    for m in result["groups"].values():
+        assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["auc_contrast"] <= 1.0
+    clip = result["clips"][TURNING]
+    assert len(clip["score"]) == len(clip["contrast"]) == len(clip["frames"]) == 5
+    assert all(-1.0 <= s <= 1.0 for s in clip["score"])
+    assert len(clip["explanations"]["anomaly_window"]) == 3
+    json.dumps(result)  # the result is JSON-serialisable as is
+
+    plain = load_model("openclip:sa-tiny")[0]
+    result = evaluate_dota(Encoder(plain), METADATA, frames, annotations_root=annotations, nlp=nlp,
+                           frame_stride=STRIDE, max_clips=2, progress=False)
+    assert result["no_boxes"] == 0 and result["boxes"].startswith("ignored")
+    assert result["clips_evaluated"] == 2
