@@ -45,8 +45,10 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from sapretrain.data.demo import PROJECT_ROOT
 from sapretrain.eval.encode import EvalSample
 
+DEFAULT_DESCRIPTIONS = str(PROJECT_ROOT / "configs" / "eval" / "dota_descriptions.yaml")
 GROUPS = ("VV", "VP", "VO")
 COMMON = "common"
 UNGROUPED = "ungrouped"  # non-ego clips outside VV / VP / VO: only in "overall"
@@ -307,7 +309,7 @@ def explain(sims: np.ndarray, labels: Sequence[int], descriptions: Sequence[Desc
 
 def evaluate_dota(encoder, metadata_path: str | Path, frames_root: str | Path,
                   annotations_root: str | Path | None = None,
-                  descriptions: str | Path = "configs/eval/dota_descriptions.yaml",
+                  descriptions: str | Path = DEFAULT_DESCRIPTIONS,
                   frame_stride: int = 1, max_clips: int | None = None, progress: bool = True,
                   nlp=None) -> dict[str, Any]:
     """Frame-level ROC-AUC of ``encoder`` on the non-ego DoTA clips, per group and overall.

@@ -8,11 +8,12 @@ against a target (``make demo``: SA-CLIP objective vs plain CLIP objective, +0.2
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sapretrain.eval import spatial
+from sapretrain.eval import dota, spatial, vsr
 from sapretrain.eval.encode import Encoder, load_model, model_summary
 
 VERDICT_TARGET = 0.20  # k-NN accuracy points the SA-CLIP objective should gain over plain CLIP
@@ -64,6 +65,72 @@ def run_spatial(models: Sequence[tuple[str, str]], out_dir: str | Path, scenes: 
     report["seconds"] = round(time.time() - started, 1)
     write_report(report, out, spatial_table(report))
     return report
+
+
+def run_vsr(models: Sequence[tuple[str, str]], out_dir: str | Path, vsr_file: str, images_root: str,
+            instances: str | None = None, detector_weights: str | None = None, rule: str = "contrast",
+            dev_file: str | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """VSR zero-shot accuracy of ``models``; boxes from COCO ``instances`` or else a YOLO detector."""
+    if instances is None and detector_weights is None:
+        raise ValueError("VSR needs subject/object boxes: give COCO instance annotations or detector weights")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows, bad_lines = vsr.read_vsr(vsr_file)
+    dev_rows = vsr.read_vsr(dev_file)[0] if dev_file else None
+    annotations = vsr.load_coco_annotations(instances) if instances else None
+    detector = vsr.YoloBoxes(detector_weights, device=device) if annotations is None else None
+    results, tables = {}, []
+    for label, spec in models:
+        model, _ = load_model(spec, device=device)
+        result = vsr.evaluate_vsr(Encoder(model), rows, images_root, annotations=annotations, detector=detector,
+                                  rule=rule, dev_rows=dev_rows, progress=progress)
+        predictions = result.pop("predictions")
+        name = f"predictions-{_slug(label)}.jsonl"
+        (out / name).write_text("".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8")
+        results[label] = {"spec": spec, **model_summary(model), **result, "predictions_file": name}
+        tables.append(f"## {label}\n\n{vsr.format_vsr_table(result)}")
+    report = {"task": "vsr", "file": vsr_file, "bad_lines": dict(bad_lines), "rule": rule, "models": results,
+              "seconds": round(time.time() - started, 1)}
+    write_report(report, out, _overview(report, "accuracy") + "\n" + "\n".join(tables))
+    return report
+
+
+def run_dota(models: Sequence[tuple[str, str]], out_dir: str | Path, metadata: str, frames_root: str,
+             annotations_root: str | None = None, descriptions: str = dota.DEFAULT_DESCRIPTIONS,
+             frame_stride: int = 1, max_clips: int | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """DoTA frame-level anomaly ROC-AUC of ``models``; one ROC plot per model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results, tables, plots = {}, [], []
+    for label, spec in models:
+        model, _ = load_model(spec, device=device)
+        result = dota.evaluate_dota(Encoder(model), metadata, frames_root, annotations_root=annotations_root,
+                                    descriptions=descriptions, frame_stride=frame_stride, max_clips=max_clips,
+                                    progress=progress)
+        plot = f"dota_roc-{_slug(label)}.png"
+        dota.plot_dota(result, out / plot)
+        plots.append(plot)
+        results[label] = {"spec": spec, **model_summary(model), **result}
+        tables.append(f"## {label}\n\n{dota.format_dota_table(result)}")
+    report = {"task": "dota", "metadata": metadata, "descriptions": str(descriptions), "models": results,
+              "plots": plots, "seconds": round(time.time() - started, 1)}
+    write_report(report, out, "\n".join(tables))
+    return report
+
+
+def _overview(report: dict[str, Any], metric: str) -> str:
+    lines = [f"| model | {metric} | n |", "|---|---:|---:|"]
+    for label, r in report["models"].items():
+        value = "-" if r.get(metric) is None else f"{r[metric]:.3f}"
+        lines.append(f"| {label} | {value} | {r.get('n', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
 
 def verdict(results: dict[str, dict], baseline: str, target: float) -> dict[str, Any]:

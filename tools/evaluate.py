@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Evaluate SA-CLIP checkpoints and plain CLIP baselines (paper §3): spatial probe, VSR, DoTA.
+
+    python tools/evaluate.py --task spatial --checkpoint SA-CLIP=runs/demo/saclip \\
+        --checkpoint CLIP=runs/demo/clip --baseline CLIP --out runs/demo
+    python tools/evaluate.py --task vsr --checkpoint runs/paper --checkpoint openclip:ViT-B-32:openai \\
+        --vsr vsr/zeroshot_test.jsonl --images coco/images --instances coco/instances_all.json \\
+        --dev vsr/zeroshot_dev.jsonl --out runs/eval/vsr
+    python tools/evaluate.py --task dota --checkpoint runs/paper --metadata DoTA/metadata_val.json \\
+        --frames DoTA/frames [--annotations DoTA/annotations] --out runs/eval/dota
+
+``--checkpoint`` (repeatable, ``LABEL=SPEC`` or ``SPEC``): a training run directory (its latest
+checkpoint), one checkpoint directory, a ``save_saclip`` file, or ``openclip:MODEL[:TAG|WEIGHTS]``
+for a plain open_clip CLIP through the same code. Writes ``OUT/results.json``, ``OUT/results.md``
+and plots; docs/evaluation.md describes each task, its rule and its metric.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sapretrain.eval import run  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=("spatial", "vsr", "dota"))
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]SPEC",
+                   help="model to evaluate (repeatable)")
+    p.add_argument("--out", required=True, help="output folder for results.json, results.md and plots")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--no-progress", action="store_true")
+    spatial = p.add_argument_group("spatial")
+    spatial.add_argument("--scenes", type=int, default=800, help="held-apart probe scenes")
+    spatial.add_argument("--k", type=int, default=10, help="neighbours of the k-NN relation classifier")
+    spatial.add_argument("--baseline", help="label of the model the others are compared with (verdict)")
+    spatial.add_argument("--target", type=float, default=run.VERDICT_TARGET,
+                         help="k-NN accuracy gain over the baseline each modality must reach")
+    spatial.add_argument("--workers", type=int, default=1, help="processes rendering the probe scenes")
+    vsr = p.add_argument_group("vsr")
+    vsr.add_argument("--vsr", help="VSR JSONL to evaluate (e.g. zeroshot test)")
+    vsr.add_argument("--images", help="folder (or URL) of the COCO images VSR refers to")
+    vsr.add_argument("--instances", help="COCO instances JSON (or our per-image JSONL) for the boxes")
+    vsr.add_argument("--detector", help="YOLO weights for the boxes when there are no instance annotations")
+    vsr.add_argument("--rule", default="contrast", choices=("contrast", "threshold"))
+    vsr.add_argument("--dev", help="VSR dev JSONL: tunes the threshold (never the evaluated file)")
+    dota = p.add_argument_group("dota")
+    dota.add_argument("--metadata", help="DoTA metadata JSON (metadata_val.json)")
+    dota.add_argument("--frames", help="DoTA frames root: <clip>/images/NNNNNN.jpg")
+    dota.add_argument("--annotations", help="DoTA per-clip annotation JSONs (object boxes), optional")
+    dota.add_argument("--descriptions", default=run.dota.DEFAULT_DESCRIPTIONS, help="description hierarchy YAML")
+    dota.add_argument("--frame-stride", type=int, default=1, help="keep every k-th frame")
+    dota.add_argument("--max-clips", type=int, help="only the first N non-ego clips")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        models = run.parse_model_args(args.checkpoint)
+        progress = not args.no_progress
+        if args.task == "spatial":
+            report = run.run_spatial(models, args.out, scenes=args.scenes, k=args.k, baseline=args.baseline,
+                                     target=args.target, workers=args.workers, device=args.device,
+                                     progress=progress)
+        elif args.task == "vsr":
+            _require(args, "vsr", "images")
+            report = run.run_vsr(models, args.out, args.vsr, args.images, instances=args.instances,
+                                 detector_weights=args.detector, rule=args.rule, dev_file=args.dev,
+                                 device=args.device, progress=progress)
+        else:
+            _require(args, "metadata", "frames")
+            report = run.run_dota(models, args.out, args.metadata, args.frames, annotations_root=args.annotations,
+                                  descriptions=args.descriptions, frame_stride=args.frame_stride,
+                                  max_clips=args.max_clips, device=args.device, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    print(f"results: {Path(args.out) / 'results.json'} ({report['seconds']} s)")
+    verdict = report.get("verdict")
+    return 1 if verdict is not None and not verdict["pass"] else 0
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"--task {args.task} needs {' and '.join(missing)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
