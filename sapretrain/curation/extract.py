@@ -130,7 +130,7 @@ def _stats_url(workdir: str, chunk: int) -> str:
     return f"{workdir}/{chunk:08d}.stats.json"
 
 
-def _iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
+def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
     """``(chunk index, lines)`` of this part, reading the input once."""
     buf, chunk = [], 0
     with fsspec.open(input_url, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
@@ -297,7 +297,7 @@ def extract_file(
         if pool is None:
             _init_worker(cfg)
         pending: deque = deque()
-        for chunk, lines in _iter_chunks(input_url, cfg.chunk_size, part, num_parts):
+        for chunk, lines in iter_chunks(input_url, cfg.chunk_size, part, num_parts):
             chunks.append(chunk)
             if chunk in done:
                 if bar is not None:
@@ -344,6 +344,7 @@ __all__ = [
     "caption_problem",
     "extract_file",
     "format_summary",
+    "iter_chunks",
     "part_output",
     "process_lines",
     "process_records",

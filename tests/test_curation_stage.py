@@ -1,0 +1,101 @@
+"""The shared curation stage runner: chunks, resume after a crash, parts, drops counted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sapretrain.curation.stage import StageConfig, dropped_output, format_stage_summary, run_stage
+
+
+class DropOdd:
+    """Keeps even ``n`` (adding ``half``), drops odd ones; can crash at a given chunk."""
+
+    name = "drop_odd"
+
+    def __init__(self, crash_at: int | None = None, factor: int = 1):
+        self.crash_at, self.factor, self.calls, self.setups = crash_at, factor, 0, 0
+
+    def setup(self):
+        self.setups += 1
+
+    def fingerprint(self):
+        return {"factor": self.factor}
+
+    def process(self, records):
+        if self.calls == self.crash_at:
+            raise RuntimeError("killed")
+        self.calls += 1
+        return [{**r, "half": r["n"] // 2 * self.factor} if r["n"] % 2 == 0
+                else {**r, "drop_reason": "odd", "drop_detail": f"{r['n']} is odd"} for r in records]
+
+
+def write_input(path, n=23, bad=(5,)):
+    lines = [("{not json" if i in bad else json.dumps({"id": f"s{i}", "n": i})) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n\n")
+    return str(path)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_kept_dropped_and_counted(tmp_path):
+    src = write_input(tmp_path / "in.jsonl")
+    out = str(tmp_path / "out.jsonl")
+    summary = run_stage(DropOdd(), src, out, StageConfig(chunk_size=4), progress=False)
+    kept = read(out)
+    assert [r["n"] for r in kept] == list(range(0, 23, 2))
+    assert kept[3] == {"id": "s6", "n": 6, "half": 3}
+    dropped = read(dropped_output(out))
+    assert dropped_output(out).endswith("out.dropped.jsonl")
+    assert sorted(r["drop_reason"] for r in dropped) == ["bad_json"] + ["odd"] * 10
+    assert summary["records"] == 23 and summary["kept"] == 12
+    assert summary["dropped"] == {"bad_json": 1, "odd": 10}
+    assert len(summary["examples"]["odd"]) == 3 and summary["examples"]["odd"][0]["drop_detail"] == "1 is odd"
+    assert json.loads(open(out + ".summary.json").read()) == summary
+    assert "kept 12" in format_stage_summary(summary)
+    assert not (tmp_path / "out.jsonl.chunks").exists()
+
+
+def test_resume_after_a_crash_is_byte_identical(tmp_path):
+    src = write_input(tmp_path / "in.jsonl")
+    clean = str(tmp_path / "clean.jsonl")
+    run_stage(DropOdd(), src, clean, StageConfig(chunk_size=4), progress=False)
+
+    out = str(tmp_path / "out.jsonl")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage(DropOdd(crash_at=3), src, out, StageConfig(chunk_size=4), progress=False)
+    assert len(list((tmp_path / "out.jsonl.chunks").glob("0*[0-9].jsonl"))) == 3
+    again = DropOdd()
+    run_stage(again, src, out, StageConfig(chunk_size=4), progress=False)
+    assert again.calls == 3  # only the 3 chunks not committed before the crash (6 in all)
+    assert open(out, "rb").read() == open(clean, "rb").read()
+    assert open(dropped_output(out), "rb").read() == open(dropped_output(clean), "rb").read()
+
+    finished = DropOdd()
+    assert run_stage(finished, src, out, StageConfig(chunk_size=4), progress=False)["kept"] == 12
+    assert finished.setups == 0  # a finished output is not recomputed
+
+
+def test_other_settings_are_refused_on_resume(tmp_path):
+    src = write_input(tmp_path / "in.jsonl")
+    out = str(tmp_path / "out.jsonl")
+    with pytest.raises(RuntimeError):
+        run_stage(DropOdd(crash_at=1), src, out, StageConfig(chunk_size=4), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        run_stage(DropOdd(factor=2), src, out, StageConfig(chunk_size=4), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        run_stage(DropOdd(), src, out, StageConfig(chunk_size=5), progress=False)
+
+
+def test_parts_cover_the_input_once(tmp_path):
+    src = write_input(tmp_path / "in.jsonl", bad=())
+    out = str(tmp_path / "out.jsonl")
+    seen = []
+    for part in range(3):
+        run_stage(DropOdd(), src, out, StageConfig(chunk_size=2), part=part, num_parts=3, progress=False)
+        seen += [r["n"] for r in read(tmp_path / f"out-part{part:05d}-of00003.jsonl")]
+    assert sorted(seen) == list(range(0, 23, 2))
+    with pytest.raises(ValueError, match="--part"):
+        run_stage(DropOdd(), src, out, part=3, num_parts=3, progress=False)
