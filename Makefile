@@ -24,6 +24,9 @@ demo: $(STAMP)
 	$(PY) tools/make_shards.py
 	$(PY) tools/check_shards.py --no-progress data/shards/demo
 	ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/demo.yaml --resume auto
+	ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/demo_clip.yaml --resume auto
+	$(PY) tools/evaluate.py --task spatial --checkpoint SA-CLIP=runs/demo/saclip --checkpoint CLIP=runs/demo/clip \
+		--baseline CLIP --workers 2 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -337,3 +337,22 @@ def test_end_to_end_random_saclip_and_plain_clip(tmp_path, nlp, metadata):
                            frame_stride=STRIDE, max_clips=2, progress=False)
     assert result["no_boxes"] == 0 and result["boxes"].startswith("ignored")
     assert result["clips_evaluated"] == 2
+
+
+def test_evaluate_cli_dota_writes_results_and_roc_plots(tmp_path, metadata):
+    import subprocess
+    import sys
+
+    frames = write_frames(tmp_path / "frames", metadata)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tools" / "evaluate.py"), "--task", "dota",
+         "--checkpoint", "CLIP=openclip:sa-tiny", "--metadata", str(METADATA), "--frames", str(frames),
+         "--frame-stride", str(STRIDE), "--max-clips", "3", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "results.json").read_text())
+    result = report["models"]["CLIP"]
+    assert result["clips_evaluated"] == 3 and result["plain_clip"]
+    assert report["plots"] == ["dota_roc-CLIP.png"] and (out / "dota_roc-CLIP.png").stat().st_size > 5_000
+    assert "overall" in done.stdout

@@ -385,3 +385,30 @@ def test_yolo_detector_runs_end_to_end(fixture_annotations):
     result = vsr.evaluate_vsr(FakeEncoder(defaultdict(lambda: 0.5)), rows, str(IMAGES), detector=detector, progress=False, nlp=None)
     assert result["n"] + result["skipped"].get("no_box", 0) == 2
     assert set(result["skipped"]) <= {"no_box"}
+
+
+def test_evaluate_cli_vsr_writes_results_per_model(tmp_path):
+    import subprocess
+    import sys
+
+    from sapretrain.model import SAClipConfig, build_saclip, save_saclip
+
+    torch.manual_seed(0)
+    save_saclip(build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False)), str(tmp_path / "sa.pt"))
+    path = write_jsonl(tmp_path / "vsr.jsonl", fixture_vsr_rows() + ["not json"])
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(COCO_DIR.parents[2] / "tools" / "evaluate.py"), "--task", "vsr",
+         "--checkpoint", f"SA={tmp_path / 'sa.pt'}", "--checkpoint", "CLIP=openclip:sa-tiny",
+         "--vsr", str(path), "--images", str(IMAGES), "--instances", str(ANNOTATIONS), "--dev", str(path),
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert report["bad_lines"] == {"not_json": 1}
+    for label in ("SA", "CLIP"):  # same rows for both: skips never depend on the model
+        r = report["models"][label]
+        assert r["n"] == 5 and r["skipped"] == {} and 0.0 <= r["accuracy"] <= 1.0
+        predictions = (out / r["predictions_file"]).read_text().splitlines()
+        assert len(predictions) == 5 and json.loads(predictions[0])["label"] in (0, 1)
+    assert "| SA |" in done.stdout and "| CLIP |" in done.stdout

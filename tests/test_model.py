@@ -100,7 +100,9 @@ def test_pooled_text_equals_open_clip_encode_text(tokenizer, custom_text):
     with torch.no_grad():
         pooled, tokens = model.text_features(text)
         expected = clip.encode_text(text)
-    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+    # Same computation; only trailing padding is trimmed (exact in float64, see the next test),
+    # so float32 sums may round differently.
+    torch.testing.assert_close(pooled, expected)
     assert tokens.shape == (3, L, D)
     # the per-token path is the same computation: the EOT token's feature is the pooled one
     eot = text.argmax(dim=-1)
@@ -111,7 +113,24 @@ def test_pooled_text_equals_open_clip_encode_text(tokenizer, custom_text):
         out = model(
             {**random_batch(1), "text": text[:2], "spans": spans[:2], "neg_text": text[:2], "neg_spans": spans[:2]}
         )
-    torch.testing.assert_close(out["text_embed"], F.normalize(expected[:2], dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(out["text_embed"], F.normalize(expected[:2], dim=-1))
+
+
+def test_trimming_the_padding_is_exact(tokenizer, monkeypatch):
+    """Under the causal mask, dropping the batch's trailing padding changes no kept feature."""
+    torch.manual_seed(0)
+    model = tiny().double().eval()
+    text = tokenizer(["a red cube left of a blue sphere!", "a man riding a horse", "x"])
+    longest = int(text.argmax(dim=-1).max()) + 1  # the EOT of the longest caption
+    assert model._trimmed_length(text, "argmax") == longest < L
+    assert model._trimmed_length(text, "last") == L  # 'last' pooling reads the padding
+    with torch.no_grad():
+        pooled, tokens = model.text_features(text)
+        monkeypatch.setattr(type(model), "_trimmed_length", lambda self, text, pool: text.shape[1])
+        full_pooled, full_tokens = model.text_features(text)
+    torch.testing.assert_close(pooled, full_pooled, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tokens[:, :longest], full_tokens[:, :longest], rtol=1e-12, atol=1e-12)
+    assert tokens.shape == full_tokens.shape and not tokens[:, longest:].any()
 
 
 def test_token_features_are_causal(tokenizer):

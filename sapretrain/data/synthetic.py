@@ -9,8 +9,10 @@ varied templates with gold SVO spans, an opposite negative, boxes, and a positiv
 Determinism and held-apart splits: a scene is a pure function of ``(split, index)``. Its seed is
 ``SPLIT_SEED_BASE[split] + index``; train seeds lie in ``[0, EVAL_SEED_BASE)`` and eval seeds
 start at ``EVAL_SEED_BASE``, so no evaluation scene is a training scene. Scenes ``2k`` and
-``2k+1`` are positive partners: same configuration and object properties, rendered
-independently with different caption templates.
+``2k+1`` are positive partners: the same relation of the caption's subject to its object, with
+objects, camera and caption template drawn independently. That is what the paper's retrieved
+positives are (the nearest other sample by SVO text: same relation, similar objects, another
+image), taken to the point where the relation is all the pair shares.
 
 ``write_synthetic(out_dir, "train", 4000)`` writes a split as PNGs plus a curated manifest
 (docs/manifest.md); ``render_scene(split, index)`` gives one scene with its labels.
@@ -64,7 +66,7 @@ _SUPERSAMPLE = 2  # objects are ray cast at 2x2 samples per pixel (anti-aliased 
 _MAX_PLACEMENT_TRIES = 500
 
 # Seed streams: which draw a generator serves, so equal seeds in different roles never correlate.
-_STREAM_CONFIG, _STREAM_PAIR, _STREAM_SCENE = 0, 1, 2
+_STREAM_CONFIG, _STREAM_PAIR, _STREAM_SCENE, _STREAM_OBJECTS = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,17 +412,18 @@ class Scene:
                 round(min(max(x1, 0.0), self.width), 2), round(min(max(y1, 0.0), self.height), 2)]
 
 
-def _pair_configuration(split: str, index: int) -> str:
-    """Configurations are dealt in shuffled blocks of 8 pairs, so every class is equally frequent."""
+def _pair_relation(split: str, index: int) -> str:
+    """A pair's relation; dealt in shuffled blocks of 8 pairs, so every relation is equally frequent."""
     pair = index // 2
     block_start = (pair // len(CONFIGURATIONS)) * len(CONFIGURATIONS) * 2
     order = _rng(split, block_start, _STREAM_CONFIG).permutation(len(CONFIGURATIONS))
     return CONFIGURATIONS[order[pair % len(CONFIGURATIONS)]]
 
 
-def _pair_properties(split: str, index: int) -> tuple[tuple[dict[str, str], dict[str, str]], tuple[int, int]]:
-    """Object properties of A and B, and the two partners' template indices (shared by the pair)."""
-    rng = _rng(split, index - index % 2, _STREAM_PAIR)
+def _scene_properties(split: str, index: int) -> tuple[tuple[dict[str, str], dict[str, str]], tuple[int, int]]:
+    """Object properties of A and B (this scene's own), and the pair's two distinct template indices."""
+    rng = _rng(split, index, _STREAM_OBJECTS)
+    pair_rng = _rng(split, index - index % 2, _STREAM_PAIR)
 
     def draw() -> dict[str, str]:
         return {"shape": str(rng.choice(SHAPES)), "color": str(rng.choice(list(COLORS))),
@@ -430,22 +433,22 @@ def _pair_properties(split: str, index: int) -> tuple[tuple[dict[str, str], dict
     b = draw()
     while (b["shape"], b["color"]) == (a["shape"], a["color"]):
         b = draw()
-    templates = rng.choice(len(_TEMPLATES), size=2, replace=False)
+    templates = pair_rng.choice(len(_TEMPLATES), size=2, replace=False)
     return (a, b), (int(templates[0]), int(templates[1]))
 
 
 def plan_scene(split: str, index: int, width: int = 320, height: int = 240) -> Scene:
     """Everything about a scene but its pixels: geometry, boxes, caption, negative (cheap)."""
     seed = scene_seed(split, index)
-    configuration = _pair_configuration(split, index)
-    props, templates = _pair_properties(split, index)
+    relation = _pair_relation(split, index)
+    props, templates = _scene_properties(split, index)
     rng = _rng(split, index, _STREAM_SCENE)
     cam = _make_camera(rng, width, height)
     light = _key_light(rng, cam)
+    subject = int(rng.integers(2))  # 1: the caption names B first ("there is B in front of A")
+    configuration = relation if subject == 0 else OPPOSITE[relation]
     objects = _place_pair(rng, cam, configuration, props)
 
-    subject = int(rng.integers(2))  # 1: the caption names B first ("there is B in front of A")
-    relation = configuration if subject == 0 else OPPOSITE[configuration]
     subj_text = _describe(rng, props[subject], props[1 - subject])
     obj_text = _describe(rng, props[1 - subject], props[subject])
     template = _TEMPLATES[templates[index % 2]]

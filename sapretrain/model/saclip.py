@@ -219,16 +219,39 @@ class SAClip(nn.Module):
     def text_features(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) token ids → pooled (B, D), exactly ``clip.encode_text``, and per-token (B, L, D)."""
         c = self.clip
+        projection, pool_type, eos_id = self._text_parts()
+        length = text.shape[1]
         if self._text_inline:  # the steps of CLIP.encode_text, keeping every token
+            keep = self._trimmed_length(text, pool_type)
+            text = text[:, :keep]
             cast_dtype = c.transformer.get_cast_dtype()
-            x = c.token_embedding(text).to(cast_dtype) + c.positional_embedding.to(cast_dtype)
-            x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask))  # (B, L, width)
+            x = c.token_embedding(text).to(cast_dtype) + c.positional_embedding[:keep].to(cast_dtype)
+            mask = None if c.attn_mask is None else c.attn_mask[:keep, :keep]
+            x = c.ln_final(c.transformer(x, attn_mask=mask))  # (B, keep, width)
         else:  # the steps of TextTransformer.forward (no CLS embedding)
             x, attn_mask = c.text._embeds(text)
             x = c.text.ln_final(c.text.transformer(x, attn_mask=attn_mask))
-        projection, pool_type, eos_id = self._text_parts()
         pooled = _project(text_global_pool(x, text, pool_type, eos_token_id=eos_id), projection)
-        return pooled, _project(x, projection)
+        tokens = _project(x, projection)
+        if tokens.shape[1] < length:  # trimmed padding: zero features there (no span reaches them)
+            tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
+        return pooled, tokens
+
+    def _trimmed_length(self, text: torch.Tensor, pool_type: str) -> int:
+        """Positions up to the batch's last non-padding token, when dropping the rest is exact.
+
+        Under CLIP's causal mask no position attends to a later one, so the trailing padding
+        (token id 0) changes nothing before it; EOT/argmax/first pooling reads a kept position.
+        Captions are short (~15 of 77 tokens): this is most of the text tower's cost. Without a
+        causal mask, or with 'last' pooling, nothing is trimmed.
+        """
+        length = text.shape[1]
+        if self.clip.attn_mask is None or pool_type not in ("argmax", "eos", "first"):
+            return length
+        nonzero = (text != 0).any(dim=0)  # (L,) some caption has a token here
+        if not nonzero.any():
+            return length
+        return int(nonzero.nonzero().max()) + 1
 
     def svo_features(self, tokens: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
         """Per-token features (B, L, D), span masks (B, 3, L) → r_svo (B, D)."""
