@@ -99,3 +99,36 @@ def test_parts_cover_the_input_once(tmp_path):
     assert sorted(seen) == list(range(0, 23, 2))
     with pytest.raises(ValueError, match="--part"):
         run_stage(DropOdd(), src, out, part=3, num_parts=3, progress=False)
+
+
+# ----- caption records -> samples
+
+
+def test_sample_stage_makes_one_sample_per_triplet():
+    from sapretrain.curation.samples import SampleConfig, SampleStage, sample_key
+
+    caption = "a man riding a horse next to a dog"
+    def part(text, kind=None, head=None):
+        start = caption.index(text)
+        return {"text": text, "start": start, "end": start + len(text), **({"kind": kind} if kind else {}),
+                **({"head": head} if head else {})}
+    riding = {"subj": part("man", head="man"), "rel": part("riding", "action"), "obj": part("horse", head="horse")}
+    next_to = {"subj": part("horse"), "rel": part("next to", "spatial"), "obj": part("dog")}
+    broken = {"subj": {"text": "cat", "start": 0, "end": 3}, "rel": part("riding", "action"), "obj": part("dog")}
+    records = [
+        {"id": "coco/42.jpg#1", "image": "42.jpg", "width": 640, "height": 480, "source": "coco",
+         "objects": [{"name": "person", "box": [0, 0, 10, 10]}], "caption": caption,
+         "triplets": [riding, broken, next_to]},
+        {"id": "x", "image": "x.jpg", "caption": "a sunny day", "triplets": []},
+        {"id": "y", "image": "y.jpg", "caption": "", "triplets": [], "skip_reason": "empty"},
+    ]
+    out = SampleStage(SampleConfig(kinds=["spatial", "action"], max_per_caption=4)).process(records)
+    kept = [r for r in out if "drop_reason" not in r]
+    assert [r["id"] for r in kept] == ["coco_42_jpg_1-t0", "coco_42_jpg_1-t2"]
+    assert kept[0]["relation"] == "riding" and kept[0]["triplet"]["subj"] == {**riding["subj"]}
+    assert kept[0]["objects"] and kept[0]["width"] == 640 and kept[0]["source"] == "coco"
+    assert {r["drop_reason"] for r in out if "drop_reason" in r} == {"bad_span", "no_triplet", "skipped_caption"}
+    only_spatial = SampleStage(SampleConfig(kinds=["spatial"], max_per_caption=1)).process(records[:1])
+    assert [(r["id"], r.get("drop_reason")) for r in only_spatial] == [
+        ("coco_42_jpg_1-t0", "kind"), ("coco_42_jpg_1-t1", "bad_span"), ("coco_42_jpg_1-t2", None)]
+    assert sample_key("a.b/c d") == "a_b_c_d"
