@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.extract import part_output  # noqa: E402
+from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.rois import DEFAULT_CONFIG, RoiStage, count_box_sources, load_roi_config  # noqa: E402
 from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
 

@@ -10,7 +10,7 @@ One output line per (caption, triplet): {"id", "caption", "triplet", "label": 0|
 failed on go to OUT.dropped.jsonl with the reason. The sample is kept as OUT.seeds.jsonl. A killed
 run resumes when re-run with the same arguments, and answers are cached (cache_dir), so a re-run
 costs nothing. Prints the stage summary and the request/token/cost statistics.
-Details: sapretrain/curation/llm.py, docs/curation-llm.md.
+Details: sapretrain/curation/llm.py, docs/curation.md.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.extract import part_output  # noqa: E402
+from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.llm import LLMFatalError, format_stats, label_seeds, load_llm_config  # noqa: E402
 from sapretrain.curation.stage import format_stage_summary  # noqa: E402
 

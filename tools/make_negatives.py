@@ -10,7 +10,7 @@ Rules (default, offline): inverse relation from the lexicons in --config, else s
 swap for asymmetric relations, else dropped. --mode llm asks the LLM of --llm-config instead.
 Every negative is re-parsed and validated. Dropped lines go to OUT.dropped.jsonl with their
 reason; a killed run resumes when re-run with the same arguments. Details:
-sapretrain/curation/negatives.py, docs/curation-negatives.md.
+sapretrain/curation/negatives.py, docs/curation.md.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain import storage  # noqa: E402
-from sapretrain.curation.extract import part_output  # noqa: E402
+from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.negatives import (  # noqa: E402
     DEFAULT_CONFIG,
     MODES,

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.config import ConfigError, load_config  # noqa: E402
-from sapretrain.curation.extract import part_output  # noqa: E402
+from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.positives import STAGES, PositivesConfig, format_summary, make_positives  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "curation" / "positives.yaml"

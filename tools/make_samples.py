@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""extract_svo output (one line per caption, with ``triplets``) → one sample per (caption, triplet).
+
+    python tools/make_samples.py --input triplets.jsonl --output samples.jsonl \\
+        [--kinds spatial,action] [--max-per-caption 4] [--chunk-size 5000] [--part 0 --num-parts 16]
+
+The samples are what the filter, negatives, ROI and positives stages read (docs/curation.md §3);
+dropped captions/triplets go to OUT.dropped.jsonl with their reason. A killed run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sapretrain.curation.samples import SampleConfig, SampleStage  # noqa: E402
+from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="extract_svo output (path or fsspec URL)")
+    parser.add_argument("--output", required=True, help="samples JSONL (path or fsspec URL)")
+    parser.add_argument("--kinds", default="spatial,action", help="relation kinds to keep")
+    parser.add_argument("--max-per-caption", type=int, default=4, help="samples per caption at most")
+    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
+    parser.add_argument("--part", type=int, default=0)
+    parser.add_argument("--num-parts", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    stage = SampleStage(SampleConfig(kinds=args.kinds.split(","), max_per_caption=args.max_per_caption))
+    try:
+        summary = run_stage(stage, args.input, args.output, StageConfig(args.chunk_size), args.part,
+                            args.num_parts, not args.no_progress)
+    except ValueError as e:
+        parser.error(str(e))
+    print(format_stage_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
