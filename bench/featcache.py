@@ -2,8 +2,8 @@
 """Feature-cached training (data.features, docs/features.md) against the live frozen tower:
 training pairs/s of the same model on the same records, in the same run.
 
-    python bench/featcache.py                          # ViT-B-32, random init, locked tower, CPU, 4 pairs
-    python bench/featcache.py --pairs 8 --steps 6 --threads 2
+    python bench/featcache.py                          # ViT-B-32, random init, locked tower, CPU, 16 pairs
+    python bench/featcache.py --pairs 4 --records 16 --steps 6 --threads 2
     python bench/featcache.py --device cuda --pairs 256 --records 2048
 
 Set-up: synthetic scenes written as 224 px shards (``make_shards``), their features cached with
@@ -50,8 +50,8 @@ def prepare(work: Path, records: int, size: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
-    parser.add_argument("--records", type=int, default=16, help="records (pairs) in the shard set")
+    parser.add_argument("--pairs", type=int, default=16, help="pairs per step (the optimizer step, the same in both modes, weighs more at small batches)")
+    parser.add_argument("--records", type=int, default=32, help="records (pairs) in the shard set")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; one gives "

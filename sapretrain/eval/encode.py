@@ -20,7 +20,7 @@ context, boxes normalised to the whole frame, captions tokenized with their SVO 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -194,8 +194,3 @@ def _context_length(model: SAClip) -> int:
 def _join(chunks: list[dict[str, torch.Tensor]], main: str, parts: bool):
     joined = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     return joined if parts else joined.get(main, torch.empty(0))
-
-
-def with_heads_off(cfg: SAClipConfig) -> SAClipConfig:
-    """The plain-CLIP config of ``cfg`` (same tower, both SA heads off)."""
-    return replace(cfg, use_svo=False, use_roi=False)
