@@ -12,9 +12,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /opt/sapretrain
 
+# OpenCV (pulled in by ultralytics, the ROI detector) needs these at import time.
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
 COPY setup.cfg pyproject.toml README.md ./
 COPY sapretrain ./sapretrain
-RUN pip install -e ".[s3,eval]"
+RUN pip install -e ".[s3,eval,curation]"
 COPY tools ./tools
 COPY launch ./launch
 COPY configs ./configs
