@@ -1,10 +1,8 @@
 """Manifest → shards → read back; bad inputs; resume after SIGKILL; parts; S3."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from conftest import OBJ_COLOR, PROJECT_ROOT, SUBJ_COLOR, make_image, png_bomb, sample_line, write_manifest
 from sapretrain.shards import schema
