@@ -226,3 +226,44 @@ def test_features_to_and_from_s3(shards, cached, s3_env):
     check_features("s3://feature-test/feat", model)
     remote, here = first_batch(shards, features="s3://feature-test/feat"), first_batch(shards, features=local)
     assert all(torch.equal(remote[k], here[k]) for k in here)
+
+
+# ----- the same switch in evaluation (tools/evaluate.py --task shards --features)
+
+
+def test_shard_evaluation_on_features_equals_pixels(shards, cached):
+    from sapretrain.eval.shards import embed_shards, score_shards
+
+    model, features = cached
+    live = embed_shards(model, str(shards), batch_pairs=4, progress=False)
+    feat = embed_shards(model, str(shards), features=str(features), batch_pairs=4, progress=False)
+    assert live["u"].shape == feat["u"].shape == (24, 128)  # 12 records = 3 batches of 4 pairs, 2 samples each
+    torch.testing.assert_close(feat["u"], live["u"])  # the text side does not touch the cache
+    torch.testing.assert_close(feat["v"], live["v"], rtol=0, atol=5e-3)  # fp16-stored tower outputs
+    a, b = score_shards(live), score_shards(feat)
+    assert a["samples"] == b["samples"] == 24
+    assert abs(a["relation_accuracy"] - b["relation_accuracy"]) <= 1 / 24
+    with pytest.raises(FeatureMismatch, match="hash differently"):
+        embed_shards(build_frozen_model(TINY, seed=1), str(shards), features=str(features), batch_pairs=4,
+                     progress=False)
+
+
+def test_shard_scores_by_hand():
+    from sapretrain.eval.shards import score_shards
+
+    def unit(*degrees):
+        a = torch.tensor(degrees).deg2rad()
+        return torch.stack([a.cos(), a.sin()], dim=1)
+
+    # 4 samples = 2 pairs: the partner of i is (i + 2) % 4.
+    v, u, u_neg = unit(0.0, 90.0, 12.0, 102.0), unit(5.0, 95.0, 60.0, 180.0), unit(90.0, 0.0, 10.0, 100.0)
+    r = score_shards({"u": u, "u_neg": u_neg, "v": v, "partner": torch.tensor([2, 3, 0, 1])})
+    # cos(v, u) > cos(v, u_neg): 5 vs 90 deg yes, 5 vs 90 yes, 48 vs 2 no, 78 vs 2 no
+    assert r["relation_accuracy"] == 0.5
+    # nearest caption of each image: u0, u1, u0, u1 -> images 0, 1 right
+    assert r["image_to_text"]["r1"] == 0.5
+    # nearest image of each caption: v0, v1, v1, v3 -> captions 0, 1, 3 right
+    assert r["text_to_image"]["r1"] == 0.75
+    assert r["image_to_text"]["r5"] == r["text_to_image"]["r5"] == 1.0  # 4 samples: always in the top 5
+    # nearest other caption: u2, u2, u1, u1 -> partners of 0 and 3 found; images: v2, v3, v0, v1 all partners
+    assert r["partner_r1_text"] == 0.5 and r["partner_r1_image"] == 1.0

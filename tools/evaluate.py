@@ -8,6 +8,8 @@
         --dev vsr/zeroshot_dev.jsonl --out runs/eval/vsr
     python tools/evaluate.py --task dota --checkpoint runs/paper --metadata DoTA/metadata_val.json \\
         --frames DoTA/frames [--annotations DoTA/annotations] --out runs/eval/dota
+    python tools/evaluate.py --task shards --checkpoint runs/paper --shards data/shards/coco-val \\
+        [--features data/features/coco-val] --out runs/eval/coco-val
 
 ``--checkpoint`` (repeatable, ``LABEL=SPEC`` or ``SPEC``): a training run directory (its latest
 checkpoint), one checkpoint directory, a ``save_saclip`` file, or ``openclip:MODEL[:TAG|WEIGHTS]``
@@ -27,7 +29,7 @@ from sapretrain.eval import run  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=("spatial", "vsr", "dota"))
+    p.add_argument("--task", required=True, choices=("spatial", "vsr", "dota", "shards"))
     p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]SPEC",
                    help="model to evaluate (repeatable)")
     p.add_argument("--out", required=True, help="output folder for results.json, results.md and plots")
@@ -54,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dota.add_argument("--descriptions", default=run.dota.DEFAULT_DESCRIPTIONS, help="description hierarchy YAML")
     dota.add_argument("--frame-stride", type=int, default=1, help="keep every k-th frame")
     dota.add_argument("--max-clips", type=int, help="only the first N non-ego clips")
+    held_out = p.add_argument_group("shards (held-out shard set)")
+    held_out.add_argument("--shards", help="shard set (directory with sizes.json, pattern or URL)")
+    held_out.add_argument("--features", help="its feature shards (tools/cache_features.py): the vision tower is not run")
+    held_out.add_argument("--batch-pairs", type=int, default=64, help="pairs per forward pass")
+    held_out.add_argument("--max-batches", type=int, help="evaluate only the first N batches")
+    held_out.add_argument("--image-size", type=int, help="decode images at this size first (as data.image_size)")
     return p.parse_args(argv)
 
 
@@ -71,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             report = run.run_vsr(models, args.out, args.vsr, args.images, instances=args.instances,
                                  detector_weights=args.detector, rule=args.rule, dev_file=args.dev,
                                  device=args.device, progress=progress)
+        elif args.task == "shards":
+            _require(args, "shards")
+            report = run.run_shards(models, args.out, args.shards, features=args.features,
+                                    batch_pairs=args.batch_pairs, max_batches=args.max_batches,
+                                    image_size=args.image_size, device=args.device, progress=progress)
         else:
             _require(args, "metadata", "frames")
             report = run.run_dota(models, args.out, args.metadata, args.frames, annotations_root=args.annotations,

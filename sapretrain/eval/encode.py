@@ -116,7 +116,7 @@ class Encoder:
         self.preprocess = build_preprocess(model)
         self.spec = ImageSpec(shard_cfg.image_size, shard_cfg.roi_size, shard_cfg.roi_context,
                               shard_cfg.jpeg_quality, shard_cfg.max_pixels, False)
-        context = _context_length(model)
+        context = context_length(model)
         self.tokenizer = SpanTokenizer(shard_cfg.tokenizer, context)
 
     @property
@@ -186,7 +186,7 @@ class Encoder:
         return torch.stack(crops), torch.tensor(boxes, dtype=torch.float32)
 
 
-def _context_length(model: SAClip) -> int:
+def context_length(model: SAClip) -> int:
     clip = model.clip
     return int(getattr(clip, "context_length", None) or clip.text.context_length)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sapretrain.eval import dota, spatial, vsr
+from sapretrain.eval import dota, shards, spatial, vsr
 from sapretrain.eval.encode import Encoder, load_model, model_summary
 
 VERDICT_TARGET = 0.20  # k-NN accuracy points the SA-CLIP objective should gain over plain CLIP
@@ -118,6 +118,25 @@ def run_dota(models: Sequence[tuple[str, str]], out_dir: str | Path, metadata: s
     report = {"task": "dota", "metadata": metadata, "descriptions": str(descriptions), "models": results,
               "plots": plots, "seconds": round(time.time() - started, 1)}
     write_report(report, out, "\n".join(tables))
+    return report
+
+
+def run_shards(models: Sequence[tuple[str, str]], out_dir: str | Path, shard_set: str, features: str | None = None,
+               batch_pairs: int = 64, max_batches: int | None = None, image_size: int | None = None,
+               device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Relation accuracy and retrieval on held-out shards (or their feature shards)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = {}
+    for label, spec in models:
+        model, _ = load_model(spec, device=device)
+        emb = shards.embed_shards(model, shard_set, features=features, batch_pairs=batch_pairs,
+                                  max_batches=max_batches, image_size=image_size, progress=progress)
+        results[label] = {"spec": spec, **model_summary(model), **shards.score_shards(emb)}
+    report = {"task": "shards", "shards": shard_set, "features": features, "batch_pairs": batch_pairs,
+              "models": results, "seconds": round(time.time() - started, 1)}
+    write_report(report, out, shards.format_shards_table(results))
     return report
 
 
