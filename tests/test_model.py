@@ -199,6 +199,22 @@ def test_forward_contract_shapes_and_norms():
     assert sim.shape == (6, 6) and sim.abs().max() <= 1 + 1e-6
 
 
+def test_negatives_are_skipped_when_no_loss_reads_them():
+    from sapretrain.losses import LossConfig
+    from sapretrain.train.trainer import model_inputs
+
+    model = tiny().eval()
+    batch = random_batch(n_pairs=2)
+    assert model_inputs(batch, LossConfig()) is batch  # the triplet loss reads u_neg
+    lean = model_inputs(batch, LossConfig(triplet=False, clip=True))
+    assert set(batch) - set(lean) == {"neg_text", "neg_spans"}
+    with torch.no_grad():
+        full, skipped = model(batch), model(lean)
+    assert "u_neg" not in skipped and "neg_text_embed" not in skipped
+    for key in ("u", "v", "text_embed", "image_embed"):
+        torch.testing.assert_close(skipped[key], full[key])
+
+
 def test_subject_object_roles_matter():
     """Swapping subject and object (crops and boxes) changes r_roi: concat keeps the roles."""
     model = tiny().eval()

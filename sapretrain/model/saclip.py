@@ -15,7 +15,8 @@ object ROI crops and their boxes (DESIGN.md §1):
 
 ``forward(batch)`` returns, per sample (2N, ·): u, u_neg (negative caption, same path), v,
 text_embed / neg_text_embed / image_embed (normalised CLIP features), r_svo, r_roi (raw head
-outputs, before normalisation), and logit_scale () (see below).
+outputs, before normalisation), and logit_scale () (see below). A batch without ``neg_text``
+(the trainer drops it when no loss term reads it) gives no u_neg / neg_text_embed.
 
 Choices the paper leaves open, made here:
 - The text side *averages* the three part features, as the paper specifies. The vision side
@@ -317,10 +318,11 @@ class SAClip(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch contract of ``sapretrain.model.batch`` → per-sample features (2N, ·)."""
         n = batch["text"].shape[0]
+        negatives = "neg_text" in batch  # a batch without them (no loss reads them) skips their encoding
         # Caption and negative caption in one pass of the text tower.
         text = self._text(
-            torch.cat([batch["text"], batch["neg_text"]]),  # (4N, L)
-            torch.cat([batch["spans"], batch["neg_spans"]]),  # (4N, 3, L)
+            torch.cat([batch["text"], batch["neg_text"]]) if negatives else batch["text"],  # (4N or 2N, L)
+            torch.cat([batch["spans"], batch["neg_spans"]]) if negatives else batch["spans"],
         )
 
         if "image_features" in batch:
@@ -333,17 +335,18 @@ class SAClip(nn.Module):
             image_feats, roi_feats = self.vision_features(batch["image"], batch["rois"] if self.cfg.use_roi else None)
         vision = self._vision(image_feats, roi_feats, batch.get("boxes"))
 
-        return {
+        out = {
             "u": text["u"][:n],
-            "u_neg": text["u"][n:],
             "v": vision["v"],
             "text_embed": text["text_embed"][:n],
-            "neg_text_embed": text["text_embed"][n:],
             "image_embed": vision["image_embed"],
             "r_svo": text["r_svo"][:n],
             "r_roi": vision["r_roi"],
             "logit_scale": self.clip.logit_scale,  # log scale: exp() is CLIP's logit scale
         }
+        if negatives:
+            out["u_neg"], out["neg_text_embed"] = text["u"][n:], text["text_embed"][n:]
+        return out
 
 
 def _embed_dim(clip: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch
 from sapretrain import storage
 from sapretrain.config import save_config
 from sapretrain.data.loader import build_loader
-from sapretrain.losses import SAClipLoss
+from sapretrain.losses import LossConfig, SAClipLoss
 from sapretrain.model.batch import batch_to, build_preprocess
 from sapretrain.model.saclip import SAClip, build_saclip
 from sapretrain.train import checkpoint as ckpt
@@ -154,6 +154,14 @@ def split_microbatches(batch: dict[str, torch.Tensor], k: int) -> list[dict[str,
         {key: torch.cat([v[j * m : (j + 1) * m], v[n + j * m : n + (j + 1) * m]]) for key, v in batch.items()}
         for j in range(k)
     ]
+
+
+def model_inputs(batch: dict[str, torch.Tensor], loss: LossConfig) -> dict[str, torch.Tensor]:
+    """The batch without the negative captions when no loss term reads them (only the triplet
+    loss does): the CLIP baseline and "w/o triplet" runs then skip half the text tower's work."""
+    if loss.triplet:
+        return batch
+    return {k: v for k, v in batch.items() if k not in ("neg_text", "neg_spans")}
 
 
 def train_step(accelerator, model, loss_fn, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -365,7 +373,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
         for batch in loader:  # one epoch (or forever, resampled); iterating again continues
             window["data"] += time.perf_counter() - fetch_start
             batch = batch_to(batch, accelerator.device)
-            terms = train_step(accelerator, model, loss_fn, split_microbatches(batch, cfg.optim.accum_freq))
+            terms = train_step(accelerator, model, loss_fn,
+                               split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
             sync_loss_gradients(accelerator, loss_fn)
             yielded += 1
             total = sum(terms.values()).detach()
