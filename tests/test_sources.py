@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_ROOT
-from sapretrain.curation.sources import READERS, Split, collect, reader_options, split_tar_ref
+from sapretrain.curation.sources import READERS, Split, collect, reader_options
 from sapretrain.data.manifest import SkipLog
+from sapretrain import storage
+from sapretrain.storage import split_tar_ref
 
 SCRIPT = PROJECT_ROOT / "tools" / "collect_captions.py"
 
@@ -255,6 +257,41 @@ def test_wds_tars_missing_txt_and_truncation(tmp_path):
     assert skips.counts == Counter(missing_caption=1, missing_image=1, sidecar_bad_json=1, truncated_tar=1, missing_input=1)
     assert split_tar_ref(records[0]["image"]) == (f"{folder}/00000.tar", "000000.jpg")
     assert split_tar_ref("/data/a#b.jpg") is None
+
+
+
+def test_tar_member_references_are_read(tmp_path, s3_env):
+    records, _ = read("wds", {**wds_files(tmp_path), "source_name": "cc3m"})
+    assert storage.read_bytes(records[0]["image"]) == b"\xff\xd8jpeg0"
+    assert storage.read_bytes(records[3]["image"]) == b"\xff\xd8" + b"a" * 2000  # before the damage
+    folder = tmp_path / "wds"
+    with pytest.raises(OSError, match="truncated"):  # header kept, data cut
+        storage.read_bytes(f"{folder}/00001.tar#000011.jpg")
+    with pytest.raises(FileNotFoundError, match="not in"):
+        storage.read_bytes(f"{folder}/00000.tar#999999.jpg")
+    with tarfile.open(folder / "c.tar.gz", "w:gz") as tar:  # compressed: a streaming scan
+        add_member(tar, "k.jpg", b"gz-member")
+    assert storage.read_bytes(f"{folder}/c.tar.gz#k.jpg") == b"gz-member"
+    s3_env.mkdir("tar-refs")
+    s3_env.pipe_file("tar-refs/web/00000.tar", (folder / "00000.tar").read_bytes())  # ranged reads on S3
+    assert storage.read_bytes("s3://tar-refs/web/00000.tar#000001.jpg") == b"\xff\xd8jpeg1"
+
+
+def test_make_shards_reads_images_inside_tars(tmp_path):
+    from conftest import make_image, sample_line, write_manifest
+    from sapretrain.shards.writer import ShardConfig, make_shards
+
+    with tarfile.open(tmp_path / "web-00000.tar", "w") as tar:
+        for i in range(4):
+            make_image(tmp_path / f"{i}.jpg", seed=i)
+            tar.add(tmp_path / f"{i}.jpg", arcname=f"{i:06d}.jpg")
+    lines = [sample_line(i, f"web-00000.tar#{i:06d}.jpg", i ^ 1) for i in range(4)]
+    lines.append(sample_line(4, "web-00000.tar#000099.jpg", 0))  # not in the tar
+    manifest = write_manifest(tmp_path / "manifest.jsonl", lines)
+    report = make_shards(str(manifest), str(tmp_path / "shards"), ShardConfig(image_size=64, roi_size=64),
+                         progress=False)
+    assert report.summary["records"] == 2  # two mutual pairs
+    assert report.summary["skipped"]["counts"] == {"missing_image": 1}
 
 
 def test_csv_rows(tmp_path):

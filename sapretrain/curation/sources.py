@@ -16,7 +16,7 @@ A caption record (one JSON object per line of the output)::
   (or the sanitised ``id`` column/field) for CSV/TSV/JSONL.
 - ``image`` is a local path (made absolute), an fsspec URL, or for an image inside a tar a
   **tar-member reference** ``<tar path or URL>#<member name>``, e.g.
-  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``split_tar_ref``).
+  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``storage.split_tar_ref``).
 - ``caption`` is the source text with runs of whitespace collapsed to one space.
 - ``width``/``height`` (pixels of the referenced image) are present only when the source states
   them; ``objects`` only when the source has ground-truth boxes (COCO instances, VG objects); an
@@ -63,7 +63,6 @@ from sapretrain.data.manifest import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("path", "image", "url")  # tried in this order when no image column is named
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CSV_FIELD_LIMIT = 2**31 - 1
 Record = dict[str, Any]
 
@@ -169,14 +168,6 @@ def absolute(ref: str) -> str:
 
 def resolve_image(value: str, base: str) -> str:
     return absolute(storage.join(base, value))
-
-
-def split_tar_ref(ref: str) -> tuple[str, str] | None:
-    """``(tar url, member)`` for a tar-member image reference ``<tar>#<member>``, else None."""
-    tar, sep, member = ref.rpartition("#")
-    if sep and member and tar.lower().endswith(TAR_SUFFIXES):
-        return tar, member
-    return None
 
 
 def make_record(id_: str, image: str, caption: str, source: str, width=None, height=None, objects=None, **extra):
