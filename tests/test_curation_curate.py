@@ -89,3 +89,11 @@ def test_a_rerun_skips_finished_stages(curated):
     assert done.returncode == 0, done.stderr
     assert (out / "curated.jsonl").read_bytes() == before
     assert f"{report['samples']} curated samples" in done.stdout
+
+
+def test_captions_collected_beforehand_are_used(curated, tmp_path):
+    out, _, report = curated
+    (tmp_path / "captions.jsonl").write_bytes((out / "captions.jsonl").read_bytes())  # e.g. by collect_captions.py
+    cfg = load_curation_config(str(CONFIG), [f"output_dir={tmp_path}", "source.options.captions=/nonexistent.json"])
+    again = run_curation(cfg, progress=False, log=lambda line: None)
+    assert again["stages"][0]["kept"] == 115 and again["samples"] == report["samples"]

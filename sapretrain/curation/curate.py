@@ -120,7 +120,10 @@ def _collect(cfg: CurationConfig, out: str, progress: bool) -> dict[str, Any]:
 
     report = collect(cfg.source.reader, out, dict(cfg.source.options), limit=cfg.source.limit, progress=progress)
     if report.already_done:
-        return json.loads(storage.read_bytes(f"{out}.summary.json"))
+        if storage.exists(f"{out}.summary.json"):
+            return json.loads(storage.read_bytes(f"{out}.summary.json"))
+        lines = len(_read_jsonl(out))  # written by tools/collect_captions.py: its skips are not known here
+        return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
     summary = {"stage": "captions", "kept": report.records,
                "dropped": dict(report.skips.counts), "examples": {k: v[:3] for k, v in report.skips.examples.items()}}
     summary["records"] = summary["kept"] + sum(summary["dropped"].values())
