@@ -200,7 +200,7 @@ def test_embedding_resume_and_text_cache(tmp_path, embedder, monkeypatch):
     before = embedder.embedded
     with pytest.raises(RuntimeError):
         make_positives(src, out, cfg, stage="embed", progress=False)
-    done = P._done_chunks(P.Work(out, cfg).emb, ".emb.npy")
+    done = P.committed_chunks(P.Work(out, cfg).emb, ".emb.npy")
     assert done == {0, 1}
     monkeypatch.setattr(P, "embed_chunk", real)
     calls.clear()

@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.rois import DEFAULT_CONFIG, RoiStage, count_box_sources, load_roi_config  # noqa: E402
-from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,18 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output JSONL (path or fsspec URL)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="RoiConfig YAML (default: %(default)s)")
     parser.add_argument("--weights", help="detector weights (.pt), overrides detector.weights")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the input this process does")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. detector.conf=0.3")
     args = parser.parse_args(argv)
 
     overrides = list(args.overrides) + ([f"detector.weights={args.weights}"] if args.weights else [])
     try:
         cfg = load_roi_config(args.config, overrides)
-        summary = run_stage(RoiStage(cfg), args.input, args.output, StageConfig(args.chunk_size),
-                            args.part, args.num_parts, not args.no_progress)
+        summary = run_stage_from_args(RoiStage(cfg), args)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
     out = part_output(args.output, args.part, args.num_parts)

@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.relation_filter import FilterStage  # noqa: E402
-from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,16 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, help="keep score >= this (default: the model's, chosen on validation)")
     parser.add_argument("--batch-size", type=int, default=128, help="triplets per forward pass")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the input this process does")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_arguments(parser)
     args = parser.parse_args(argv)
 
     try:
         stage = FilterStage(args.model, args.threshold, args.device, args.batch_size)
-        summary = run_stage(stage, args.input, args.output, StageConfig(args.chunk_size), args.part,
-                            args.num_parts, not args.no_progress)
+        summary = run_stage_from_args(stage, args)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     print(f"wrote {part_output(args.output, args.part, args.num_parts)} (threshold {stage.threshold:.4f})")

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.stage import part_output  # noqa: E402
+from sapretrain.curation.stage import add_stage_arguments, part_output  # noqa: E402
 from sapretrain.curation.llm import LLMFatalError, format_stats, label_seeds, load_llm_config  # noqa: E402
 from sapretrain.curation.stage import format_stage_summary  # noqa: E402
 
@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, help="label this many (caption, triplet) items (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--source", help="only records with this `source` (e.g. coco)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the sample this process does")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the sample is split")
-    parser.add_argument("--chunk-size", type=int, default=500, help="items per committed chunk (resume unit)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_arguments(parser, chunk_size=500)  # the (sampled) items are the input here
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

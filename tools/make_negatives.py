@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain import storage  # noqa: E402
-from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.negatives import (  # noqa: E402
     DEFAULT_CONFIG,
     MODES,
@@ -30,7 +29,7 @@ from sapretrain.curation.negatives import (  # noqa: E402
     load_negatives_config,
     method_counts,
 )
-from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="lexicons (configs/curation/negatives.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--llm-config", help="LLM config for --mode llm (configs/curation/llm.yaml)")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the input this process does")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_arguments(parser)
     args = parser.parse_args(argv)
 
     try:
         stage = NegativeStage(load_negatives_config(args.config, args.set), args.mode, args.llm_config)
-        summary = run_stage(stage, args.input, args.output, StageConfig(args.chunk_size), args.part,
-                            args.num_parts, not args.no_progress)
+        summary = run_stage_from_args(stage, args)
     except ValueError as e:
         parser.error(str(e))
     out = part_output(args.output, args.part, args.num_parts)

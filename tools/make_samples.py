@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.curation.samples import SampleConfig, SampleStage  # noqa: E402
-from sapretrain.curation.stage import StageConfig, format_stage_summary, run_stage  # noqa: E402
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, run_stage_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,15 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="samples JSONL (path or fsspec URL)")
     parser.add_argument("--kinds", default="spatial,action", help="relation kinds to keep")
     parser.add_argument("--max-per-caption", type=int, default=4, help="samples per caption at most")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
-    parser.add_argument("--part", type=int, default=0)
-    parser.add_argument("--num-parts", type=int, default=1)
-    parser.add_argument("--no-progress", action="store_true")
+    add_stage_arguments(parser)
     args = parser.parse_args(argv)
     stage = SampleStage(SampleConfig(kinds=args.kinds.split(","), max_per_caption=args.max_per_caption))
     try:
-        summary = run_stage(stage, args.input, args.output, StageConfig(args.chunk_size), args.part,
-                            args.num_parts, not args.no_progress)
+        summary = run_stage_from_args(stage, args)
     except ValueError as e:
         parser.error(str(e))
     print(format_stage_summary(summary))

@@ -20,12 +20,13 @@ Dropped records of stage N go to ``<file>.dropped.jsonl`` with their reason; ``r
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sapretrain import storage
 from sapretrain.curation.samples import SampleConfig, SampleStage
@@ -122,7 +123,7 @@ def _collect(cfg: CurationConfig, out: str, progress: bool) -> dict[str, Any]:
     if report.already_done:
         if storage.exists(f"{out}.summary.json"):
             return json.loads(storage.read_bytes(f"{out}.summary.json"))
-        lines = len(_read_jsonl(out))  # written by tools/collect_captions.py: its skips are not known here
+        lines = sum(1 for _ in _iter_jsonl(out))  # written by tools/collect_captions.py: its skips are unknown here
         return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
     summary = {"stage": "captions", "kept": report.records,
                "dropped": dict(report.skips.counts), "examples": {k: v[:3] for k, v in report.skips.examples.items()}}
@@ -216,38 +217,40 @@ def _stage_line(s: dict[str, Any]) -> str:
 # Report
 
 
-def _read_jsonl(url: str, limit: int | None = None) -> list[dict]:
+def _iter_jsonl(url: str) -> Iterator[dict]:
+    """The records of a JSONL file, streamed (a curated manifest can hold millions)."""
     import fsspec
 
     if not storage.exists(url):
-        return []
-    rows = []
+        return
     with fsspec.open(url, "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
+                yield json.loads(line)
 
 
 def build_report(cfg: CurationConfig, summaries: list[dict], manifest: str) -> dict[str, Any]:
-    curated = _read_jsonl(manifest)
-    relations = Counter(r.get("relation", r["triplet"]["rel"]["text"]) for r in curated)
-    kinds = Counter(r["triplet"]["rel"]["kind"] for r in curated)
-    kept_examples = [{k: r[k] for k in ("id", "caption", "relation", "boxes", "positive") if k in r}
-                     | {"triplet": " | ".join(r["triplet"][p]["text"] for p in ("subj", "rel", "obj")),
-                        "negative": r["negative"]["caption"]} for r in curated[:8]]
+    relations, kinds, kept_examples, samples = Counter(), Counter(), [], 0
+    for r in _iter_jsonl(manifest):
+        samples += 1
+        relations[r.get("relation", r["triplet"]["rel"]["text"])] += 1
+        kinds[r["triplet"]["rel"]["kind"]] += 1
+        if len(kept_examples) < 8:
+            kept_examples.append({k: r[k] for k in ("id", "caption", "relation", "boxes", "positive") if k in r}
+                                 | {"triplet": " | ".join(r["triplet"][p]["text"] for p in ("subj", "rel", "obj")),
+                                    "negative": r["negative"]["caption"]})
     dropped_examples = {}
     for s in summaries:
-        rows = _read_jsonl(dropped_output(s["output"]), limit=3) if s["stage"] not in ("captions", "extract_svo") else []
+        if s["stage"] in ("captions", "extract_svo"):
+            continue
+        rows = list(itertools.islice(_iter_jsonl(dropped_output(s["output"])), 3))
         if rows:
             dropped_examples[s["stage"]] = [{k: r[k] for k in ("id", "caption", "drop_reason", "drop_detail") if k in r}
                                             for r in rows]
     return {
         "output_dir": cfg.output_dir,
         "manifest": manifest,
-        "samples": len(curated),
+        "samples": samples,
         "stages": [{k: s.get(k) for k in ("stage", "records", "kept", "dropped", "seconds", "output")}
                    for s in summaries],
         "relations": dict(relations.most_common()),

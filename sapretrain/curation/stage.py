@@ -81,15 +81,29 @@ def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
         yield chunk, buf
 
 
-def committed_chunks(workdir: str) -> set[int]:
-    """Indices of the chunks committed in ``workdir`` (``NNNNNNNN.jsonl`` files)."""
+def committed_chunks(workdir: str, suffix: str = ".jsonl") -> set[int]:
+    """Indices of the chunks committed in ``workdir`` (``NNNNNNNN<suffix>`` files; none if absent)."""
     fs, path = storage.url_to_fs(workdir)
+    if not fs.exists(path):
+        return set()
     done = set()
     for name in fs.ls(path, detail=False):
         base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(".jsonl") and base[:-6].isdigit():
-            done.add(int(base[:-6]))
+        if base.endswith(suffix) and base[:-len(suffix)].isdigit():
+            done.add(int(base[:-len(suffix)]))
     return done
+
+
+def ensure_settings(url: str, settings: dict) -> None:
+    """Store ``settings`` at ``url`` or check them against the stored ones (no mixed outputs)."""
+    settings = json.loads(json.dumps(settings, sort_keys=True))
+    if storage.exists(url):
+        stored = json.loads(storage.read_bytes(url))
+        if stored != settings:
+            raise ValueError(f"{url} was made with other settings {stored}, now {settings}: "
+                             "re-run with the same ones or delete the folder")
+    else:
+        storage.write_bytes_atomic(url, json.dumps(settings, sort_keys=True).encode())
 
 
 def parse_lines(lines: list[str]) -> tuple[list[dict], list[dict]]:
@@ -133,19 +147,6 @@ def _examples(dropped: list[dict]) -> dict[str, list]:
     return examples
 
 
-def _prepare_workdir(workdir: str, settings: dict) -> set[int]:
-    fs, path = storage.url_to_fs(workdir)
-    config_url = f"{workdir}/config.json"
-    if fs.exists(f"{path}/config.json"):
-        stored = json.loads(storage.read_bytes(config_url))
-        if stored != settings:
-            raise ValueError(f"{workdir} was started with other settings {stored}, now {settings}: "
-                             "re-run with the same ones or delete the folder")
-    else:
-        storage.write_bytes_atomic(config_url, json.dumps(settings, sort_keys=True).encode())
-    return committed_chunks(workdir)
-
-
 def dropped_output(out: str) -> str:
     head, dot, ext = out.rpartition(".")
     return f"{head}.dropped.{ext}" if dot and "/" not in ext else f"{out}.dropped"
@@ -164,9 +165,8 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
     if storage.exists(out) and storage.exists(summary_url) and not storage.exists(workdir):
         return json.loads(storage.read_bytes(summary_url))  # finished earlier
 
-    settings = json.loads(json.dumps({"stage": stage.name, "chunk_size": cfg.chunk_size,
-                                      **stage.fingerprint()}, sort_keys=True))
-    done = _prepare_workdir(workdir, settings)
+    ensure_settings(f"{workdir}/config.json", {"stage": stage.name, "chunk_size": cfg.chunk_size, **stage.fingerprint()})
+    done = committed_chunks(workdir)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -212,6 +212,20 @@ def _summary(name: str, input_url: str, counts: list[dict]) -> dict[str, Any]:
     return {"stage": name, "input": input_url, "records": sum(c["input"] for c in counts),
             "kept": sum(c["kept"] for c in counts), "dropped": dict(sorted(dropped.items())),
             "examples": examples}
+
+
+def add_stage_arguments(parser, chunk_size: int = 5000) -> None:
+    """The command-line options every stage tool shares: chunks, parts, progress."""
+    parser.add_argument("--chunk-size", type=int, default=chunk_size, help="lines per committed chunk (resume unit)")
+    parser.add_argument("--part", type=int, default=0, help="which part of the input this process does")
+    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_stage_from_args(stage: Stage, args) -> dict[str, Any]:
+    """``run_stage`` with a tool's ``--input``/``--output`` and ``add_stage_arguments`` options."""
+    return run_stage(stage, args.input, args.output, StageConfig(args.chunk_size), args.part, args.num_parts,
+                     not args.no_progress)
 
 
 def format_stage_summary(summary: dict[str, Any]) -> str:

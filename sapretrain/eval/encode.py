@@ -116,8 +116,7 @@ class Encoder:
         self.preprocess = build_preprocess(model)
         self.spec = ImageSpec(shard_cfg.image_size, shard_cfg.roi_size, shard_cfg.roi_context,
                               shard_cfg.jpeg_quality, shard_cfg.max_pixels, False)
-        context = context_length(model)
-        self.tokenizer = SpanTokenizer(shard_cfg.tokenizer, context)
+        self.tokenizer = SpanTokenizer(shard_cfg.tokenizer, model.clip.context_length)
 
     @property
     def uses_spans(self) -> bool:
@@ -184,11 +183,6 @@ class Encoder:
             crops.append(self.preprocess(roi_crop(image, (x0, y0, x1, y1), self.spec)))
             boxes.append(normalise((x0, y0, x1, y1), image.width, image.height))
         return torch.stack(crops), torch.tensor(boxes, dtype=torch.float32)
-
-
-def context_length(model: SAClip) -> int:
-    clip = model.clip
-    return int(getattr(clip, "context_length", None) or clip.text.context_length)
 
 
 def _join(chunks: list[dict[str, torch.Tensor]], main: str, parts: bool):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sapretrain.data.loader import LoaderConfig, build_loader
-from sapretrain.eval.encode import context_length
 from sapretrain.model import SAClip, batch_to, build_preprocess
 
 
@@ -41,18 +40,19 @@ def embed_shards(model: SAClip, shards: str, features: str | None = None, batch_
         preprocess = build_preprocess(model)
     cfg = LoaderConfig(shards=shards, features=features, batch_pairs=batch_pairs, workers=0,
                        shuffle_shards=False, shuffle_buffer=0, image_size=image_size)
-    loader = build_loader(cfg, preprocess, rank=0, world_size=1, context_length=context_length(model))
+    loader = build_loader(cfg, preprocess, rank=0, world_size=1, context_length=model.clip.context_length)
     device = next(model.parameters()).device
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     out: dict[str, list[torch.Tensor]] = {"u": [], "u_neg": [], "v": [], "partner": []}
     model.eval()
+    offset = 0  # samples so far
     for i, batch in enumerate(tqdm(loader, total=total, desc="eval shards", unit="batch", disable=not progress)):
         if i == total:
             break
         feats = model(batch_to(batch, device))
         n = feats["u"].shape[0] // 2
-        offset = sum(len(p) for p in out["partner"])
         out["partner"].append(offset + (torch.arange(2 * n) + n) % (2 * n))
+        offset += 2 * n
         for key in ("u", "u_neg", "v"):
             out[key].append(F.normalize(feats[key].float(), dim=-1).cpu())
     if not out["u"]:
