@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sapretrain import storage
+from sapretrain.curation.exclude import BUILTIN_PREFIX, ExcludingStage, load_exclusions
 from sapretrain.curation.samples import SampleConfig, SampleStage
 from sapretrain.curation.stage import StageConfig, dropped_output, run_stage
 
@@ -82,6 +83,9 @@ class CurationConfig:
     output_dir: str = "data/curation/default"
     chunk_size: int = 5000  # records per committed chunk in the per-record stages
     source: SourceConfig = field(default_factory=SourceConfig)
+    # Exclusion lists (builtin:vsr, VSR/SugarCrepe/DoTA files, plain lists; exclude.py): samples of
+    # these images are dropped as excluded_eval_image before they become samples.
+    exclude: list[str] = field(default_factory=list)
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     samples: SampleConfig = field(default_factory=SampleConfig)
     filter: FilterSettings = field(default_factory=FilterSettings)
@@ -109,6 +113,7 @@ def load_curation_config(path: str | None, overrides: list[str] | None = None) -
                          ("positives", "config")):
         obj = getattr(cfg, section)
         setattr(obj, key, _resolve(getattr(obj, key), config_dir))
+    cfg.exclude = [p if p.startswith(BUILTIN_PREFIX) else _resolve(p, config_dir) for p in cfg.exclude]
     return cfg
 
 
@@ -154,7 +159,8 @@ def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
 
 def _record_stage(name: str, cfg: CurationConfig):
     if name == "samples":
-        return SampleStage(cfg.samples)
+        stage = SampleStage(cfg.samples)
+        return ExcludingStage(stage, load_exclusions(cfg.exclude)) if cfg.exclude else stage
     if name == "relation_filter":
         from sapretrain.curation.relation_filter import FilterStage
 
