@@ -79,7 +79,8 @@ WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 class DetectorConfig:
     enabled: bool = True  # detect boxes for records without ground-truth objects
     fallback_for_gt_sources: bool = False  # also detect when a record's ground truth lacks a part
-    weights: str = "yolov8n.pt"  # ultralytics .pt (YOLOv8/YOLO11; "world" in the name: YOLO-World)
+    weights: str = "yolov8n.pt"  # ultralytics .pt (YOLOv8/YOLO11; "world" in the name: YOLO-World); a bare
+    # name is looked up in sapretrain.detector.weights_dir(), never the working directory
     conf: float = 0.25
     imgsz: int = 640
     batch: int = 16  # images per predict call
@@ -279,13 +280,12 @@ class YoloDetector:
     """An ultralytics YOLO (v8/11, or YOLO-World when "world" is in the weights' name)."""
 
     def __init__(self, weights: str, conf: float = 0.25, imgsz: int = 640, batch: int = 16, device: str | None = None):
-        from ultralytics import YOLO
+        from sapretrain.detector import DetectorError, load_yolo
 
         try:
-            self.model = YOLO(weights)
-        except Exception as e:  # offline runs cannot fetch missing weights: say what to do
-            raise RuntimeError(f"cannot load detector weights {weights!r} ({e}); pass --weights PATH "
-                               "to a local .pt, or detector.enabled=false") from e
+            self.model = load_yolo(weights)  # checked, restricted unpickling; bare names never from the cwd
+        except DetectorError as e:
+            raise type(e)(f"{e} (or detector.enabled=false)") from None
         self.open_vocab = "world" in Path(weights).name.lower()
         self.conf, self.imgsz, self.batch, self.device = conf, imgsz, batch, device
         self._classes: list[str] | None = None

@@ -216,9 +216,9 @@ class YoloBoxes:
     """
 
     def __init__(self, weights: str = "yolov8n.pt", conf: float = 0.25, device: str | None = None):
-        from ultralytics import YOLO
+        from sapretrain.detector import load_yolo
 
-        self.model = YOLO(weights)
+        self.model = load_yolo(weights)  # checked, restricted unpickling; bare names never from the cwd
         self.conf = conf
         self.device = device
 

@@ -1,0 +1,209 @@
+"""Loading ultralytics YOLO detectors without running code from the weights file.
+
+    model = load_yolo("yolov8n.pt")          # ~/.cache/sapretrain/weights/yolov8n.pt, never ./yolov8n.pt
+    model = load_yolo("./runs/best.pt")      # a path: used as given
+    model = load_yolo("yolov8n.yaml")        # random init from ultralytics' packaged model config
+
+A ``.pt`` file is a pickle, and unpickling can call any function it names. ultralytics unpickles
+with ``weights_only=False`` by default, so a planted ``yolov8n.pt`` could run anything. Here a
+checkpoint is loaded only after two checks:
+
+1. **Scan** (``check_checkpoint``, nothing executed): every global the pickle references beyond
+   torch's own tensor/storage set must be on ``allowed_global``'s list: ``nn.Module`` classes of
+   ``torch.nn.modules`` and ``ultralytics.nn.{modules,tasks}``, the loss/assigner classes of
+   ``ultralytics.utils.{loss,tal}`` that training checkpoints carry, and a fixed set of data types
+   (``IterableSimpleNamespace``, numpy scalars/dtypes, ``pathlib`` paths, ``builtins.getattr``,
+   which the restricted unpickler narrows to ``nn.Module`` attributes). Anything else
+   (``os.system``, ``builtins.exec``, a ``__reduce__`` of any other class) is refused with
+   ``UnsafeWeightsError`` naming it; so is a file that is not a ``torch.save`` zip archive.
+2. **Restricted load**: ultralytics' own ``weights_only=True`` mode (``ULTRALYTICS_SAFE_LOAD``,
+   switched on for this process by ``load_yolo``) unpickles with torch's restricted unpickler and
+   builds models from their YAML without ``eval``. An ultralytics without that mode is refused.
+
+**Where weights are looked up** (``resolve_weights``). A name with a directory part (``./x.pt``,
+``/data/x.pt``, ``runs/best.pt``) is used as given. A bare file name (``yolov8n.pt``, the config
+default) means ``weights_dir()`` (``$SAPRETRAIN_WEIGHTS_DIR``, default
+``~/.cache/sapretrain/weights``) and **never the working directory**; when it is missing there and
+the machine is online (not ``YOLO_OFFLINE``), an official ultralytics asset of that name is
+downloaded into that folder (and then scanned like any other file). A bare ``.yaml`` name means
+ultralytics' packaged model configs (``yolov8n.yaml`` → ``ultralytics/cfg/models/v8/yolov8.yaml``
+at scale n). Other formats (ONNX, TorchScript, engines) are not loaded.
+
+Users: ``curation/rois.py`` (``YoloDetector``), ``eval/vsr.py`` (``YoloBoxes``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+
+DEFAULT_WEIGHTS = "yolov8n.pt"  # a bare name: looked up in weights_dir()
+WEIGHT_SUFFIXES = (".pt",)
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+# Globals outside the nn.Module rule that genuine checkpoints reference (ultralytics' own list).
+DATA_GLOBALS = frozenset({
+    "builtins.getattr",  # Detect.forward etc.; the restricted unpickler limits it to nn.Module attributes
+    "ultralytics.utils.IterableSimpleNamespace",
+    "ultralytics.yolo.utils.IterableSimpleNamespace",  # checkpoints older than 8.0.44
+    "numpy.dtype",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtypes.Float64DType",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath",
+    # Renamed classes that ultralytics maps to current ones while loading (YOLOv9e, YOLOv10).
+    "ultralytics.nn.modules.block.Silence",
+    "ultralytics.nn.tasks.YOLOv10DetectionModel",
+    "ultralytics.utils.loss.v10DetectLoss",
+})
+MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks")
+CLASS_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")  # criterion state in training checkpoints
+
+
+class DetectorError(ValueError):
+    """Detector weights that cannot be used: missing, wrong format, or unsafe."""
+
+
+class UnsafeWeightsError(DetectorError):
+    """A checkpoint referencing something a YOLO checkpoint never needs (it could run code)."""
+
+
+def weights_dir() -> Path:
+    """Where bare weight names live: ``$SAPRETRAIN_WEIGHTS_DIR``, else ``~/.cache/sapretrain/weights``."""
+    return Path(os.environ.get("SAPRETRAIN_WEIGHTS_DIR") or Path.home() / ".cache" / "sapretrain" / "weights")
+
+
+def _is_bare(name: str) -> bool:
+    return "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def _offline() -> bool:
+    return os.environ.get("YOLO_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _packaged_config(name: str) -> Path:
+    """``yolov8n.yaml`` → the path ultralytics reads for it inside its own package (scale from the name)."""
+    import ultralytics
+
+    root = Path(ultralytics.__file__).parent / "cfg" / "models"
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", Path(name).stem) + Path(name).suffix  # yolov8n -> yolov8
+    for candidate in (name, unified):
+        found = sorted(root.rglob(candidate))
+        if found:
+            return found[0].parent / name
+    raise DetectorError(f"no ultralytics model config {name!r} (looked in {root}); pass a path to a .yaml")
+
+
+def resolve_weights(weights: str | os.PathLike) -> Path:
+    """The file ``weights`` means (see the module doc); raises ``DetectorError`` when there is none."""
+    name = str(weights).strip()
+    if not name:
+        raise DetectorError("no detector weights given: pass a .pt path or a model .yaml")
+    suffix = Path(name).suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES + CONFIG_SUFFIXES:
+        raise DetectorError(f"detector weights {name!r}: only ultralytics .pt checkpoints and .yaml model "
+                            "configs are loaded (not ONNX, TorchScript or engine files)")
+    if suffix in CONFIG_SUFFIXES:
+        if _is_bare(name):
+            return _packaged_config(name)
+        if not Path(name).is_file():
+            raise DetectorError(f"detector config {name} does not exist")
+        return Path(name)
+    if not _is_bare(name):
+        if not Path(name).is_file():
+            raise DetectorError(f"detector weights {name} do not exist")
+        return Path(name)
+    path = weights_dir() / name
+    if not path.is_file() and not _offline():
+        _download_official(name, path)
+    if not path.is_file():
+        raise DetectorError(
+            f"detector weights {name!r} not found in {weights_dir()} (a bare name is looked up there, set by "
+            f"SAPRETRAIN_WEIGHTS_DIR, never in the working directory): put the file there, or pass a path "
+            f"such as ./{name}")
+    return path
+
+
+def _download_official(name: str, path: Path) -> None:
+    """Fetch an official ultralytics asset into ``path`` (online only; failures leave ``path`` absent)."""
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, attempt_download_asset
+
+    if name not in GITHUB_ASSETS_NAMES:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        attempt_download_asset(str(path))
+    except Exception:  # offline, rate-limited, ...: the caller reports the missing file
+        pass
+
+
+def allowed_global(name: str) -> bool:
+    """May a YOLO checkpoint reference the global ``module.Name``? (Importing a module of the
+    allowed packages runs only that installed package's own code.)"""
+    if name in DATA_GLOBALS:
+        return True
+    module, _, attr = name.rpartition(".")
+    in_packages = any(module == p or module.startswith(p + ".") for p in MODULE_PACKAGES)
+    if not (in_packages or module in CLASS_MODULES) or not attr.isidentifier():
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return False
+    if not isinstance(obj, type):
+        return False
+    if module in CLASS_MODULES:
+        return obj.__module__ == module
+    import torch
+
+    return issubclass(obj, torch.nn.Module)
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse (``UnsafeWeightsError``) a ``.pt`` that is not a ``torch.save`` archive or whose pickle
+    references a global outside ``allowed_global``. Nothing in the file is executed."""
+    import torch
+
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # a bare pickle, a renamed image, a truncated zip
+        raise UnsafeWeightsError(f"{path} is not a torch.save checkpoint archive ({type(e).__name__}: {e}); "
+                                 "refusing to unpickle it") from None
+    refused = sorted(n for n in needed if not allowed_global(n))
+    if refused:
+        shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise UnsafeWeightsError(f"{path} references {shown}, which no YOLO checkpoint needs (it could run code "
+                                 "when unpickled): refusing to load it")
+
+
+def _restricted_ultralytics() -> None:
+    """Switch ultralytics to its ``weights_only=True`` loading for this process (and its children)."""
+    from ultralytics.nn import tasks
+
+    safe = getattr(tasks, "_SafeLoad", None)
+    if safe is None or not getattr(safe, "SUPPORTED", False) or not hasattr(tasks, "SAFE_LOAD"):
+        import ultralytics
+
+        raise DetectorError(f"ultralytics {ultralytics.__version__} (with this torch) has no restricted "
+                            "weights_only loading: install the version pinned in requirements.txt")
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
+    tasks.SAFE_LOAD = True  # read at call time by torch_safe_load and by model construction
+
+
+def load_yolo(weights: str | os.PathLike = DEFAULT_WEIGHTS):
+    """An ``ultralytics.YOLO`` from a checked ``.pt`` or a model ``.yaml`` (random init); see the module doc.
+    Raises ``DetectorError`` (a ``ValueError``) with what to do instead."""
+    path = resolve_weights(weights)
+    if path.suffix.lower() in WEIGHT_SUFFIXES:
+        check_checkpoint(path)
+    _restricted_ultralytics()
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(str(path))
+    except Exception as e:  # ultralytics' refusal or a damaged file: one line naming the file
+        raise DetectorError(f"cannot load detector {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
