@@ -84,6 +84,7 @@ def worker(args) -> dict:
         "rois": torch.randn(b, 2, 3, size, size, generator=g).to(device),
         "boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]]).expand(b, 2, 4).contiguous().to(device),
         "text": text, "spans": spans, "neg_text": neg_text, "neg_spans": neg_spans,
+        "groups": torch.arange(b, device=device),  # every sample its own image
     }
 
     if args.method in ("saclip", "cached"):

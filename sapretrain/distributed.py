@@ -22,8 +22,9 @@ Why not gather and compute the full matrix everywhere: the logits cost memory an
 ``O(m * M)`` per rank instead of ``O(M^2)``, which is what lets the batch grow with the number
 of GPUs.
 
-Losses never call ``torch.distributed`` themselves; they call :func:`world` and
-:func:`gather_with_grad`, which are the identity when no process group is initialised, so the
+Losses never call ``torch.distributed`` themselves; they call :func:`world`,
+:func:`gather_with_grad` and :func:`gather` (no gradient: per-sample ids such as the image groups
+of the false-negative mask), which are the identity when no process group is initialised, so the
 same loss code runs in a plain single-process test.
 """
 from __future__ import annotations
@@ -84,4 +85,20 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*nn\.functional\.all_gather is deprecated", category=FutureWarning)
         parts = all_gather(x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` concatenated along dim 0 in rank order, without gradient.
+
+    For per-sample metadata every rank needs for the whole global batch (integer image/group ids):
+    ``x`` (m, ...) on every rank, the same shape everywhere (checked) -> (W * m, ...), rank ``r``'s
+    rows at ``[r * m, (r + 1) * m)`` like :func:`gather_with_grad`. Identity when not distributed.
+    """
+    _, world_size = world()
+    if world_size == 1:
+        return x
+    _check_same_shape(x, world_size)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)

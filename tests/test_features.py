@@ -68,8 +68,8 @@ def test_feature_mode_equals_the_live_tower_within_fp16(shards, cached):
     model, features = cached
     pixels = first_batch(shards, preprocess=build_preprocess(model))
     feats = first_batch(shards, features=features)
-    assert set(feats) == {"image_features", "roi_features", "boxes", "text", "spans", "neg_text", "neg_spans"}
-    for key in ("boxes", "text", "spans", "neg_text", "neg_spans"):  # same records, same order
+    assert set(feats) == {"image_features", "roi_features", "boxes", "text", "spans", "neg_text", "neg_spans", "groups"}
+    for key in ("boxes", "text", "spans", "neg_text", "neg_spans", "groups"):  # same records, same order
         assert torch.equal(feats[key], pixels[key]), key
     assert feats["image_features"].dtype == torch.float32 and feats["roi_features"].shape == (8, 2, model.embed_dim)
 

@@ -36,6 +36,7 @@ def random_batch(pairs: int, seed: int = 0, size: int = 64, length: int = 77) ->
         "rois": torch.randn(n, 2, 3, size, size, generator=g),
         "boxes": torch.tensor([[0.1, 0.2, 0.4, 0.6], [0.5, 0.1, 0.9, 0.7]]).repeat(n, 1, 1),
         "text": text, "spans": spans, "neg_text": neg, "neg_spans": spans.clone(),
+        "groups": torch.arange(n),  # every sample its own image
     }
 
 

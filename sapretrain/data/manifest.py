@@ -122,6 +122,9 @@ def check_sample(sample: dict[str, Any]) -> None:
             raise BadSample("bad_box", f"{part} box {box!r} is not [x0, y0, x1, y1]")
         if not (box[0] < box[2] and box[1] < box[3]):
             raise BadSample("bad_box", f"{part} box {box!r} has no area")
+    key = sample.get("image_key")
+    if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int)) or not str(key).strip()):
+        raise BadSample("bad_image_key", f"image_key {key!r} is not a non-empty string or an integer")
     for dim in ("width", "height"):
         if dim in sample and (not isinstance(sample[dim], int) or sample[dim] <= 0):
             raise BadSample("bad_size", f"{dim} {sample[dim]!r} is not a positive integer")

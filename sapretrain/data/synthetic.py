@@ -686,6 +686,7 @@ def scene_record(split: str, index: int, scene: Scene, image_ref: str) -> dict[s
     return {
         "id": scene_id(split, index),
         "image": image_ref,
+        "image_key": scene_id(split, index),  # one image per scene
         "width": scene.width,
         "height": scene.height,
         "caption": scene.caption,

@@ -9,6 +9,9 @@ A batch of N records (anchor/positive pairs) has 2N samples, ``[anchors (N) ; pa
     spans      (2N, 3, L)         bool masks over token positions: subject, relation, object
     neg_text   (2N, L)            the negative caption (opposite relation)
     neg_spans  (2N, 3, L)
+    groups     (2N,)              int64 image/group id: samples with equal ids show the same image
+                                  (side-car ``image_key``, hashed), so the losses never take one
+                                  for another's negative (``loss.mask_false_negatives``)
 
 Sample i's positive partner is sample (i + N) mod 2N.
 
@@ -20,6 +23,7 @@ tower's outputs instead of pixels (``SAClip.forward`` takes either):
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any, Callable, Sequence
@@ -29,7 +33,7 @@ import open_clip
 import torch
 from torch import nn
 
-from sapretrain.shards.schema import FEATURE_EXT, FEATURE_SLOTS, MEMBERS, PARTS, image_members
+from sapretrain.shards.schema import FEATURE_EXT, FEATURE_SLOTS, MEMBERS, PARTS, image_key_of, image_members
 
 
 def build_preprocess(model: nn.Module) -> Callable:
@@ -73,10 +77,18 @@ def _samples(records: Sequence[dict]) -> list[tuple[dict, dict, str, str]]:
     ]
 
 
+def group_id(image_key: str) -> int:
+    """A side-car ``image_key`` as a signed 64-bit integer, the same on every rank and run (not
+    Python's salted ``hash``): ranks compare the ids they gathered. Two different keys collide
+    with probability 2**-64, and then only lose one negative."""
+    return int.from_bytes(hashlib.blake2b(image_key.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
 def _text_fields(samples: list, context_length: int) -> dict[str, torch.Tensor]:
-    """boxes and caption / negative tensors of the samples, in order."""
-    boxes, texts, spans, neg_texts, neg_spans = [], [], [], [], []
+    """boxes, caption / negative tensors and group ids of the samples, in order."""
+    boxes, texts, spans, neg_texts, neg_spans, groups = [], [], [], [], [], []
     for _, sample, member, key in samples:
+        groups.append(group_id(image_key_of(sample)))
         boxes.append([sample["boxes"]["subj"], sample["boxes"]["obj"]])
         ids, masks = caption_tensors(sample, context_length, f"{key}.{member} caption")
         texts.append(ids)
@@ -90,6 +102,7 @@ def _text_fields(samples: list, context_length: int) -> dict[str, torch.Tensor]:
         "spans": torch.stack(spans),
         "neg_text": torch.stack(neg_texts),
         "neg_spans": torch.stack(neg_spans),
+        "groups": torch.tensor(groups, dtype=torch.int64),
     }
 
 

@@ -16,7 +16,8 @@ object ROI crops and their boxes (DESIGN.md §1):
 ``forward(batch)`` returns, per sample (2N, ·): u, u_neg (negative caption, same path), v,
 text_embed / neg_text_embed / image_embed (normalised CLIP features), r_svo, r_roi (raw head
 outputs, before normalisation), and logit_scale () (see below). A batch without ``neg_text``
-(the trainer drops it when no loss term reads it) gives no u_neg / neg_text_embed.
+(the trainer drops it when no loss term reads it) gives no u_neg / neg_text_embed. The batch's
+``groups`` (image/group ids, see sapretrain/model/batch.py) are passed through unchanged.
 
 Choices the paper leaves open, made here:
 - The text side *averages* the three part features, as the paper specifies. The vision side
@@ -346,6 +347,8 @@ class SAClip(nn.Module):
         }
         if negatives:
             out["u_neg"], out["neg_text_embed"] = text["u"][n:], text["text_embed"][n:]
+        if "groups" in batch:  # (2N,) image/group ids, passed on for the losses' false-negative mask
+            out["groups"] = batch["groups"]
         return out
 
 

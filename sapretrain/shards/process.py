@@ -5,6 +5,7 @@ decode/resize/encode loop.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -36,6 +37,7 @@ def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanToken
     """``(meta, jpegs)`` of one sample; raises BadSample with the skip reason."""
     meta = {
         "id": sample["id"],
+        "image_key": image_key(sample),
         "source": sample["source"],
         "kind": sample["triplet"]["rel"]["kind"],
         "relation": sample.get("relation", sample["triplet"]["rel"].get("text", "")),
@@ -52,6 +54,15 @@ def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanToken
     meta["orig_size"] = [width, height]
     jpegs = crop_and_encode(image, boxes, spec)
     return meta, jpegs
+
+
+def image_key(sample: dict[str, Any]) -> str:
+    """The side-car's ``image_key``: the manifest's own (e.g. a COCO image id), else a hash of the
+    resolved image reference, so every caption of one image file shares it. A hash, not the
+    reference itself: a path or a signed URL does not belong in shards that get shared."""
+    if sample.get("image_key") is not None:
+        return str(sample["image_key"])
+    return "image-" + hashlib.blake2b(sample["image"].encode("utf-8"), digest_size=8).hexdigest()
 
 
 def tokenize(caption: str, triplet: dict, tokenizer: SpanTokenizer, where: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ of N records is N anchor/positive pairs (2N samples) with no random access. Memb
     KEY.p.jpg, KEY.p.subj.jpg, KEY.p.obj.jpg   the same for the partner
 
 Bump SCHEMA_VERSION on any change a reader would notice; readers refuse other versions.
+Optional fields with a documented default (``image_key``, below) keep old shards readable.
 """
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ PARTS = ("subj", "rel", "obj")
 KINDS = ("spatial", "action")
 IMAGE_EXT = "jpg"
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def image_key_of(sample: dict[str, Any]) -> str:
+    """The sample's image/group key: samples with equal keys show the same image, so the losses
+    never count one as another's negative. Optional in the side-car (added in schema 1 without a
+    version bump); shards written before it fall back to the sample id (same sample only)."""
+    return sample.get("image_key") or sample["id"]
 
 
 class SchemaError(ValueError):
@@ -93,6 +101,8 @@ def _validate_sample(sample: dict[str, Any], context_length: int, where: str) ->
             raise SchemaError(f"{where}: missing field {field!r}")
     if sample["kind"] not in KINDS:
         raise SchemaError(f"{where}: kind {sample['kind']!r} not in {KINDS}")
+    if "image_key" in sample and (not isinstance(sample["image_key"], str) or not sample["image_key"]):
+        raise SchemaError(f"{where}.image_key: {sample['image_key']!r} is not a non-empty string")
     _validate_text(sample, context_length, where)
     _validate_text(sample["negative"], context_length, f"{where}.negative")
     for part in ("subj", "obj"):

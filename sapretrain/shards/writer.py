@@ -88,7 +88,8 @@ def plan_records(samples: list[dict[str, Any]], skips: SkipLog) -> tuple[list[tu
         if partner is None:
             skips.add("missing_partner", f"{anchor['id']}: positive {anchor['positive']!r} is not a valid sample")
             continue
-        if partner["id"] == anchor["id"] or partner["image"] == anchor["image"]:
+        same_key = anchor.get("image_key") is not None and anchor.get("image_key") == partner.get("image_key")
+        if partner["id"] == anchor["id"] or partner["image"] == anchor["image"] or same_key:
             skips.add("partner_same_image", f"{anchor['id']}: positive {partner['id']!r} is the same image")
             continue
         if partner["positive"] == anchor["id"] and order[partner["id"]] < i:
