@@ -222,7 +222,7 @@ def test_hand_computed_auc_end_to_end(tmp_path, nlp, metadata):
     # normal descriptions embed as (0, 1): contrast = (p - (1 - p)) / |v|
     np.testing.assert_allclose(clip["contrast"][1], (0.6 - 0.4) / math.hypot(0.6, 0.4), atol=1e-5)
     vv = result["groups"]["VV"]
-    assert vv["auc"] == pytest.approx(0.75) and vv["auc_contrast"] == pytest.approx(0.75)
+    assert vv["auc"] == pytest.approx(0.75) and result["secondary"]["contrast"]["VV"]["auc"] == pytest.approx(0.75)
     assert (vv["frames"], vv["abnormal_frames"], vv["clips"]) == (5, 2, 1)
     assert result["groups"]["overall"]["auc"] == pytest.approx(0.75)
     for group in ("VP", "VO"):
@@ -245,12 +245,15 @@ def test_separable_frames_groups_and_counts(tmp_path, nlp, metadata):
     for group, (clips, n, abnormal) in expected.items():
         m = result["groups"][group]
         assert (m["clips"], m["frames"], m["abnormal_frames"], m["normal_frames"]) == (clips, n, abnormal, n - abnormal)
-        assert m["auc"] == 1.0 and m["auc_contrast"] == 1.0
+        assert m["auc"] == 1.0 and all(result["secondary"][k][group]["auc"] == 1.0 for k in dota.SECONDARY_SCORES)
+        assert m["ci95"] == [1.0, 1.0]  # every resample of separable clips is separable
     assert result["skipped"] == dict.fromkeys(dota.SKIP_REASONS, 0)
     assert result["clips"]["ezY7QrSWeWw_001685"]["group"] == dota.UNGROUPED
 
     table = format_dota_table(result)
-    assert "| VV | 100.0 | 100.0 | 2 | 10 (6) |" in table and "Ego clips excluded: 1" in table
+    assert "| **model** (Eq. 11, D(a)) | ignored | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] |" in table
+    assert "VV 2 clips / 10 frames (6 abnormal)" in table and "Ego clips excluded: 1" in table
+    assert "oracle_group (secondary)" in table
     plot_dota(result, tmp_path / "roc.png")
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -300,6 +303,212 @@ def test_missing_and_unreadable_frames_are_skipped_and_counted(tmp_path, nlp, me
 
 
 # --------------------------------------------------------------------------------------------
+# Eq. 11: one abnormal set D(a) for every frame; AUC split by group afterwards
+
+
+class GroupEncoder(FakeEncoder):
+    """Abnormal descriptions of VV's own section embed as (1, 0), every other abnormal one as
+    (0.6, 0.8), normal ones as (0, 1): the headline and the oracle-group scores then differ."""
+
+    def __init__(self, sections):
+        super().__init__(sections)
+        self.vv_abnormal = {d.text for d in sections["VV"] if d.abnormal}
+
+    def texts(self, samples):
+        return torch.tensor([[1.0, 0.0] if s.caption in self.vv_abnormal else
+                             [0.6, 0.8] if s.caption in self.abnormal else [0.0, 1.0] for s in samples])
+
+
+def test_every_frame_is_scored_against_the_same_abnormal_set(tmp_path, nlp, metadata):
+    meta = {k: metadata[k] for k in (TURNING, PEDESTRIAN)}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    frames = write_frames(tmp_path / "frames", meta, {TURNING: {0: 0.3}, PEDESTRIAN: {0: 0.3}})
+    sections = load_descriptions(DESCRIPTIONS)
+    result = evaluate_dota(GroupEncoder(sections), tmp_path / "meta.json", frames, nlp=nlp, frame_stride=STRIDE,
+                           progress=False)
+    n_vv = sum(d.abnormal for d in sections["VV"])
+    n_all = len({d.text for ds in sections.values() for d in ds if d.abnormal})
+    n_normal = len({d.text for ds in sections.values() for d in ds if not d.abnormal})
+    p = 0.3
+    norm = math.hypot(p, 1 - p)
+    cos_vv, cos_other, cos_normal = p / norm, (0.6 * p + 0.8 * (1 - p)) / norm, (1 - p) / norm
+    headline = (n_vv * cos_vv + (n_all - n_vv) * cos_other) / n_all  # D(a): the same for both clips
+    for clip_id in (TURNING, PEDESTRIAN):
+        clip = result["clips"][clip_id]
+        assert clip["score"][0] == pytest.approx(headline, abs=1e-5)
+        assert clip["contrast"][0] == pytest.approx(headline - cos_normal, abs=1e-5)
+        assert n_normal == len({d.text for d in dota.description_sets(sections)[dota.UNGROUPED] if not d.abnormal})
+    # The secondary oracle score uses the clip's gold group: VV (own + common) vs VP (all "other").
+    n_common = sum(d.abnormal for d in sections["common"])
+    oracle_vv = (n_vv * cos_vv + n_common * cos_other) / (n_vv + n_common)
+    assert result["clips"][TURNING]["oracle_group"][0] == pytest.approx(oracle_vv, abs=1e-5)
+    assert result["clips"][PEDESTRIAN]["oracle_group"][0] == pytest.approx(cos_other, abs=1e-5)
+    assert result["clips"][PEDESTRIAN]["oracle_group"][0] != pytest.approx(result["clips"][PEDESTRIAN]["score"][0])
+
+
+def test_auc_over_all_frames_split_by_group_by_hand(tmp_path, nlp, metadata):
+    # VV (TURNING, labels 0 0 0 1 1) and VP (PEDESTRIAN, labels 0 0 1 1 1): each separable alone,
+    # but VP's normal frames (0.6, 0.65) outscore VV's abnormal ones (0.4, 0.5). Pooled:
+    # VV positives beat 3 of 5 negatives each (6), VP positives all 5 (15): 21 / 25.
+    meta = {k: metadata[k] for k in (TURNING, PEDESTRIAN)}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    levels = {TURNING: dict(zip(range(0, 50, 10), (0.1, 0.2, 0.3, 0.4, 0.5))),
+              PEDESTRIAN: dict(zip(range(0, 50, 10), (0.6, 0.65, 0.7, 0.8, 0.9)))}
+    frames = write_frames(tmp_path / "frames", meta, levels)
+    result = evaluate_dota(FakeEncoder(load_descriptions(DESCRIPTIONS)), tmp_path / "meta.json", frames, nlp=nlp,
+                           frame_stride=STRIDE, bootstrap=200, progress=False)
+    g = result["groups"]
+    assert result["clips"][PEDESTRIAN]["labels"] == [0, 0, 1, 1, 1]
+    assert (g["VV"]["auc"], g["VP"]["auc"]) == (1.0, 1.0)
+    assert g["overall"]["auc"] == pytest.approx(21 / 25)
+    assert g["VO"]["auc"] is None and g["VO"]["ci95"] is None
+    # One clip per group: every resample is that clip, so the interval is the point.
+    assert g["VV"]["ci95"] == [1.0, 1.0]
+    # Overall resamples: {VV, VV} and {VP, VP} give 1.0, {VV, VP} gives 0.84.
+    lo, hi = g["overall"]["ci95"]
+    assert lo == pytest.approx(0.84) and hi == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals
+
+
+def naive_bootstrap(labels, scores, resamples, seed, level=0.95):
+    """The reference: draw clips the documented way, concatenate their frames, sklearn's AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    aucs, undefined = [], 0
+    for _ in range(resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        y = np.concatenate([labels[i] for i in pick])
+        s = np.concatenate([scores[i] for i in pick])
+        if len(set(y.tolist())) < 2:
+            undefined += 1
+            continue
+        aucs.append(roc_auc_score(y, s))
+    tail = 100 * (1 - level) / 2
+    return np.percentile(aucs, [tail, 100 - tail]), undefined
+
+
+def test_bootstrap_by_hand_two_clips():
+    # Clip A: normal 0.1 < abnormal 0.9 (AUC 1); clip B: abnormal 0.2 < normal 0.8 (AUC 0).
+    # {A, A}: 1; {B, B}: 0; {A, B}: positives 0.9, 0.2 vs negatives 0.1, 0.8 -> 3 of 4 pairs = 0.75.
+    labels, scores = [[0, 1], [0, 1]], [[0.1, 0.9], [0.8, 0.2]]
+    by_draw = {(0, 0): 1.0, (1, 1): 0.0, (0, 1): 0.75, (1, 0): 0.75}
+    rng = np.random.default_rng(7)
+    draws = [tuple(rng.integers(0, 2, 2).tolist()) for _ in range(3)]
+    values = sorted(by_draw[d] for d in draws)
+    # numpy's percentile interpolates linearly between the sorted values: position q/100 * (n - 1)
+    low = values[0] + 0.05 * (values[1] - values[0])
+    high = values[1] + 0.95 * (values[2] - values[1])
+    ci = dota.bootstrap_auc(labels, scores, resamples=3, seed=7)
+    assert (ci["low"], ci["high"], ci["undefined"]) == (pytest.approx(low), pytest.approx(high), 0)
+    # Many resamples: the interval spans the extremes 0 and 1, reproducibly for one seed.
+    many = dota.bootstrap_auc(labels, scores, resamples=1000, seed=0)
+    assert (many["low"], many["high"]) == (0.0, 1.0)
+    assert dota.bootstrap_auc(labels, scores, resamples=1000, seed=0) == many
+
+
+def test_bootstrap_matches_the_naive_reference_with_ties_and_one_class_clips():
+    rng = np.random.default_rng(3)
+    labels = [rng.integers(0, 2, n) for n in (5, 8, 3, 6, 7)] + [np.zeros(4, int), np.ones(2, int)]
+    scores = [np.round(rng.random(len(y)), 1) for y in labels]  # 0.1 steps: many ties
+    ci = dota.bootstrap_auc(labels, scores, resamples=300, seed=11)
+    (low, high), undefined = naive_bootstrap(labels, scores, 300, 11)
+    assert ci["low"] == pytest.approx(low, abs=1e-12) and ci["high"] == pytest.approx(high, abs=1e-12)
+    assert ci["undefined"] == undefined
+    # Only one-class clips: a resample is defined only if it draws both.
+    ci = dota.bootstrap_auc([[0, 0], [1]], [[0.2, 0.4], [0.3]], resamples=400, seed=1)
+    (low, high), undefined = naive_bootstrap([np.array([0, 0]), np.array([1])], [np.array([0.2, 0.4]), np.array([0.3])], 400, 1)
+    assert ci["undefined"] == undefined and 50 < undefined < 350  # about half draw one clip twice
+    assert (ci["low"], ci["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert dota.bootstrap_auc([], [], resamples=10)["low"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Detector boxes and no-learning baselines
+
+
+def test_pick_detections_rule():
+    detections = [
+        {"name": "person", "box": [0, 0, 40, 30], "score": 0.9},       # largest, not a vehicle
+        {"name": "car", "box": [10, 10, 30, 20], "score": 0.5},        # the only vehicle: subject
+        {"name": "traffic light", "box": [50, 0, 60, 10], "score": 0.99},
+        {"name": "umbrella", "box": [0, 0, 64, 36], "score": 0.9},     # not a road class
+        {"name": "truck", "box": [62, 30, 70, 40], "score": 0.9},      # 2 px wide after clipping... kept
+        {"name": "bus", "box": [63, 35, 90, 50], "score": 0.9},        # 1 px x 1 px inside: dropped
+    ]
+    assert dota.pick_detections(detections, 64, 36) == [[10.0, 10.0, 30.0, 20.0], [0.0, 0.0, 40.0, 30.0]]
+    # No vehicle: the two largest detections; one detection: the object is left to the whole frame.
+    assert dota.pick_detections(detections[:1] + detections[2:3], 64, 36) == [[0, 0, 40, 30], [50, 0, 60, 10]]
+    assert dota.pick_detections(detections[2:3], 64, 36) == [[50.0, 0.0, 60.0, 10.0]]
+    assert dota.box_pair([[50.0, 0.0, 60.0, 10.0]], 64, 36) == {"subj": [50.0, 0.0, 60.0, 10.0],
+                                                                "obj": [0.0, 0.0, 64.0, 36.0]}
+    assert dota.pick_detections(detections[3:4], 64, 36) == []
+    assert dota.box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert dota.box_iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+
+
+class FakeDetector:
+    """Two cars on abnormal (bright) frames, overlapping by half; one small car otherwise."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, images):
+        self.images += len(images)
+        out = []
+        for im in images:
+            bright = np.asarray(im).mean() > 127
+            out.append([{"name": "car", "box": [0, 0, 32, 18], "score": 0.9},
+                        {"name": "car", "box": [16, 0, 48, 18], "score": 0.8}] if bright else
+                       [{"name": "car", "box": [0, 0, 8, 9], "score": 0.9}])
+        return out
+
+
+class BoxEncoder(FakeEncoder):
+    uses_boxes = True
+
+    def __init__(self, sections):
+        super().__init__(sections)
+        self.boxes = []
+
+    def images(self, samples):
+        self.boxes += [s.boxes for s in samples]
+        return super().images(samples)
+
+
+def test_detector_boxes_and_baselines_by_hand(tmp_path, nlp, metadata):
+    meta = {TURNING: metadata[TURNING]}  # 41 frames, frames 0..40 by 10, labels 0 0 0 1 1
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    frames = write_frames(tmp_path / "frames", meta)
+    detector = FakeDetector()
+    boxes = dota.DetectorBoxes(detector, name="fake")
+    encoder = BoxEncoder(load_descriptions(DESCRIPTIONS))
+    result = evaluate_dota(encoder, tmp_path / "meta.json", frames, boxes=boxes, baselines=True, nlp=nlp,
+                           frame_stride=STRIDE, progress=False)
+    assert encoder.boxes[0] == {"subj": [0.0, 0.0, 8.0, 9.0], "obj": [0.0, 0.0, 64.0, 36.0]}
+    assert encoder.boxes[-1] == {"subj": [0.0, 0.0, 32.0, 18.0], "obj": [16.0, 0.0, 48.0, 18.0]}
+    assert result["boxes"]["mode"] == "detector" and result["no_boxes"] == 0
+    b = result["clips"][TURNING]["baselines"]
+    assert b["position"] == [0.0, 0.25, 0.5, 0.75, 1.0]  # frame / 40
+    assert b["box_area"] == pytest.approx([72 / 2304] * 3 + [576 / 2304] * 2)
+    assert b["box_iou"] == pytest.approx([0.0] * 3 + [288 / 864] * 2)  # 16x18 shared of 2 x 576 - 288
+    for name in dota.BASELINES:
+        assert result["baselines"][name]["groups"]["VV"]["auc"] == 1.0
+    assert result["baselines"]["box_area"]["boxes"] == "detector"
+    # A second model reuses the detections (one pass over the frames).
+    evaluate_dota(encoder, tmp_path / "meta.json", frames, boxes=boxes, nlp=nlp, frame_stride=STRIDE, progress=False)
+    assert detector.images == 5
+    # Whole-frame mode: labelled, no box baselines, every frame counted without boxes.
+    whole = evaluate_dota(BoxEncoder(load_descriptions(DESCRIPTIONS)), tmp_path / "meta.json", frames,
+                          baselines=True, nlp=nlp, frame_stride=STRIDE, progress=False)
+    assert whole["boxes"]["mode"] == "whole_frame" and whole["no_boxes"] == 5
+    assert set(whole["baselines"]) == {"position"}
+
+
+# --------------------------------------------------------------------------------------------
 # Real (random-init) models
 
 
@@ -320,12 +529,13 @@ def test_end_to_end_random_saclip_and_plain_clip(tmp_path, nlp, metadata):
     (annotations / f"{TURNING}.json").write_text(json.dumps({"labels": labels}))
 
     model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False)).eval()
-    result = evaluate_dota(Encoder(model), METADATA, frames, annotations_root=annotations, nlp=nlp,
-                           frame_stride=STRIDE, progress=False)
+    result = evaluate_dota(Encoder(model), METADATA, frames, boxes=dota.AnnotationBoxes(annotations), nlp=nlp,
+                           frame_stride=STRIDE, bootstrap=50, progress=False)
     assert result["clips_evaluated"] == 8 and result["groups"]["overall"]["frames"] == 48
     assert result["no_boxes"] == 48 - 2  # two annotated frames of TURNING
-    for m in result["groups"].values():
-        assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["auc_contrast"] <= 1.0
+    assert result["boxes"]["mode"] == "annotations"
+    for m in [*result["groups"].values(), *result["secondary"]["contrast"].values()]:
+        assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["ci95"][0] <= m["ci95"][1] <= 1.0
     clip = result["clips"][TURNING]
     assert len(clip["score"]) == len(clip["contrast"]) == len(clip["frames"]) == 5
     assert all(-1.0 <= s <= 1.0 for s in clip["score"])
@@ -333,26 +543,55 @@ def test_end_to_end_random_saclip_and_plain_clip(tmp_path, nlp, metadata):
     json.dumps(result)  # the result is JSON-serialisable as is
 
     plain = load_model("openclip:sa-tiny")[0]
-    result = evaluate_dota(Encoder(plain), METADATA, frames, annotations_root=annotations, nlp=nlp,
-                           frame_stride=STRIDE, max_clips=2, progress=False)
-    assert result["no_boxes"] == 0 and result["boxes"].startswith("ignored")
+    result = evaluate_dota(Encoder(plain), METADATA, frames, boxes=dota.AnnotationBoxes(annotations), nlp=nlp,
+                           frame_stride=STRIDE, max_clips=2, bootstrap=50, progress=False)
+    assert result["no_boxes"] == 0 and result["boxes"]["mode"] == "ignored"
     assert result["clips_evaluated"] == 2
 
 
-def test_evaluate_cli_dota_writes_results_and_roc_plots(tmp_path, metadata):
+def random_yolo(path: Path) -> Path:
+    """A random-init YOLOv8n (offline, from ultralytics' packaged yaml) saved as weights."""
+    pytest.importorskip("ultralytics")
+    from sapretrain.detector import load_yolo
+
+    torch.manual_seed(0)
+    model = load_yolo("yolov8n.yaml")
+    model.save(str(path))
+    return path
+
+
+def test_evaluate_cli_dota_writes_results_and_roc_plots(tmp_path, metadata, monkeypatch):
     import subprocess
     import sys
 
     frames = write_frames(tmp_path / "frames", metadata)
+    weights = random_yolo(tmp_path / "yolo.pt")
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "tools" / "evaluate.py"), "--task", "dota",
          "--checkpoint", "CLIP=openclip:sa-tiny", "--metadata", str(METADATA), "--frames", str(frames),
+         "--detector-weights", str(weights), "--bootstrap", "100",
          "--frame-stride", str(STRIDE), "--max-clips", "3", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
     result = report["models"]["CLIP"]
     assert result["clips_evaluated"] == 3 and result["plain_clip"]
     assert report["plots"] == ["dota_roc-CLIP.png"] and (out / "dota_roc-CLIP.png").stat().st_size > 5_000
-    assert "overall" in done.stdout
+    assert report["boxes"].startswith("detector") and set(report["baselines"]) == set(dota.BASELINES)
+    assert report["models"]["CLIP"]["bootstrap"]["resamples"] == 100
+    table = (out / "results.md").read_text()
+    assert "| **CLIP** | ignored |" in table and "| position (no model) | none |" in table
+    assert "| box_area (no model) | detector |" in table and "oracle_group" in table
+
+    # Nothing to score (no frames folder for any clip): the run says so and exits 2.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tools" / "evaluate.py"), "--task", "dota",
+         "--checkpoint", "openclip:sa-tiny", "--metadata", str(METADATA), "--frames", str(empty),
+         "--max-clips", "2", "--bootstrap", "10", "--out", str(tmp_path / "out2"), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no clip could be scored" in done.stderr
+    assert json.loads((tmp_path / "out2" / "results.json").read_text())["models"]["openclip:sa-tiny"]["skipped"][
+        "missing_folder"] == 2

@@ -46,16 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vsr.add_argument("--vsr", help="VSR JSONL to evaluate (e.g. zeroshot test)")
     vsr.add_argument("--images", help="folder (or URL) of the COCO images VSR refers to")
     vsr.add_argument("--instances", help="COCO instances JSON (or our per-image JSONL) for the boxes")
-    vsr.add_argument("--detector", help="YOLO weights for the boxes when there are no instance annotations")
+    vsr.add_argument("--detector-weights", "--detector", dest="detector_weights", metavar="PATH",
+                     help="YOLO weights (.pt) of the detector that finds the boxes (vsr, dota); vsr: the "
+                          "headline mode, --instances then adds gold boxes as a secondary mode")
     vsr.add_argument("--rule", default="contrast", choices=("contrast", "threshold"))
     vsr.add_argument("--dev", help="VSR dev JSONL: tunes the threshold (never the evaluated file)")
     dota = p.add_argument_group("dota")
     dota.add_argument("--metadata", help="DoTA metadata JSON (metadata_val.json)")
     dota.add_argument("--frames", help="DoTA frames root: <clip>/images/NNNNNN.jpg")
-    dota.add_argument("--annotations", help="DoTA per-clip annotation JSONs (object boxes), optional")
+    dota.add_argument("--annotations", help="DoTA per-clip annotation JSONs: adds an annotated-box row (secondary)")
     dota.add_argument("--descriptions", default=run.dota.DEFAULT_DESCRIPTIONS, help="description hierarchy YAML")
     dota.add_argument("--frame-stride", type=int, default=1, help="keep every k-th frame")
     dota.add_argument("--max-clips", type=int, help="only the first N non-ego clips")
+    dota.add_argument("--bootstrap", type=int, default=run.dota.BOOTSTRAP_RESAMPLES,
+                      help="clip resamples of the 95%% confidence intervals")
+    dota.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     held_out = p.add_argument_group("shards (held-out shard set)")
     held_out.add_argument("--shards", help="shard set (directory with sizes.json, pattern or URL)")
     held_out.add_argument("--features", help="its feature shards (tools/cache_features.py): the vision tower is not run")
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.task == "vsr":
             _require(args, "vsr", "images")
             report = run.run_vsr(models, args.out, args.vsr, args.images, instances=args.instances,
-                                 detector_weights=args.detector, rule=args.rule, dev_file=args.dev,
+                                 detector_weights=args.detector_weights, rule=args.rule, dev_file=args.dev,
                                  device=args.device, progress=progress)
         elif args.task == "shards":
             _require(args, "shards")
@@ -86,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                                     image_size=args.image_size, device=args.device, progress=progress)
         else:
             _require(args, "metadata", "frames")
-            report = run.run_dota(models, args.out, args.metadata, args.frames, annotations_root=args.annotations,
-                                  descriptions=args.descriptions, frame_stride=args.frame_stride,
-                                  max_clips=args.max_clips, device=args.device, progress=progress)
+            report = run.run_dota(models, args.out, args.metadata, args.frames, detector_weights=args.detector_weights,
+                                  annotations_root=args.annotations, descriptions=args.descriptions,
+                                  frame_stride=args.frame_stride, max_clips=args.max_clips,
+                                  bootstrap=args.bootstrap, seed=args.seed, device=args.device, progress=progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

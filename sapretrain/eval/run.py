@@ -97,27 +97,53 @@ def run_vsr(models: Sequence[tuple[str, str]], out_dir: str | Path, vsr_file: st
 
 
 def run_dota(models: Sequence[tuple[str, str]], out_dir: str | Path, metadata: str, frames_root: str,
-             annotations_root: str | None = None, descriptions: str = dota.DEFAULT_DESCRIPTIONS,
-             frame_stride: int = 1, max_clips: int | None = None, device: str = "cpu",
+             detector_weights: str | None = None, annotations_root: str | None = None,
+             descriptions: str = dota.DEFAULT_DESCRIPTIONS, frame_stride: int = 1, max_clips: int | None = None,
+             bootstrap: int = dota.BOOTSTRAP_RESAMPLES, seed: int = 0, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
-    """DoTA frame-level anomaly ROC-AUC of ``models``; one ROC plot per model."""
+    """DoTA frame-level anomaly ROC-AUC (Eq. 11) of ``models`` beside no-learning baselines.
+
+    Boxes: a YOLO detector on every frame (``detector_weights``), else the whole frame (labelled).
+    ``annotations_root`` adds the annotated-box scores of box-using models as a secondary row.
+    Writes results.json, results.md and one ROC plot per model; raises ``ValueError`` (after
+    writing them) when no clip could be scored.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results, tables, plots = {}, [], []
-    for label, spec in models:
+    if detector_weights:
+        from sapretrain.curation.rois import YoloDetector
+
+        boxes = dota.DetectorBoxes(YoloDetector(detector_weights, device=device), name=str(detector_weights))
+    else:
+        boxes = dota.WholeFrameBoxes()
+    options = dict(descriptions=descriptions, frame_stride=frame_stride, max_clips=max_clips, bootstrap=bootstrap,
+                   seed=seed, progress=progress)
+    results, tables, plots, annotated, baselines = {}, [], [], {}, None
+    for i, (label, spec) in enumerate(models):
         model, _ = load_model(spec, device=device)
-        result = dota.evaluate_dota(Encoder(model), metadata, frames_root, annotations_root=annotations_root,
-                                    descriptions=descriptions, frame_stride=frame_stride, max_clips=max_clips,
-                                    progress=progress)
+        encoder = Encoder(model)
+        result = dota.evaluate_dota(encoder, metadata, frames_root, boxes=boxes, baselines=i == 0, **options)
+        baselines = result.pop("baselines", baselines)  # same frames for every model: computed once
+        if annotations_root and encoder.uses_boxes:
+            extra = dota.evaluate_dota(encoder, metadata, frames_root, boxes=dota.AnnotationBoxes(annotations_root),
+                                       **options)
+            annotated[label] = {"boxes": extra["boxes"], "groups": extra["groups"]}
+            result["annotated_boxes"] = annotated[label]
         plot = f"dota_roc-{_slug(label)}.png"
         dota.plot_dota(result, out / plot)
         plots.append(plot)
         results[label] = {"spec": spec, **model_summary(model), **result}
-        tables.append(f"## {label}\n\n{dota.format_dota_table(result)}")
-    report = {"task": "dota", "metadata": metadata, "descriptions": str(descriptions), "models": results,
+        tables.append(f"## {label}\n\n{dota.format_dota_table(result, label)}")
+    report = {"task": "dota", "metadata": metadata, "descriptions": str(descriptions),
+              "boxes": boxes.describe(), "models": results, "baselines": baselines,
               "plots": plots, "seconds": round(time.time() - started, 1)}
-    write_report(report, out, "\n".join(tables))
+    summary = dota.format_dota_summary({k: v for k, v in results.items()}, baselines, annotated)
+    write_report(report, out, summary + "\n" + "\n\n".join(tables) + "\n")
+    if results and not any(r["clips_evaluated"] for r in results.values()):
+        first = next(iter(results.values()))
+        raise ValueError(f"DoTA: no clip could be scored (skipped {first['skipped']}, excluded {first['excluded']}); "
+                         f"check --frames {frames_root} (expected <clip_id>/images/000000.jpg)")
     return report
 
 
