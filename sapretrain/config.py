@@ -45,8 +45,15 @@ def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = str(path)
     if path in seen:
         raise ConfigError(f"config files include each other: {' -> '.join(seen + (path,))}")
-    with fsspec.open(path, "r") as f:
-        loaded = yaml.safe_load(f)
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:  # bad syntax, or a tag such as !!python/object that safe_load refuses
+        raise ConfigError(f"{path}: not a valid config file: {_one_line(e)}") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as e:  # binary garbage, absurd nesting, unreadable
+        raise ConfigError(f"{path}: not a readable YAML text file ({type(e).__name__}: {_one_line(e)})") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -56,6 +63,10 @@ def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         return loaded
     base_path = base if "://" in base or Path(base).is_absolute() else str(Path(path).parent / base)
     return _deep_merge(read_yaml(base_path, seen + (path,)), loaded)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +85,10 @@ class OverrideValue(str):
 
     def __new__(cls, raw: str):
         value = super().__new__(cls, raw)
-        value.parsed = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value.parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"override value {raw!r} is not valid YAML ({_one_line(e, 160)}); quote it") from None
         return value
 
 

@@ -10,7 +10,17 @@
 dependency), at most ``max_concurrency`` requests in flight per client (a semaphore, so it also
 holds across concurrent ``map_json`` calls). The API key is read from the environment variable
 *named* by ``api_key_env`` and sent as ``Authorization: Bearer``; it is never stored in the config,
-the cache, the stats, a log line or an exception (messages are redacted before they are raised).
+the cache, the stats, a log line or an exception.
+
+**Redaction** (``redact``): a server (or a proxy) may quote the request back, in an error body, a
+non-JSON answer or inside the JSON answer itself. Everything the client records passes one
+function first: the raw response text before it is cut for a message, the assistant content
+before it is parsed, every string of the parsed answer (after JSON unescaping, so an answer
+spelling the key as ``\u0073k-…`` is caught too) and every error message. It replaces the key's
+value and the value of any ``Authorization`` / ``Proxy-Authorization`` / ``api-key`` /
+``x-api-key`` header or ``Bearer`` token with ``***``. So labels, negatives, the cache (which
+stores the redacted answer), log lines, ``drop_detail`` (the dropped-lines file and the stage
+summary's examples) never hold it.
 
 **Retries.** 429, 5xx, timeouts, connection errors and unreadable responses are retried with
 exponential backoff and jitter (``backoff_base_s * 2**attempt``, capped at ``backoff_max_s``,
@@ -90,6 +100,32 @@ def load_llm_config(path: str | Path | None = None, overrides: list[str] | None 
     if cfg.max_concurrency < 1 or cfg.max_retries < 0 or cfg.timeout_s <= 0:
         raise ValueError("llm config: need max_concurrency >= 1, max_retries >= 0, timeout_s > 0")
     return cfg
+
+
+_SECRET_FIELD = re.compile(
+    r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]?key)(\\?[\"']?\s*[:=]\s*\\?[\"']?\s*)"
+    r"((?:bearer|basic|token)\s+)?[^\s\"'\\,;}&]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{6,}")
+
+
+def redact(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
+    """``text`` without the values of ``secrets`` nor of credential headers/tokens (each becomes ``***``)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRET_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)}***", text)
+
+
+def redact_value(value: Any, secrets: tuple[str, ...] | list[str] = ()) -> Any:
+    """``redact`` applied to every string (keys included) of a parsed JSON value."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [redact_value(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact_value(v, secrets) for k, v in value.items()}
+    return value
 
 
 class LLMError(Exception):
@@ -226,7 +262,10 @@ class LLMClient:
             self._counts.update(deltas)
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return redact(text, (self._key,))
+
+    def _clean(self, value: Any) -> Any:
+        return redact_value(value, (self._key,))
 
     # cache
 
@@ -276,7 +315,7 @@ class LLMClient:
             with self._slots, urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
-            detail = self._redact(e.read()[:200].decode("utf-8", "replace"))
+            detail = self._redact(e.read(65536).decode("utf-8", "replace"))[:200]  # redact, then cut
             if e.code in FATAL_STATUS:
                 raise LLMFatalError(f"http_{e.code}", f"{self.cfg.base_url} answered {e.code}: {detail}") from None
             if e.code == 429 or e.code >= 500:
@@ -296,10 +335,11 @@ class LLMClient:
                         completion_tokens=int(usage.get("completion_tokens") or 0))
             content = answer["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise _Retryable("bad_response", self._redact(f"not a chat completion: {raw[:120]!r}")) from None
+            text = self._redact(raw.decode("utf-8", "replace"))
+            raise _Retryable("bad_response", f"not a chat completion: {text[:120]!r}") from None
         if not isinstance(content, str):
             raise _Retryable("bad_response", "assistant message has no text content")
-        return content
+        return self._redact(content)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -316,7 +356,7 @@ class LLMClient:
         cached = self._cache_get(key)
         if cached is not None:
             try:
-                value = _checked(cached, required, validate)
+                value = _checked(cached, required, validate, self._clean)
                 self._count(cache_hits=1)
                 return value
             except _Retryable:
@@ -327,21 +367,21 @@ class LLMClient:
                 self._count(retries=1)
                 delay = self._backoff(attempt - 1, last.retry_after)
                 log.warning("LLM retry %d/%d after %s (%s); waiting %.2fs", attempt, self.cfg.max_retries,
-                            last.kind, last.message[:120], delay)
+                            last.kind, self._redact(last.message)[:120], delay)
                 time.sleep(delay)
             try:
                 content = self._post(messages)
-                value = _checked(content, required, validate)
+                value = _checked(content, required, validate, self._clean)
             except _Retryable as e:
                 last = e
                 continue
             except LLMError as e:
                 self._fail(e.kind)
-                raise
-            self._cache_put(key, content)
+                raise type(e)(e.kind, self._redact(e.message)) from None
+            self._cache_put(key, json.dumps(value, ensure_ascii=False))  # the redacted answer, not the raw text
             return value
         self._fail(last.kind)
-        raise LLMError(last.kind, f"{last.message} (gave up after {self.cfg.max_retries} retries)")
+        raise LLMError(last.kind, self._redact(f"{last.message} (gave up after {self.cfg.max_retries} retries)"))
 
     def _fail(self, kind: str) -> None:
         with self._lock:
@@ -383,8 +423,9 @@ class LLMClient:
         return [answers[k] for k in keys]
 
 
-def _checked(content: str, required: dict, validate: Callable[[dict], str | None] | None) -> dict:
-    value = parse_json_object(content)
+def _checked(content: str, required: dict, validate: Callable[[dict], str | None] | None,
+             clean: Callable[[Any], Any] = lambda v: v) -> dict:
+    value = clean(parse_json_object(content))  # redacted before it is checked, stored or shown
     check_required(value, required)
     problem = validate(value) if validate else None
     if problem:
