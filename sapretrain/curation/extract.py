@@ -15,6 +15,13 @@ folder is removed, and the summary is written to ``OUT.summary.json``. The chunk
 in ``OUT.chunks/config.json``; a re-run with a different one is refused. The result is
 byte-identical to an uninterrupted run.
 
+**Done, and whose** (``stage.finished_summary``): the summary records what ``OUT`` was made from
+(the input's size and end hashes, the model and ``max_chars``). A re-run on the same input says
+"already done" and recomputes nothing; an ``OUT`` without that record (an empty file, another
+tool's output) or made from another input is refused, as is a resume whose input changed. An
+input without records, or one whose every caption is skipped, raises ``ValueError`` (after
+writing ``OUT`` and its summary in the second case).
+
 **Parts.** With ``--num-parts N`` chunk ``c`` belongs to part ``c % N``, and part ``I`` writes
 ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``triplets-part00003-of00016.jsonl``);
 the union of the parts' lines is the whole input.
@@ -33,12 +40,10 @@ import re
 from collections import Counter, deque
 from dataclasses import dataclass
 
-import fsspec
-
 from sapretrain import storage
 
 from .lexicon import ENGLISH_STOPWORDS
-from .stage import committed_chunks, iter_chunks, part_output
+from .stage import committed_chunks, finished_summary, input_fingerprint, iter_chunks, part_output
 from .svo import extract_triplets, load_nlp
 
 SKIP_REASONS = ("bad_json", "missing", "not_text", "empty", "too_long", "binary", "non_english")
@@ -144,8 +149,8 @@ def _run_chunk(workdir: str, chunk: int, lines: list[str]) -> int:
     return len(lines)
 
 
-def _prepare_workdir(workdir: str, cfg: ExtractConfig) -> set[int]:
-    """Check the stored chunk size; return the chunks already committed."""
+def _prepare_workdir(workdir: str, cfg: ExtractConfig, made_from: dict | None = None) -> set[int]:
+    """Check the stored chunk size and input; return the chunks already committed."""
     fs, path = storage.url_to_fs(workdir)
     config_url = f"{workdir}/config.json"
     if fs.exists(f"{path}/config.json"):
@@ -155,8 +160,13 @@ def _prepare_workdir(workdir: str, cfg: ExtractConfig) -> set[int]:
                 f"{workdir} was started with chunk_size={stored.get('chunk_size')}; "
                 f"re-run with --chunk-size {stored.get('chunk_size')} or delete it"
             )
+        differ = sorted(k for k in made_from or {} if stored.get(k) != json.loads(json.dumps(made_from[k])))
+        if differ:
+            raise ValueError(f"{workdir} was started from another input or with other settings (differ: "
+                             f"{', '.join(differ)}): re-run with the same ones or delete it")
     else:
-        storage.write_bytes_atomic(config_url, json.dumps({"chunk_size": cfg.chunk_size}).encode())
+        settings = {"chunk_size": cfg.chunk_size, **(made_from or {})}
+        storage.write_bytes_atomic(config_url, json.dumps(settings, sort_keys=True).encode())
     return committed_chunks(workdir)
 
 
@@ -213,7 +223,10 @@ def summarize(lines) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    rows = [
+    rows = [f"already done: {s.get('output', 'the output')} was made from this input with these settings; "
+            "nothing recomputed"] if s.get("already_done") else []
+    rows += [
+
         f"captions read      {s['captions']}",
         f"with >=1 triplet   {s['with_triplet']}",
         f"no triplet         {s['no_triplet']}",
@@ -248,13 +261,15 @@ def extract_file(
     out = part_output(output, part, num_parts)
     workdir = f"{out}.chunks"
     summary_url = f"{out}.summary.json"
-    if storage.exists(out) and not storage.exists(workdir):
-        with fsspec.open(out, "rt", encoding="utf-8") as f:
-            summary = summarize(f)
-        storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
-        return summary
+    made_from = {"stage": "extract_svo", "model": cfg.model, "max_chars": cfg.max_chars,
+                 "input": input_fingerprint(input_url)}
+    if not storage.exists(workdir):  # with a chunk folder the run is resumed (and OUT rewritten)
+        earlier = finished_summary(out, made_from)
+        if earlier is not None:
+            _check_parsed(earlier, input_url)
+            return earlier
 
-    done = _prepare_workdir(workdir, cfg)
+    done = _prepare_workdir(workdir, cfg, made_from)
     pool = _pool(cfg) if cfg.workers > 1 else None  # before tqdm starts its monitor thread
     bar = None
     if progress:
@@ -293,6 +308,11 @@ def extract_file(
         if bar is not None:
             bar.close()
 
+    if not chunks:
+        fs, path = storage.url_to_fs(workdir)
+        fs.rm(path, recursive=True)
+        scope = f" for part {part} of {num_parts} (fewer chunks than parts?)" if num_parts > 1 else ""
+        raise ValueError(f"{input_url} has no records{scope}: nothing to do")
     # All chunks of this part are committed: concatenate them in order and publish atomically.
     tmp = storage.local_temp_for(out)
     counts = []
@@ -300,12 +320,23 @@ def extract_file(
         for chunk in chunks:
             dst.write(storage.read_bytes(_chunk_url(workdir, chunk)))
             counts.append(json.loads(storage.read_bytes(_stats_url(workdir, chunk))))
-    summary = _summary(_merge_counts(counts))
+    summary = {**_summary(_merge_counts(counts)), "input": input_url, "output": out,
+               "made_from": json.loads(json.dumps(made_from, sort_keys=True))}
     storage.commit(tmp, out)
     storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
     fs, path = storage.url_to_fs(workdir)
     fs.rm(path, recursive=True)
+    _check_parsed(summary, input_url)
     return summary
+
+
+def _check_parsed(summary: dict, input_url: str) -> None:
+    """Every caption skipped is surely a mistake (wrong file or field): raise with the reasons."""
+    skipped = sum(summary["skipped"].values())
+    if summary["captions"] and skipped == summary["captions"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
+        raise ValueError(f"extract_svo: all {summary['captions']} captions of {input_url} were skipped ({reasons}); "
+                         f"see {summary.get('output')}")
 
 
 __all__ = [

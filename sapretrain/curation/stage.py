@@ -16,6 +16,18 @@ written and the chunk folder removed. The result is byte-identical to an uninter
 stage's ``fingerprint()`` (its settings) and the chunk size are stored with the chunks; a re-run
 with different ones is refused rather than mixing outputs.
 
+**Done, and whose.** ``OUT.summary.json`` records what ``OUT`` was made from (``made_from``: the
+stage, its ``fingerprint()`` and the input's ``input_fingerprint``: size and a hash of its first
+and last MiB). A re-run whose ``OUT`` was made from this input with these settings does nothing
+and says so (``"already_done"`` in the returned summary, one line from ``format_stage_summary``).
+An ``OUT`` that exists without such a record (an empty file, another tool's output) or that was
+made from another input or with other settings is refused (``ValueError``), never taken as
+finished nor overwritten; so is a resume whose input changed under its chunks.
+
+**Nothing to do** is an error, not a success: an input (or part) without records raises
+``ValueError``, and a run that keeps no record at all raises ``NothingKeptError`` after writing
+``OUT``, the dropped lines and the summary, so the reasons can be read (a re-run says the same).
+
 **Parts**: with ``num_parts = N`` chunk ``c`` belongs to part ``c % N`` and part ``I`` writes
 ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``part_output``).
 
@@ -24,6 +36,7 @@ characters kept in ``raw``) before the stage sees it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +47,11 @@ import fsspec
 from sapretrain import storage
 
 EXAMPLES_PER_REASON = 3
+FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the input
+
+
+class NothingKeptError(ValueError):
+    """A stage ran over records and kept none of them: surely a mistake (the reasons say which)."""
 
 
 class Stage(Protocol):
@@ -106,6 +124,61 @@ def ensure_settings(url: str, settings: dict) -> None:
         storage.write_bytes_atomic(url, json.dumps(settings, sort_keys=True).encode())
 
 
+def input_fingerprint(url: str) -> dict:
+    """What identifies an input file: its size and the sha256 of its first and last MiB (two ranged
+    reads, cheap on object stores). Raises ValueError when it does not exist."""
+    fs, path = storage.url_to_fs(url)
+    try:
+        size = fs.size(path)
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                f.seek(max(size - FINGERPRINT_BYTES, FINGERPRINT_BYTES))
+                digest.update(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"input {url} does not exist") from None
+    if size is None:
+        raise ValueError(f"input {url} is not a file")
+    return {"size": int(size), "sha256_ends": digest.hexdigest()[:32]}
+
+
+def _normal(value: dict) -> dict:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def finished_summary(out: str, made_from: dict) -> dict | None:
+    """The stored summary when ``out`` was finished from ``made_from`` (input and settings), with
+    ``"already_done": True``; None when ``out`` does not exist. Raises ValueError when ``out``
+    exists but nothing shows it was made from that input with those settings."""
+    if not storage.exists(out):
+        return None
+    summary_url = f"{out}.summary.json"
+    try:
+        stored = json.loads(storage.read_bytes(summary_url)) if storage.exists(summary_url) else None
+    except ValueError:
+        stored = None
+    recorded = stored.get("made_from") if isinstance(stored, dict) else None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{out} exists, but no finished run recorded what it was made from (no valid "
+                         f"{summary_url}): it is not taken as done; delete it or choose another output")
+    made_from = _normal(made_from)
+    if recorded != made_from:
+        differ = sorted(k for k in set(recorded) | set(made_from) if recorded.get(k) != made_from.get(k))
+        raise ValueError(f"{out} was made from another input or with other settings (differ: "
+                         f"{', '.join(differ)}): delete it and {summary_url}, or choose another output")
+    return {**stored, "already_done": True}
+
+
+def check_kept(summary: dict) -> None:
+    """Raise ``NothingKeptError`` when a stage had records and kept none."""
+    if summary.get("records") and not summary.get("kept"):
+        reasons = ", ".join(f"{k} {v}" for k, v in summary.get("dropped", {}).items()) or "none"
+        where = summary.get("output")
+        raise NothingKeptError(f"{summary.get('stage')}: all {summary['records']} records of {summary.get('input')} "
+                               f"were dropped ({reasons})" + (f"; see {dropped_output(where)}" if where else ""))
+
+
 def parse_lines(lines: list[str]) -> tuple[list[dict], list[dict]]:
     """JSON objects of ``lines``, and ``bad_json`` drop records for the rest."""
     records, bad = [], []
@@ -162,10 +235,14 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
         raise ValueError("chunk_size must be >= 1")
     out = part_output(output, part, num_parts)
     workdir, summary_url = f"{out}.chunks", f"{out}.summary.json"
-    if storage.exists(out) and storage.exists(summary_url) and not storage.exists(workdir):
-        return json.loads(storage.read_bytes(summary_url))  # finished earlier
+    made_from = {"stage": stage.name, **stage.fingerprint(), "input": input_fingerprint(input_url)}
+    if not storage.exists(workdir):  # with a chunk folder the run is resumed (and OUT rewritten)
+        earlier = finished_summary(out, made_from)
+        if earlier is not None:
+            check_kept(earlier)
+            return earlier
 
-    ensure_settings(f"{workdir}/config.json", {"stage": stage.name, "chunk_size": cfg.chunk_size, **stage.fingerprint()})
+    ensure_settings(f"{workdir}/config.json", {"chunk_size": cfg.chunk_size, **made_from})
     done = committed_chunks(workdir)
     bar = None
     if progress:
@@ -186,6 +263,11 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
     finally:
         if bar is not None:
             bar.close()
+    if not chunks:
+        fs, path = storage.url_to_fs(workdir)
+        fs.rm(path, recursive=True)
+        scope = f" for part {part} of {num_parts} (fewer chunks than parts?)" if num_parts > 1 else ""
+        raise ValueError(f"{input_url} has no records{scope}: nothing to do")
 
     counts = [json.loads(storage.read_bytes(f"{workdir}/{c:08d}.stats.json")) for c in chunks]
     for suffix, url in ((".jsonl", out), (".dropped.jsonl", dropped_output(out))):
@@ -194,10 +276,11 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
             for c in chunks:
                 dst.write(storage.read_bytes(f"{workdir}/{c:08d}{suffix}"))
         storage.commit(tmp, url)
-    summary = _summary(stage.name, input_url, counts)
+    summary = {**_summary(stage.name, input_url, counts), "output": out, "made_from": _normal(made_from)}
     storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
     fs, path = storage.url_to_fs(workdir)
     fs.rm(path, recursive=True)
+    check_kept(summary)
     return summary
 
 
@@ -230,4 +313,6 @@ def run_stage_from_args(stage: Stage, args) -> dict[str, Any]:
 
 def format_stage_summary(summary: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"
-    return f"{summary['stage']}: {summary['records']} records, kept {summary['kept']}, dropped: {drops}"
+    done = (f"already done ({summary.get('output', 'the output')} was made from this input with these settings; "
+            "nothing recomputed): ") if summary.get("already_done") else ""
+    return f"{summary['stage']}: {done}{summary['records']} records, kept {summary['kept']}, dropped: {drops}"
