@@ -534,6 +534,21 @@ def test_image_keys_travel_from_manifest_to_batch_groups(tmp_path):
     assert batch["groups"].dtype == torch.int64
     assert groups[0] == groups[1] == group_id(keys["s0000"]) and len(set(groups)) == 3
 
+    # Through the model to the losses: the shared photo changes every contrastive term.
+    from sapretrain.model.batch import build_preprocess
+    from sapretrain.model.saclip import SAClipConfig, build_saclip
+
+    torch.manual_seed(0)
+    model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None))
+    with torch.no_grad():
+        out = model(collate_records(records, build_preprocess(model)))
+    assert torch.equal(out["groups"], batch["groups"])
+    masked = SAClipLoss(LossConfig(clip=True))(out)
+    plain = SAClipLoss(LossConfig(clip=True, mask_false_negatives=False))(out)
+    for key in ("contrastive_u_loss", "contrastive_v_loss", "clip_loss"):
+        assert abs(masked[key].item() - plain[key].item()) > 1e-6, key
+    torch.testing.assert_close(masked["triplet_loss"], plain["triplet_loss"])
+
     for r in records:  # shards written before image_key: the sample id is the group
         for m in ("a", "p"):
             del r["json"][m]["image_key"]
