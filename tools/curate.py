@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    report = run_curation(cfg, progress=not args.no_progress)
+    try:
+        report = run_curation(cfg, progress=not args.no_progress)
+    except ValueError as e:  # a stage refused its input or output, or kept nothing: the reason, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"\n{report['samples']} curated samples: {report['manifest']}")
     print(f"report: {cfg.output_dir.rstrip('/')}/report.md")
     return 0

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
     out = part_output(args.output, args.part, args.num_parts)
-    print(f"wrote {out}")
+    if not summary.get("already_done"):
+        print(f"wrote {out}")
     print(format_stage_summary(summary))
     kept = ", ".join(f"{k} {v}" for k, v in count_box_sources(out).items()) or "none"
     print(f"kept by box_source: {kept}")

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = extract_file(args.input, args.output, cfg, args.part, args.num_parts, not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
-    print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
+    if not summary.get("already_done"):
+        print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
     print(format_summary(summary))
     return 0
 

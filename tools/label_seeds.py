@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except LLMFatalError as e:
         print(f"stopped: {e} (committed chunks are kept; re-run to resume)", file=sys.stderr)
         return 1
-    print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
+    if not summary.get("already_done"):
+        print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
     print(format_stage_summary(summary))
     print(format_stats(stats))
     return 0

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     out = part_output(args.output, args.part, args.num_parts)
     lines = storage.read_bytes(out).decode("utf-8").splitlines()
     methods = method_counts(json.loads(line) for line in lines)
-    print(f"wrote {out}")
+    if not summary.get("already_done"):
+        print(f"wrote {out}")
     print(format_stage_summary(summary))
     print("kept by method: " + (", ".join(f"{k} {v}" for k, v in methods.items()) or "none"))
     return 0

@@ -323,6 +323,7 @@ def extract_file(
     summary = {**_summary(_merge_counts(counts)), "input": input_url, "output": out,
                "made_from": json.loads(json.dumps(made_from, sort_keys=True))}
     storage.commit(tmp, out)
+    summary["output_fingerprint"] = input_fingerprint(out)
     storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
     fs, path = storage.url_to_fs(workdir)
     fs.rm(path, recursive=True)

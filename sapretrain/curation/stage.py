@@ -18,8 +18,8 @@ with different ones is refused rather than mixing outputs.
 
 **Done, and whose.** ``OUT.summary.json`` records what ``OUT`` was made from (``made_from``: the
 stage, its ``fingerprint()`` and the input's ``input_fingerprint``: size and a hash of its first
-and last MiB). A re-run whose ``OUT`` was made from this input with these settings does nothing
-and says so (``"already_done"`` in the returned summary, one line from ``format_stage_summary``).
+and last MiB). A re-run whose ``OUT`` was made from this input with these settings (and is still the
+file written then: ``output_fingerprint``) does nothing and says so (``"already_done"`` in the returned summary, one line from ``format_stage_summary``).
 An ``OUT`` that exists without such a record (an empty file, another tool's output) or that was
 made from another input or with other settings is refused (``ValueError``), never taken as
 finished nor overwritten; so is a resume whose input changed under its chunks.
@@ -148,9 +148,10 @@ def _normal(value: dict) -> dict:
 
 
 def finished_summary(out: str, made_from: dict) -> dict | None:
-    """The stored summary when ``out`` was finished from ``made_from`` (input and settings), with
-    ``"already_done": True``; None when ``out`` does not exist. Raises ValueError when ``out``
-    exists but nothing shows it was made from that input with those settings."""
+    """The stored summary when ``out`` was finished from ``made_from`` (input and settings) and is
+    still the file that run wrote (``output_fingerprint``), with ``"already_done": True``; None when
+    ``out`` does not exist. Raises ValueError when ``out`` exists but nothing shows it was made
+    from that input with those settings, or it was changed since."""
     if not storage.exists(out):
         return None
     summary_url = f"{out}.summary.json"
@@ -167,6 +168,9 @@ def finished_summary(out: str, made_from: dict) -> dict | None:
         differ = sorted(k for k in set(recorded) | set(made_from) if recorded.get(k) != made_from.get(k))
         raise ValueError(f"{out} was made from another input or with other settings (differ: "
                          f"{', '.join(differ)}): delete it and {summary_url}, or choose another output")
+    if stored.get("output_fingerprint") != input_fingerprint(out):
+        raise ValueError(f"{out} is not the file its run wrote (size or content changed since, per "
+                         f"{summary_url}): delete both, or choose another output")
     return {**stored, "already_done": True}
 
 
@@ -276,7 +280,8 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
             for c in chunks:
                 dst.write(storage.read_bytes(f"{workdir}/{c:08d}{suffix}"))
         storage.commit(tmp, url)
-    summary = {**_summary(stage.name, input_url, counts), "output": out, "made_from": _normal(made_from)}
+    summary = {**_summary(stage.name, input_url, counts), "output": out, "made_from": _normal(made_from),
+               "output_fingerprint": input_fingerprint(out)}
     storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
     fs, path = storage.url_to_fs(workdir)
     fs.rm(path, recursive=True)
