@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate SA-CLIP checkpoints and plain CLIP baselines (paper §3): spatial probe, VSR, DoTA.
+"""Evaluate SA-CLIP checkpoints and plain CLIP baselines (paper §3): spatial probe, VSR, DoTA, SugarCrepe.
 
     python tools/evaluate.py --task spatial --checkpoint SA-CLIP=runs/demo/saclip \\
         --checkpoint CLIP=runs/demo/clip --baseline CLIP --out runs/demo
@@ -10,6 +10,9 @@
         --frames DoTA/frames [--annotations DoTA/annotations] --out runs/eval/dota
     python tools/evaluate.py --task shards --checkpoint runs/paper --shards data/shards/coco-val \\
         [--features data/features/coco-val] --out runs/eval/coco-val
+    python tools/evaluate.py --task sugarcrepe --checkpoint runs/paper --checkpoint openclip:ViT-B-32:openai \\
+        --sugarcrepe sugar-crepe/data --images coco/val2017 --instances coco/instances_val2017.json \\
+        --lm-corpus coco/captions_train2017.json --out runs/eval/sugarcrepe
 
 ``--checkpoint`` (repeatable, ``LABEL=SPEC`` or ``SPEC``): a training run directory (its latest
 checkpoint), one checkpoint directory, a ``save_saclip`` file, or ``openclip:MODEL[:TAG|WEIGHTS]``
@@ -29,7 +32,7 @@ from sapretrain.eval import run  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=("spatial", "vsr", "dota", "shards"))
+    p.add_argument("--task", required=True, choices=("spatial", "vsr", "dota", "shards", "sugarcrepe"))
     p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]SPEC",
                    help="model to evaluate (repeatable)")
     p.add_argument("--out", required=True, help="output folder for results.json, results.md and plots")
@@ -38,9 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     spatial = p.add_argument_group("spatial")
     spatial.add_argument("--scenes", type=int, default=800, help="held-apart probe scenes")
     spatial.add_argument("--k", type=int, default=10, help="neighbours of the k-NN relation classifier")
-    spatial.add_argument("--baseline", help="label of the model the others are compared with (verdict)")
-    spatial.add_argument("--target", type=float, default=run.VERDICT_TARGET,
-                         help="k-NN accuracy gain over the baseline each modality must reach")
+    spatial.add_argument("--baseline", help="label of the model the verdict compares the candidate with")
+    spatial.add_argument("--candidate", help="label of the model the verdict is about (default: the first other)")
+    spatial.add_argument("--margin", type=float, default=run.VERDICT_MARGIN,
+                         help="cross-modal relation accuracy gain (headline boxes) the candidate must reach")
     spatial.add_argument("--workers", type=int, default=1, help="processes rendering the probe scenes")
     vsr = p.add_argument_group("vsr")
     vsr.add_argument("--vsr", help="VSR JSONL to evaluate (e.g. zeroshot test)")
@@ -61,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dota.add_argument("--bootstrap", type=int, default=run.dota.BOOTSTRAP_RESAMPLES,
                       help="clip resamples of the 95%% confidence intervals")
     dota.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    sugar = p.add_argument_group("sugarcrepe (also --images, and --instances or --detector-weights for boxes)")
+    sugar.add_argument("--sugarcrepe", nargs="+", metavar="PATH", help="SugarCrepe data: <category>.json files or folders")
+    sugar.add_argument("--lm-corpus", help="caption JSONL or COCO captions JSON for the bigram-LM text baseline")
+    sugar.add_argument("--fallback", default="global", choices=("global", "wrong"),
+                       help="SA-CLIP rows without triplet or boxes: score by the global halves, or count as wrong")
     held_out = p.add_argument_group("shards (held-out shard set)")
     held_out.add_argument("--shards", help="shard set (directory with sizes.json, pattern or URL)")
     held_out.add_argument("--features", help="its feature shards (tools/cache_features.py): the vision tower is not run")
@@ -77,13 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         if args.task == "spatial":
             report = run.run_spatial(models, args.out, scenes=args.scenes, k=args.k, baseline=args.baseline,
-                                     target=args.target, workers=args.workers, device=args.device,
-                                     progress=progress)
+                                     candidate=args.candidate, margin=args.margin,
+                                     detector_weights=args.detector_weights, workers=args.workers,
+                                     device=args.device, progress=progress)
         elif args.task == "vsr":
             _require(args, "vsr", "images")
             report = run.run_vsr(models, args.out, args.vsr, args.images, instances=args.instances,
                                  detector_weights=args.detector_weights, rule=args.rule, dev_file=args.dev,
                                  device=args.device, progress=progress)
+        elif args.task == "sugarcrepe":
+            _require(args, "sugarcrepe", "images")
+            report = run.run_sugarcrepe(models, args.out, args.sugarcrepe, args.images, instances=args.instances,
+                                        detector_weights=args.detector_weights, lm_corpus=args.lm_corpus,
+                                        fallback=args.fallback, device=args.device, progress=progress)
         elif args.task == "shards":
             _require(args, "shards")
             report = run.run_shards(models, args.out, args.shards, features=args.features,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sapretrain.eval import dota, shards, spatial, vsr
+from sapretrain.eval import dota, shards, spatial, sugarcrepe, vsr
 from sapretrain.eval.encode import Encoder, load_model, model_summary
 
 VERDICT_TARGET = 0.20  # k-NN accuracy points the SA-CLIP objective should gain over plain CLIP
@@ -144,6 +144,64 @@ def run_dota(models: Sequence[tuple[str, str]], out_dir: str | Path, metadata: s
         first = next(iter(results.values()))
         raise ValueError(f"DoTA: no clip could be scored (skipped {first['skipped']}, excluded {first['excluded']}); "
                          f"check --frames {frames_root} (expected <clip_id>/images/000000.jpg)")
+    return report
+
+
+def run_sugarcrepe(models: Sequence[tuple[str, str]], out_dir: str | Path, data: Sequence[str], images_root: str,
+                   instances: str | None = None, detector_weights: str | None = None, lm_corpus: str | None = None,
+                   fallback: str = "global", device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """SugarCrepe accuracy of ``models`` beside no-learning baselines, in one table (sugarcrepe.py).
+
+    Boxes (SA-CLIP's ROI branch) from COCO ``instances`` or a YOLO detector; ``lm_corpus`` (caption
+    JSONL or COCO captions JSON) fits the bigram-LM baseline. Raises ``ValueError`` (after writing
+    results.json / results.md) when no model scored a row.
+    """
+    from sapretrain.curation.svo import load_nlp
+
+    if instances and detector_weights:
+        raise ValueError("SugarCrepe boxes: give COCO instance annotations or detector weights, not both")
+    data = [data] if isinstance(data, str) else list(data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows = sugarcrepe.read_sugarcrepe(data)
+    if not rows:
+        raise ValueError(f"no SugarCrepe rows in {data}")
+    grounding = (sugarcrepe.Grounding.from_detector(detector_weights, device=device) if detector_weights
+                 else sugarcrepe.Grounding.from_annotations(instances) if instances else None)
+    try:
+        nlp, no_nlp = load_nlp(), None
+    except (ImportError, RuntimeError) as e:
+        nlp, no_nlp = None, f"SugarCrepe: SA-CLIP's spans and the noun baseline need a spaCy model ({e})"
+    if no_nlp and grounding is not None:
+        raise ValueError(no_nlp)
+    prepared = sugarcrepe.prepare_rows(rows, images_root, grounding, nlp=nlp, progress=progress)
+    results = {}
+    for label, spec in models:
+        model, _ = load_model(spec, device=device)
+        if no_nlp and (model.cfg.use_svo or model.cfg.use_roi):
+            raise ValueError(no_nlp)
+        result = sugarcrepe.evaluate_sugarcrepe(Encoder(model), prepared, images_root, fallback=fallback,
+                                                progress=progress)
+        name = f"predictions-{_slug(label)}.jsonl"
+        (out / name).write_text("".join(json.dumps(p) + "\n" for p in result.pop("predictions")), encoding="utf-8")
+        results[label] = {"spec": spec, **model_summary(model), **result, "predictions_file": name}
+    corpus = sugarcrepe.read_caption_corpus(lm_corpus) if lm_corpus else None
+    baselines, notes = sugarcrepe.evaluate_baselines(rows, prepared, corpus, grounding is not None)
+    for result in baselines.values():
+        result.pop("predictions")
+    categories = sugarcrepe.categories_of(rows)
+    report = {"task": "sugarcrepe", "data": data, "images": images_root,
+              "boxes": grounding.source if grounding else "none", "fallback": fallback,
+              "categories": categories, "models": results, "baselines": baselines, **notes,
+              "seconds": round(time.time() - started, 1)}
+    title = (f"SugarCrepe: {len(rows)} rows, boxes {report['boxes']}, SA-CLIP fallback `{fallback}`; "
+             f"accuracy (%) over all rows\n\n")
+    write_report(report, out, title + sugarcrepe.format_sugarcrepe_table({**results, **baselines}, categories))
+    if results and not sugarcrepe.scorable(results):
+        reasons = next(iter(results.values()))["unscorable"]
+        raise ValueError(f"SugarCrepe: no model scored any of the {len(rows)} rows ({reasons}); "
+                         f"check --images {images_root}")
     return report
 
 
