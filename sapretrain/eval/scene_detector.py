@@ -1,0 +1,207 @@
+"""A real detector for the synthetic scenes, so the demo's boxes are not the generator's.
+
+    weights = train_scene_detector("data/detector")          # cached: a second call only checks it
+    finder = SceneBoxes(weights)                              # caption parts -> detected boxes
+    boxes, status = finder.boxes(image, caption, triplet)
+
+**Detector.** An ultralytics YOLOv8n built from ``yolov8n.yaml`` (random init: no weights exist on
+these machines) and trained on the synthetic *train* split only (scenes ``0 .. train_scenes-1``,
+validation on the next ``val_scenes``; the evaluation split's seeds are never seen). Its 16 classes
+are CLEVR's colour x shape ("red cube", "blue sphere"): the two objects of a scene always differ
+in colour or shape (sapretrain/data/synthetic.py), so colour + shape names an object. Hue and
+saturation augmentation are off (they would turn one class into another); flips, mosaic and scale
+stay on. Trained once into ``OUT/scenes-yolov8n.pt`` with ``OUT/detector.json`` (settings and the
+validation mAP50 / mAP50-95); later calls with the same settings reuse it.
+
+**From caption parts to boxes** (``match_parts``). A part ("large red metal cube") names its shape
+by its noun (cube / block, sphere / ball) and maybe its colour; its candidates are the detections
+of that shape (and colour, when named). When both parts share candidates the parts with fewer
+candidates choose first; a size word ("large" / "small") picks the larger / smaller box among a
+part's candidates, otherwise the most confident wins. A part with no candidate gets the whole
+frame (``status`` counts it: the model then sees no ROI for it, as for any user whose detector
+missed). The relation text is never read, so the boxes cannot leak the answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sapretrain.data.synthetic import COLORS, SHAPES, SIZES, plan_scene, scene_id
+
+CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
+SHAPE_WORDS = {"cube": "cube", "cubes": "cube", "block": "cube", "blocks": "cube",
+               "sphere": "sphere", "spheres": "sphere", "ball": "sphere", "balls": "sphere"}
+WEIGHTS_NAME = "scenes-yolov8n.pt"
+WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    train_scenes: int = 1600  # train-split scenes 0..N-1 (make_shards renders 4000 of them)
+    val_scenes: int = 200  # the next ones
+    epochs: int = 3
+    imgsz: int = 192
+    batch: int = 16
+    seed: int = 0
+
+
+def _label_lines(index: int) -> str:
+    """YOLO label lines (class cx cy w h, normalised) of train scene ``index``; planning is cheap."""
+    scene = plan_scene("train", index)
+    lines = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = scene._clip(obj.box)
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            continue
+        cls = CLASSES.index(f"{obj.color} {obj.shape}")
+        cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
+        w, h = (x1 - x0) / scene.width, (y1 - y0) / scene.height
+        lines.append(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+    return "".join(line + "\n" for line in lines)
+
+
+def write_yolo_dataset(synthetic_dir: str | Path, out_dir: str | Path, settings: DetectorSettings) -> Path:
+    """A YOLO dataset (data.yaml, image lists, label files) over the rendered train scenes.
+
+    Images stay where ``write_synthetic`` put them (``synthetic_dir/images``); ultralytics finds each
+    image's labels by swapping ``/images/`` for ``/labels/`` in its path, so the labels go beside them.
+    """
+    synthetic_dir, out_dir = Path(synthetic_dir).resolve(), Path(out_dir).resolve()
+    images = synthetic_dir / "images"
+    labels = synthetic_dir / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    needed = settings.train_scenes + settings.val_scenes
+    lists: dict[str, list[str]] = {"train": [], "val": []}
+    for index in range(needed):
+        name = scene_id("train", index)
+        image = next((p for p in (images / f"{name}.png", images / f"{name}.jpg") if p.exists()), None)
+        if image is None:
+            raise FileNotFoundError(f"{images}: no rendered image for {name}; the detector trains on the "
+                                    f"first {needed} train scenes (python tools/make_shards.py renders them)")
+        (labels / f"{name}.txt").write_text(_label_lines(index), encoding="utf-8")
+        lists["train" if index < settings.train_scenes else "val"].append(str(image))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, paths in lists.items():
+        (out_dir / f"{split}.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+    data = out_dir / "data.yaml"
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASSES))
+    data.write_text(f"path: {out_dir}\ntrain: {out_dir / 'train.txt'}\nval: {out_dir / 'val.txt'}\nnames:\n{names}",
+                    encoding="utf-8")
+    return data
+
+
+def train_scene_detector(out_dir: str | Path, synthetic_dir: str | Path = "data/synthetic/train",
+                         settings: DetectorSettings | None = None, workers: int = 2, log=print) -> Path:
+    """Train (or reuse) the scene detector; returns the weights path. See the module docstring."""
+    settings = settings or DetectorSettings()
+    out = Path(out_dir)
+    weights, meta_path = out / WEIGHTS_NAME, out / "detector.json"
+    if weights.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("settings") == asdict(settings):
+            log(f"scene detector: already trained ({weights}, val mAP50 {meta['metrics']['mAP50']:.3f})")
+            return weights
+        log(f"scene detector: {meta_path} holds other settings; training again")
+    from sapretrain.detector import load_yolo
+
+    data = write_yolo_dataset(synthetic_dir, out / "dataset", settings)
+    started = time.time()
+    model = load_yolo("yolov8n.yaml")
+    runs = (out / "runs").resolve()
+    model.train(data=str(data), epochs=settings.epochs, imgsz=settings.imgsz, batch=settings.batch,
+                device="cpu", workers=workers, seed=settings.seed, deterministic=True, amp=False,
+                plots=False, project=str(runs), name="train", exist_ok=True, verbose=False,
+                hsv_h=0.0, hsv_s=0.0, hsv_v=0.2, close_mosaic=1, patience=settings.epochs)
+    best = runs / "train" / "weights" / "best.pt"
+    if not best.exists():
+        raise RuntimeError(f"detector training wrote no {best}")
+    metrics = _validate(best, data, settings)
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    shutil.copyfile(best, tmp)
+    os.replace(tmp, weights)
+    meta = {"settings": asdict(settings), "classes": list(CLASSES), "metrics": metrics,
+            "seconds": round(time.time() - started, 1)}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    log(f"scene detector: trained in {meta['seconds']:.0f} s, val mAP50 {metrics['mAP50']:.3f} "
+        f"(mAP50-95 {metrics['mAP50-95']:.3f}) -> {weights}")
+    return weights
+
+
+def _validate(weights: Path, data: Path, settings: DetectorSettings) -> dict[str, float]:
+    from sapretrain.detector import load_yolo
+
+    result = load_yolo(str(weights)).val(data=str(data), imgsz=settings.imgsz, batch=settings.batch,
+                                         device="cpu", plots=False, verbose=False, workers=0)
+    return {"mAP50": round(float(result.box.map50), 4), "mAP50-95": round(float(result.box.map), 4)}
+
+
+# --------------------------------------------------------------------------------------------
+# Caption parts -> boxes
+
+
+def part_attributes(text: str) -> dict[str, str | None]:
+    """Shape, colour and size named by a part's words ("large red metal cube")."""
+    words = WORD.findall(text.lower())
+    shape = next((SHAPE_WORDS[w] for w in reversed(words) if w in SHAPE_WORDS), None)
+    return {"shape": shape, "color": next((w for w in words if w in COLORS), None),
+            "size": next((w for w in words if w in SIZES), None)}
+
+
+def _fits(attrs: dict[str, str | None], detection: dict) -> bool:
+    color, _, shape = detection["name"].partition(" ")
+    return attrs["shape"] == shape and attrs["color"] in (None, color)
+
+
+def _area(box: Sequence[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def match_parts(texts: dict[str, str], detections: list[dict], width: int, height: int
+                ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Subject and object boxes for the parts' ``texts`` among ``detections`` (``{"name", "box",
+    "score"}``), and per part how it was found: "detected", "by_size", or "missing" (whole frame)."""
+    attrs = {part: part_attributes(text) for part, text in texts.items()}
+    cands = {part: [i for i, d in enumerate(detections) if _fits(attrs[part], d)] for part in texts}
+    boxes, how, taken = {}, {}, set()
+    for part in sorted(texts, key=lambda p: len(cands[p])):  # the more specific part chooses first
+        free = [i for i in cands[part] if i not in taken] or cands[part]
+        if not free:
+            boxes[part], how[part] = [0.0, 0.0, float(width), float(height)], "missing"
+            continue
+        size = attrs[part]["size"]
+        if size is not None and len(free) > 1:
+            pick = (max if size == "large" else min)(free, key=lambda i: _area(detections[i]["box"]))
+            how[part] = "by_size"
+        else:
+            pick = max(free, key=lambda i: detections[i]["score"])
+            how[part] = "detected"
+        taken.add(pick)
+        boxes[part] = [float(v) for v in detections[pick]["box"]]
+    return boxes, how
+
+
+class SceneBoxes:
+    """Detections per image (batched) and the subject/object boxes a caption's parts name."""
+
+    def __init__(self, weights: str | Path, conf: float = 0.25, imgsz: int | None = None, batch: int = 32):
+        from sapretrain.curation.rois import YoloDetector
+
+        if imgsz is None:
+            meta = Path(weights).with_name("detector.json")
+            imgsz = json.loads(meta.read_text())["settings"]["imgsz"] if meta.exists() else DetectorSettings.imgsz
+        self.detector = YoloDetector(str(weights), conf=conf, imgsz=imgsz, batch=batch, device="cpu")
+
+    def detect(self, images: Sequence[Any], progress: bool = True) -> list[list[dict]]:
+        from tqdm import tqdm
+
+        out = []
+        step = self.detector.batch
+        for start in tqdm(range(0, len(images), step), desc="detecting", unit="batch", disable=not progress):
+            out.extend(self.detector(list(images[start:start + step])))
+        return out
