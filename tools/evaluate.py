@@ -41,9 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     spatial = p.add_argument_group("spatial")
     spatial.add_argument("--scenes", type=int, default=800, help="held-apart probe scenes")
     spatial.add_argument("--k", type=int, default=10, help="neighbours of the k-NN relation classifier")
-    spatial.add_argument("--baseline", help="label of the model the others are compared with (verdict)")
-    spatial.add_argument("--target", type=float, default=run.VERDICT_TARGET,
-                         help="k-NN accuracy gain over the baseline each modality must reach")
+    spatial.add_argument("--baseline", help="label of the model the verdict compares the candidate with")
+    spatial.add_argument("--candidate", help="label of the model the verdict is about (default: the first other)")
+    spatial.add_argument("--margin", type=float, default=run.VERDICT_MARGIN,
+                         help="cross-modal relation accuracy gain (headline boxes) the candidate must reach")
     spatial.add_argument("--workers", type=int, default=1, help="processes rendering the probe scenes")
     vsr = p.add_argument_group("vsr")
     vsr.add_argument("--vsr", help="VSR JSONL to evaluate (e.g. zeroshot test)")
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         if args.task == "spatial":
             report = run.run_spatial(models, args.out, scenes=args.scenes, k=args.k, baseline=args.baseline,
-                                     target=args.target, workers=args.workers, device=args.device,
-                                     progress=progress)
+                                     candidate=args.candidate, margin=args.margin,
+                                     detector_weights=args.detector_weights, workers=args.workers,
+                                     device=args.device, progress=progress)
         elif args.task == "vsr":
             _require(args, "vsr", "images")
             report = run.run_vsr(models, args.out, args.vsr, args.images, instances=args.instances,

@@ -92,19 +92,36 @@ def run_spatial(models: Sequence[tuple[str, str]], out_dir: str | Path, scenes: 
     embeddings, results = {}, {}
     for label, spec in models:
         model, _ = load_model(spec, device=device)
-        embeddings[label] = spatial.embed(Encoder(model), probe)
-        results[label] = {"spec": spec, **model_summary(model), **spatial.score(embeddings[label], probe.labels, k)}
+        encoder = Encoder(model)
+        margins = spatial.model_margins(encoder, probe, conditions)
+        embedded = spatial.embed(encoder, probe, conditions[headline])
+        embeddings[label] = embedded
+        results[label] = {
+            "spec": spec, **model_summary(model),
+            "relation_accuracy": {cond: _accuracy_entry(m) for cond, m in margins.items()},
+            "flip_rate": spatial.flip_rate(margins[headline], margins[swapped]),
+            "role_free": spatial.role_free(embedded["global"], probe, k),
+            **spatial.score(embedded, probe.labels, k),
+        }
     report: dict[str, Any] = {
         "task": "spatial",
-        "probe": {"split": "eval", "scenes": scenes, "k": k, "chance": 1 / len(spatial.CONFIGURATIONS),
-                  "relations": list(spatial.CONFIGURATIONS)},
+        "probe": {"split": "eval", "scenes": scenes, "k": k, "relations": list(spatial.CONFIGURATIONS),
+                  "knn_chance": 1 / len(spatial.CONFIGURATIONS), "pair_chance": 0.5},
+        "headline": headline,
+        "conditions": list(conditions),
+        "detection": detection,
+        "text_only_train_scenes": text_only.train_scenes,
         "models": results,
+        "baselines": baselines,
+        "knn_baselines": knn_baselines,
+        "role_free_baseline": {"raw pixels (no learning)": role_free_baseline},
     }
     if baseline is not None:
-        report["verdict"] = verdict(results, baseline, target)
+        report["verdict"] = verdict(results, candidate, baseline, margin, headline, oracle)
     if plot:
+        spatial.accuracy_plot(report, str(out / "relation_accuracy.png"))
         spatial.tsne_plot(embeddings, probe.labels, str(out / "spatial_tsne.png"))
-        report["plots"] = ["spatial_tsne.png"]
+        report["plots"] = ["relation_accuracy.png", "spatial_tsne.png"]
     report["seconds"] = round(time.time() - started, 1)
     write_report(report, out, spatial_table(report))
     return report
@@ -121,50 +138,21 @@ def run_vsr(models: Sequence[tuple[str, str]], out_dir: str | Path, vsr_file: st
     started = time.time()
     rows, bad_lines = vsr.read_vsr(vsr_file)
     dev_rows = vsr.read_vsr(dev_file)[0] if dev_file else None
-    sources = {}  # mode -> keyword arguments of the box source; the headline first
-    if detector_weights:
-        sources["detector"] = {"detector": vsr.YoloBoxes(detector_weights, device=device)}
-    if instances:
-        sources["gold"] = {"annotations": vsr.load_coco_annotations(instances)}
-    nlp = vsr._default_nlp()
-    results: dict[str, dict] = {}
-    table: dict[str, dict] = {}
-    tables = []
-
-    def keep(label: str, mode: str, result: dict, extra: dict) -> None:
-        predictions = result.pop("predictions")
-        name = f"predictions-{_slug(label)}-{mode}.jsonl"
-        (out / name).write_text("".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8")
-        results.setdefault(label, {**extra, "modes": {}})["modes"][mode] = {**result, "predictions_file": name}
-        table.setdefault(label, {})[mode] = result
-        tables.append(f"## {label}, {mode} boxes\n\n{vsr.format_vsr_table(result)}")
-
+    annotations = vsr.load_coco_annotations(instances) if instances else None
+    detector = vsr.YoloBoxes(detector_weights, device=device) if annotations is None else None
+    results, tables = {}, []
     for label, spec in models:
         model, _ = load_model(spec, device=device)
-        for mode, source in sources.items():
-            result = vsr.evaluate_vsr(Encoder(model), rows, images_root, rule=rule, dev_rows=dev_rows,
-                                      bad_lines=bad_lines, progress=progress, nlp=nlp, **source)
-            keep(label, mode, result, {"spec": spec, **model_summary(model)})
-    for mode, source in sources.items():
-        result = vsr.evaluate_geometry(rows, images_root, dev_rows=dev_rows, bad_lines=bad_lines, nlp=nlp, **source)
-        keep(vsr.GEOMETRY_LABEL, mode, result, {"spec": None, "baseline": True})
-    headline = next(iter(sources))
-    report = {"task": "vsr", "file": vsr_file, "rows": len(rows) + len(bad_lines),
-              "bad_lines": dict(vsr.bad_line_counts(bad_lines)), "rule": rule, "headline_boxes": headline,
-              "box_modes": list(sources), "models": results, "seconds": round(time.time() - started, 1)}
-    header = (f"VSR {vsr_file}: {report['rows']} rows; accuracy over all rows (a row that cannot be scored "
-              f"counts as wrong). Headline boxes: {headline}" + ("; gold COCO boxes secondary" if
-                                                               headline != "gold" and "gold" in sources else "") + "\n\n")
-    # Skips never depend on the model: a mode that scored nothing did so for every model.
-    geometry = table[vsr.GEOMETRY_LABEL]
-    empty = [mode for mode in sources if not any(table[label][mode]["scored"] for label in table)]
-    report["empty_modes"] = empty
-    warning = "".join(f"WARNING: no row could be scored with {mode} boxes (skipped {geometry[mode]['skipped']})\n\n"
-                      for mode in empty)
-    write_report(report, out, header + warning + vsr.format_vsr_summary(table) + "\n" + "\n\n".join(tables) + "\n")
-    if len(empty) == len(sources):
-        raise ValueError(f"VSR: no row of {vsr_file} could be scored ({report['rows']} rows; "
-                         + "; ".join(f"{mode} boxes: skipped {geometry[mode]['skipped']}" for mode in empty) + ")")
+        result = vsr.evaluate_vsr(Encoder(model), rows, images_root, annotations=annotations, detector=detector,
+                                  rule=rule, dev_rows=dev_rows, progress=progress)
+        predictions = result.pop("predictions")
+        name = f"predictions-{_slug(label)}.jsonl"
+        (out / name).write_text("".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8")
+        results[label] = {"spec": spec, **model_summary(model), **result, "predictions_file": name}
+        tables.append(f"## {label}\n\n{vsr.format_vsr_table(result)}")
+    report = {"task": "vsr", "file": vsr_file, "bad_lines": dict(bad_lines), "rule": rule, "models": results,
+              "seconds": round(time.time() - started, 1)}
+    write_report(report, out, _overview(report, "accuracy") + "\n" + "\n".join(tables))
     return report
 
 
