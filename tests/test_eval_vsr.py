@@ -57,18 +57,24 @@ def test_read_vsr_skips_and_counts_bad_lines(tmp_path):
     path = write_jsonl(tmp_path / "vsr.jsonl", [
         good,
         "{not json",
-        {k: v for k, v in good.items() if k != "subj"},  # missing field
+        {k: v for k, v in good.items() if k != "caption"},  # missing field
         {**good, "label": 2},
         {**good, "label": "1"},
         {**good, "label": True},
         {**good, "relation": "levitating above"},
         "",
         {**good, "caption": "The cat is on the table.", "relation": "on", "label": 0, "id": "x7"},
+        {k: v for k, v in good.items() if k not in ("subj", "obj")},  # random split: no subj/obj, kept
+        {**good, "subj": 3},
     ])
-    rows, skipped = vsr.read_vsr(str(path))
-    assert [r["caption"] for r in rows] == ["The cat is under the table.", "The cat is on the table."]
-    assert [r["id"] for r in rows] == ["vsr.jsonl:1", "x7"]
-    assert skipped == {"not_json": 1, "missing_field": 1, "bad_label": 3, "unknown_relation": 1}
+    rows, bad = vsr.read_vsr(str(path))
+    assert [r["caption"] for r in rows] == ["The cat is under the table.", "The cat is on the table.",
+                                            "The cat is under the table."]
+    assert [r["id"] for r in rows] == ["vsr.jsonl:1", "x7", "vsr.jsonl:10"]
+    assert vsr.bad_line_counts(bad) == {"not_json": 1, "missing_field": 2, "bad_label": 3, "unknown_relation": 1}
+    assert [(b["line"], b["reason"]) for b in bad] == [
+        (2, "not_json"), (3, "missing_field"), (4, "bad_label"), (5, "bad_label"), (6, "bad_label"),
+        (7, "unknown_relation"), (11, "missing_field")]
 
 
 def test_relation_tables_are_consistent():
@@ -275,7 +281,8 @@ def test_contrast_rule_metrics(scene):
 
     table = vsr.format_vsr_table(result)
     lines = table.splitlines()
-    assert "| **overall** | 6 | 66.7 |" in lines
+    assert "| **overall (all rows)** | 6 | 66.7 |" in lines
+    assert (result["scored"], result["accuracy_scored"], result["boxes"]) == (6, pytest.approx(4 / 6), "gold")
     assert lines.index("| above | 2 | 50.0 |") < lines.index("| left of | 1 | 100.0 |")
 
 
@@ -284,9 +291,14 @@ def test_contrast_rule_without_dev_skips_symmetric_relations(scene):
     result = vsr.evaluate_vsr(FakeEncoder(SIMS), rows_of(EVAL_ROWS), str(root), annotations,
                               progress=False, nlp=None)
     assert result["threshold"] is None
-    assert (result["n"], result["correct"]) == (4, 3)
+    # Over all 6 rows: the 2 symmetric rows cannot be scored and count as wrong.
+    assert (result["n"], result["scored"], result["correct"]) == (6, 4, 3)
+    assert result["accuracy"] == pytest.approx(3 / 6) and result["accuracy_scored"] == pytest.approx(3 / 4)
     assert result["skipped"] == {"no_contrast": 2}
-    assert "touching" not in result["per_relation"]
+    assert result["skipped_rows"] == [{"id": "r4", "reason": "no_contrast"}, {"id": "r5", "reason": "no_contrast"}]
+    assert result["per_relation"]["touching"] == {"n": 2, "accuracy": 0.0}
+    assert [p["pred"] for p in result["predictions"]] == [1, 0, 0, 1, None, None]
+    assert result["predictions"][4]["skipped"] == "no_contrast"
 
 
 def test_threshold_rule_is_tuned_on_dev_only(scene):
@@ -318,9 +330,16 @@ def test_unusable_rows_are_skipped_and_counted(scene):
         {**row("The cat sleeps.", "left of", "cat", "dog"), "id": "no-svo"},
     ]
     sims = {**SIMS, "The cat is left of the horse.": 0.1, "The cat is right of the horse.": 0.2}
-    result = vsr.evaluate_vsr(FakeEncoder(sims), rows, str(root), annotations, progress=False, nlp=None)
-    assert result["n"] == 1 and [p["id"] for p in result["predictions"]] == ["r0"]
-    assert result["skipped"] == {"missing_image": 1, "no_box": 1, "unknown_relation": 1, "no_svo": 1}
+    bad_lines = [{"id": "vsr.jsonl:9", "line": 9, "reason": "not_json"}]
+    result = vsr.evaluate_vsr(FakeEncoder(sims), rows, str(root), annotations, bad_lines=bad_lines,
+                              progress=False, nlp=None)
+    assert (result["n"], result["scored"], result["correct"]) == (6, 1, 1)  # every row of the file counts
+    assert result["accuracy"] == pytest.approx(1 / 6) and result["accuracy_scored"] == 1.0
+    assert [p["id"] for p in result["predictions"]] == ["r0", "gone", "no-horse", "odd", "no-svo", "vsr.jsonl:9"]
+    assert result["skipped"] == {"missing_image": 1, "no_box": 1, "unknown_relation": 1, "no_svo": 1, "not_json": 1}
+    assert [r["id"] for r in result["skipped_rows"]] == ["gone", "no-horse", "odd", "no-svo", "vsr.jsonl:9"]
+    with pytest.raises(ValueError, match="one box source"):
+        vsr.evaluate_vsr(FakeEncoder(sims), rows, str(root), annotations, detector=lambda im: [], nlp=None)
 
 
 def test_detector_supplies_boxes_once_per_image(scene):
@@ -336,7 +355,8 @@ def test_detector_supplies_boxes_once_per_image(scene):
     result = vsr.evaluate_vsr(encoder, rows_of(EVAL_ROWS[:3]), str(root), detector=detector,
                               progress=False, nlp=None)
     assert calls == [(64, 48)]  # three rows, one image
-    assert result["n"] == 2 and result["skipped"] == {"no_box": 1}  # no bird found
+    assert (result["n"], result["scored"], result["boxes"]) == (3, 2, "detector")
+    assert result["skipped"] == {"no_box": 1}  # no bird found
     assert [list(s.boxes["obj"]) for s in encoder.image_samples] == [OBJ_BOX, OBJ_BOX]
 
 
@@ -377,14 +397,125 @@ def test_end_to_end_random_saclip_on_fixture_rows(tmp_path, fixture_annotations)
     assert again["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
 
 
-def test_yolo_detector_runs_end_to_end(fixture_annotations):
+def random_yolo(path: Path) -> Path:
+    """A random-init YOLOv8n (offline, from ultralytics' packaged yaml) saved as weights: class
+    names "0".."79", so it never names a VSR category."""
     pytest.importorskip("ultralytics")
+    from sapretrain.detector import load_yolo
+
     torch.manual_seed(0)
-    detector = vsr.YoloBoxes("yolov8n.yaml")  # random init, offline: finds nothing
+    load_yolo("yolov8n.yaml").save(str(path))
+    return path
+
+
+def test_yolo_detector_runs_end_to_end(tmp_path):
+    detector = vsr.YoloBoxes(str(random_yolo(tmp_path / "yolo.pt")))
     rows = fixture_vsr_rows()[:2]  # one image
-    result = vsr.evaluate_vsr(FakeEncoder(defaultdict(lambda: 0.5)), rows, str(IMAGES), detector=detector, progress=False, nlp=None)
-    assert result["n"] + result["skipped"].get("no_box", 0) == 2
+    result = vsr.evaluate_vsr(FakeEncoder(defaultdict(lambda: 0.5)), rows, str(IMAGES), detector=detector,
+                              progress=False, nlp=None)
+    assert result["boxes"] == "detector" and result["n"] == 2
+    assert result["scored"] + result["skipped"].get("no_box", 0) == 2
     assert set(result["skipped"]) <= {"no_box"}
+
+
+# --------------------------------------------------------------------------------------------
+# VSR's random split: subject and object from the caption
+
+
+def test_derive_names_from_the_caption(nlp):
+    assert vsr.derive_names("The umbrella is enclosed by the person.", "enclosed by", nlp) == {
+        "subj": "umbrella", "obj": "person", "subj_category": "umbrella", "obj_category": "person"}
+    # Caption words for the spans, COCO categories (the curation's synonyms) for the boxes.
+    assert vsr.derive_names("The man is at the left side of the dining table.", "at the left side of", nlp) == {
+        "subj": "man", "obj": "dining table", "subj_category": "person", "obj_category": "dining table"}
+    assert vsr.derive_names("The teddy bear is far away from the hot dog.", "far away from", nlp)["obj"] == "hot dog"
+    assert vsr.derive_names("A sunny day.", "left of", nlp) is None
+    assert vsr.derive_names("The cat is left of the dog.", "left of", None) is None
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    from sapretrain.curation.svo import load_nlp
+
+    try:
+        return load_nlp()
+    except (ImportError, OSError):
+        pytest.skip("no spaCy model installed")
+
+
+def test_random_split_rows_score_like_rows_with_fields(tmp_path, nlp, fixture_annotations):
+    """Rows without subj/obj (random split) give the same boxes, spans and scores as with them."""
+    from sapretrain.eval.encode import Encoder
+    from sapretrain.model import SAClipConfig, build_saclip
+
+    with_fields = vsr.read_vsr(str(write_jsonl(tmp_path / "zeroshot.jsonl", fixture_vsr_rows())))[0]
+    random_rows = [{k: v for k, v in r.items() if k not in ("subj", "obj")} for r in fixture_vsr_rows()]
+    without, bad = vsr.read_vsr(str(write_jsonl(tmp_path / "random.jsonl", random_rows)))
+    assert len(without) == 5 and not bad and not any("subj" in r for r in without)
+    torch.manual_seed(0)
+    encoder = Encoder(build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False)).eval())
+    a = vsr.evaluate_vsr(encoder, with_fields, str(IMAGES), fixture_annotations, dev_rows=with_fields,
+                         progress=False, nlp=nlp)
+    b = vsr.evaluate_vsr(encoder, without, str(IMAGES), fixture_annotations, dev_rows=without,
+                         progress=False, nlp=nlp)
+    assert (b["n"], b["scored"], b["derived_names"], a["derived_names"]) == (5, 5, 5, 0)
+    assert [p["score"] for p in b["predictions"]] == pytest.approx([p["score"] for p in a["predictions"]], abs=1e-6)
+    assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-6)
+    ga = vsr.evaluate_geometry(with_fields, str(IMAGES), fixture_annotations, nlp=nlp)
+    gb = vsr.evaluate_geometry(without, str(IMAGES), fixture_annotations, nlp=nlp)
+    assert [p["pred"] for p in gb["predictions"]] == [p["pred"] for p in ga["predictions"]]
+
+
+# --------------------------------------------------------------------------------------------
+# The box-geometry baseline (no model)
+
+
+def test_geometry_rules_by_hand(scene):
+    root, annotations = scene  # cat [2, 3, 20, 30], dog [30, 10, 60, 40], bird [40, 5, 60, 15]
+    rows = rows_of(EVAL_ROWS + [
+        ("The cat is facing the dog.", "facing", "cat", "dog", 0),    # no rule: dev majority (overall 1)
+        ("The bird is near the cat.", "near", "bird", "cat", 1),      # gap 20 >= sqrt(200): far -> 0
+        ("The cat is left of the horse.", "left of", "cat", "horse", 1),  # no horse: no_box, wrong
+    ])
+    result = vsr.evaluate_geometry(rows, str(root), annotations, dev_rows=rows_of(DEV_ROWS, "b.jpg"), nlp=None)
+    # left of: cat cx 11 < dog cx 45 -> 1 (right); cat above dog: cy 16.5 < 25 -> 1 (label 0, wrong);
+    # bird above dog: 10 < 25 -> 1 (right); against / touching cat-dog: no overlap -> 0 (wrong, wrong);
+    # bird touching dog: overlap [40, 10, 60, 15] -> 1 (right); facing -> 1 (wrong); near -> 0 (wrong).
+    assert [p["pred"] for p in result["predictions"]] == [1, 1, 1, 0, 0, 1, 1, 0, None]
+    assert (result["n"], result["scored"], result["correct"]) == (9, 8, 3)
+    assert result["accuracy"] == pytest.approx(3 / 9) and result["accuracy_scored"] == pytest.approx(3 / 8)
+    assert result["modes"] == {"rule": 7, "majority": 1} and result["skipped"] == {"no_box": 1}
+    # dev: touching 1 of 2 (a tie -> 1), near 1 of 2 -> 1; overall 2 of 4 -> 1
+    assert result["dev"]["majority"] == {"touching": 1, "near": 1} and result["dev"]["overall_majority"] == 1
+    assert vsr.majority_labels([{**r, "label": 0} for r in rows_of(DEV_ROWS)]) == ({"touching": 0, "near": 0}, 0)
+    assert vsr.majority_labels(None) == ({}, 1)
+
+
+def test_geometry_rule_details():
+    s, o = [10, 10, 20, 20], [0, 0, 40, 40]
+    assert vsr.GEOMETRY_RULES["inside"](s, o) and not vsr.GEOMETRY_RULES["inside"](o, s)
+    assert vsr.GEOMETRY_RULES["contains"](o, s) and vsr.GEOMETRY_RULES["outside"](o, s)
+    assert vsr.GEOMETRY_RULES["in front of"]([0, 0, 5, 50], [0, 0, 5, 40])  # lower bottom edge: nearer
+    assert vsr.GEOMETRY_RULES["behind"]([0, 0, 5, 40], [0, 0, 5, 50])
+    assert vsr.GEOMETRY_RULES["under"]([0, 30, 5, 40], [0, 0, 5, 10])  # image y grows downwards
+    assert vsr.GEOMETRY_RULES["near"]([0, 0, 10, 10], [15, 0, 25, 10])  # gap 5 < side 10
+    assert vsr.GEOMETRY_RULES["far from"]([0, 0, 10, 10], [25, 0, 35, 10])  # gap 15
+    assert not vsr.GEOMETRY_RULES["detached from"]([0, 0, 10, 10], [5, 5, 15, 15])
+
+
+def test_geometry_on_the_fixture_rows_by_hand(fixture_annotations):
+    result = vsr.evaluate_geometry([{**r, "id": str(i)} for i, r in enumerate(fixture_vsr_rows())], str(IMAGES),
+                                   fixture_annotations, nlp=None)
+    # person touching elephant (label 0): the boxes overlap -> 1, wrong; elephant behind person:
+    # person's bottom 401.55 > elephant's 400.53 -> 1, right; bed under book: book cy 352.9 is below
+    # bed cy 309.0 -> 0, wrong; pizza touching book: overlap -> 1, right; book left of wine glass:
+    # cx 157.9 < 394.9 -> 1, right.
+    assert [p["pred"] for p in result["predictions"]] == [1, 1, 0, 1, 1]
+    assert (result["n"], result["correct"], result["accuracy"]) == (5, 3, 0.6)
+
+
+# --------------------------------------------------------------------------------------------
+# The tool
 
 
 def test_evaluate_cli_vsr_writes_results_per_model(tmp_path):
@@ -395,20 +526,46 @@ def test_evaluate_cli_vsr_writes_results_per_model(tmp_path):
 
     torch.manual_seed(0)
     save_saclip(build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False)), str(tmp_path / "sa.pt"))
+    weights = random_yolo(tmp_path / "yolo.pt")
     path = write_jsonl(tmp_path / "vsr.jsonl", fixture_vsr_rows() + ["not json"])
     out = tmp_path / "out"
+    tool = str(COCO_DIR.parents[2] / "tools" / "evaluate.py")
     done = subprocess.run(
-        [sys.executable, str(COCO_DIR.parents[2] / "tools" / "evaluate.py"), "--task", "vsr",
+        [sys.executable, tool, "--task", "vsr",
          "--checkpoint", f"SA={tmp_path / 'sa.pt'}", "--checkpoint", "CLIP=openclip:sa-tiny",
          "--vsr", str(path), "--images", str(IMAGES), "--instances", str(ANNOTATIONS), "--dev", str(path),
-         "--out", str(out), "--no-progress"],
+         "--detector-weights", str(weights), "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
-    assert report["bad_lines"] == {"not_json": 1}
+    assert report["bad_lines"] == {"not_json": 1} and report["rows"] == 6
+    assert report["headline_boxes"] == "detector" and report["box_modes"] == ["detector", "gold"]
+    assert report["empty_modes"] == ["detector"]  # the random detector names no VSR category
     for label in ("SA", "CLIP"):  # same rows for both: skips never depend on the model
-        r = report["models"][label]
-        assert r["n"] == 5 and r["skipped"] == {} and 0.0 <= r["accuracy"] <= 1.0
-        predictions = (out / r["predictions_file"]).read_text().splitlines()
-        assert len(predictions) == 5 and json.loads(predictions[0])["label"] in (0, 1)
-    assert "| SA |" in done.stdout and "| CLIP |" in done.stdout
+        gold = report["models"][label]["modes"]["gold"]
+        assert (gold["n"], gold["scored"], gold["skipped"]) == (6, 5, {"not_json": 1})
+        assert gold["accuracy"] == pytest.approx(gold["correct"] / 6)
+        predictions = [json.loads(l) for l in (out / gold["predictions_file"]).read_text().splitlines()]
+        assert len(predictions) == 6 and predictions[-1] == {"id": "vsr.jsonl:6", "line": 6, "pred": None,
+                                                             "skipped": "not_json"}
+        detector = report["models"][label]["modes"]["detector"]
+        assert (detector["scored"], detector["skipped"]) == (0, {"no_box": 5, "not_json": 1})
+    geometry = report["models"]["geometry (no model)"]["modes"]["gold"]
+    assert (geometry["correct"], geometry["n"]) == (3, 6)  # the by-hand fixture result, over all 6 rows
+    table = (out / "results.md").read_text()
+    assert "| geometry (no model) | gold | 50.0 | 3 / 6 | 60.0 | 5 | not_json 1 |" in table
+    assert "| SA | detector | 0.0 | 0 / 6 | - | 0 | no_box 5, not_json 1 |" in table
+    assert "WARNING: no row could be scored with detector boxes" in table
+    assert "| SA | gold |" in done.stdout and "| CLIP | gold |" in done.stdout
+
+    # Random split (no subj/obj) with the random detector only: nothing is scored, exit 2.
+    random_rows = [{k: v for k, v in r.items() if k not in ("subj", "obj")} for r in fixture_vsr_rows()]
+    done = subprocess.run(
+        [sys.executable, tool, "--task", "vsr", "--checkpoint", "openclip:sa-tiny",
+         "--vsr", str(write_jsonl(tmp_path / "random.jsonl", random_rows)), "--images", str(IMAGES),
+         "--detector-weights", str(weights), "--out", str(tmp_path / "out2"), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no row of" in done.stderr and "no_box" in done.stderr
+    report = json.loads((tmp_path / "out2" / "results.json").read_text())
+    # subject and object were derived from the captions: the rows got as far as the boxes
+    assert report["models"]["openclip:sa-tiny"]["modes"]["detector"]["skipped"] == {"no_box": 5}

@@ -1,17 +1,22 @@
-"""VSR zero-shot evaluation (paper Table 1): is a templated spatial caption true of its image?
+"""VSR evaluation (paper Table 1): is a templated spatial caption true of its image?
 
-    rows, bad = read_vsr("zeroshot_test.jsonl")              # bad: {"not_json": 2, ...}
-    annotations = load_coco_annotations("instances_train2017.json")   # or the fixtures' JSONL
-    result = evaluate_vsr(Encoder(model), rows, "coco/train2017", annotations)
+    rows, bad = read_vsr("zeroshot_test.jsonl")              # bad: unusable lines, with reasons
+    detector = YoloBoxes("weights/yolov8x.pt")               # headline boxes
+    result = evaluate_vsr(Encoder(model), rows, "coco/train2017", detector=detector, bad_lines=bad)
+    gold = evaluate_vsr(Encoder(model), rows, "coco/train2017",       # secondary: gold COCO boxes
+                        annotations=load_coco_annotations("instances_train2017.json"), bad_lines=bad)
+    baseline = evaluate_geometry(rows, "coco/train2017", detector=detector, bad_lines=bad)  # no model
     print(format_vsr_table(result))
 
 Each VSR row is a COCO image, a caption "The cat is under the table.", its relation, subject and
-object (COCO category names) and a 0/1 label. Per row:
+object (COCO category names; absent in VSR's ``random`` split) and a 0/1 label. Per row:
 
-- **boxes**: the subject's and object's pixel boxes from the COCO instance annotations
-  (``boxes_from_coco``: the largest non-crowd instance of each category; if both are the same
-  category, the larger of the two largest is the subject). Without annotations a detector
-  (``YoloBoxes``) supplies the instances, chosen by the same rule. No instance: skipped ``no_box``.
+- **subject and object**: the row's ``subj``/``obj``, else derived from the caption by the
+  training extractor (``derive_names``), ordered as the caption writes them.
+- **boxes**, from one source per evaluation: a detector (``YoloBoxes``, mode ``detector``, the
+  headline) or the COCO instance annotations (``boxes_from_coco``, mode ``gold``, a labelled
+  secondary number); either way the largest instance of each category (if both are the same
+  category, the larger of the two largest is the subject). No instance: skipped ``no_box``.
 - **spans**: the caption's subject/relation/object character spans, from the training extractor
   (``caption_triplet``), else by string search (VSR captions are templated). None: ``no_svo``.
   If the extractor reads the caption with subject and object exchanged (passives: "X is enclosed
@@ -30,9 +35,16 @@ object (COCO category names) and a 0/1 label. Per row:
     ``dev_rows`` (the midpoint that maximises dev accuracy) and applied unchanged.
 
 ``sim`` is the cosine of the model's ``v`` and ``u`` (both unit-norm; plain CLIP: its own cosine).
-Rows that cannot be scored are skipped and counted by reason, never silently dropped; the
-reasons depend on the data, boxes and rule, never on the model (a plain CLIP needs the spans too),
-so every model is scored on the same rows.
+**Accuracy is over every row of the file**: a row that cannot be scored (and an unusable line)
+counts as wrong and is listed with its reason; the accuracy over the scored rows only is
+reported beside it as a secondary number. The reasons depend on the data, boxes and rule, never
+on the model (a plain CLIP needs the spans too), so every model is scored on the same rows.
+
+The **geometry baseline** (``evaluate_geometry``, no model) applies ``GEOMETRY_RULES`` to the
+same boxes (left of: subject centre left of the object's; above / on: higher centre; in front
+of: lower bottom edge; inside: half the subject box in the object box; touching: the boxes
+overlap; near: edge gap under the smaller box's side; ...), and predicts the dev majority
+label for the relations without a rule.
 """
 from __future__ import annotations
 
@@ -47,8 +59,10 @@ from tqdm import tqdm
 from sapretrain import storage
 from sapretrain.eval.encode import EvalSample
 
-REQUIRED_FIELDS = ("image", "caption", "label", "relation", "subj", "obj")
+REQUIRED_FIELDS = ("image", "caption", "label", "relation")
+NAME_FIELDS = ("subj", "obj")  # COCO category names; absent in VSR's random split: derived from the caption
 RULES = ("contrast", "threshold")
+GEOMETRY_LABEL = "geometry (no model)"
 
 # The relations of the VSR paper's Table 1 by its categories: the 60 that occur in the released
 # zero-shot splits plus "down", "at", "among" and "between" (listed by the paper, rare or absent
@@ -107,15 +121,17 @@ VERB_RELATIONS = frozenset(("contains", "has as a part", "consists of"))
 # Reading
 
 
-def read_vsr(path: str) -> tuple[list[dict], Counter]:
-    """The usable rows of a VSR JSONL file and the count of skipped lines by reason.
+def read_vsr(path: str) -> tuple[list[dict], list[dict]]:
+    """The usable rows of a VSR JSONL file, and its unusable lines ``{"id", "line", "reason"}``.
 
-    Reasons: ``not_json``, ``missing_field``, ``bad_label`` (not 0/1), ``unknown_relation``.
-    Each row keeps its fields; ``id`` is the row's own ``id`` or ``<file name>:<line number>``.
+    Reasons: ``not_json``, ``missing_field``, ``bad_label`` (not 0/1), ``unknown_relation``. Each
+    row keeps its fields; ``id`` is the row's own ``id`` or ``<file name>:<line number>``. Rows
+    without ``subj``/``obj`` (VSR's random split) are kept: the evaluation derives them from the
+    caption. The unusable lines still count as rows of the file (wrong) in ``evaluate_vsr``.
     """
     fs, fpath = storage.url_to_fs(path)
     name = str(path).rstrip("/").rsplit("/", 1)[-1]
-    rows, skipped = [], Counter()
+    rows, bad = [], []
     with fs.open(fpath, "r", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -123,23 +139,32 @@ def read_vsr(path: str) -> tuple[list[dict], Counter]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                skipped["not_json"] += 1
-                continue
-            problem = row_problem(row)
+                problem = "not_json"
+            else:
+                problem = row_problem(row)
+            row_id = f"{name}:{number}"
             if problem:
-                skipped[problem] += 1
+                given = row.get("id") if problem != "not_json" and isinstance(row, dict) else None
+                bad.append({"id": str(given or row_id), "line": number, "reason": problem})
                 continue
-            rows.append({**row, "id": str(row.get("id", f"{name}:{number}"))})
-    return rows, skipped
+            rows.append({**row, "id": str(row.get("id", row_id))})
+    return rows, bad
+
+
+def bad_line_counts(bad: Sequence[dict]) -> Counter:
+    """``read_vsr``'s unusable lines counted by reason."""
+    return Counter(b["reason"] for b in bad)
 
 
 def row_problem(row: Any) -> str | None:
-    """Why a parsed VSR row cannot be evaluated, or None."""
+    """Why a parsed VSR row cannot be evaluated, or None (``subj``/``obj`` may be absent)."""
     if not isinstance(row, dict) or any(row.get(k) in (None, "") for k in REQUIRED_FIELDS):
         return "missing_field"
     if type(row["label"]) is not int or row["label"] not in (0, 1):  # not "1", 1.0 or True
         return "bad_label"
-    if not all(isinstance(row[k], str) for k in ("image", "caption", "relation", "subj", "obj")):
+    if not all(isinstance(row[k], str) for k in ("image", "caption", "relation")):
+        return "missing_field"
+    if any(k in row and row[k] not in (None, "") and not isinstance(row[k], str) for k in NAME_FIELDS):
         return "missing_field"
     if row["relation"] not in RELATIONS:
         return "unknown_relation"
@@ -317,6 +342,64 @@ def contrast_caption(caption: str, subj: str, relation: str, obj: str) -> tuple[
     return caption[:start] + phrase + caption[r["end"]:], subj, inverse, obj
 
 
+def _noun_matcher():
+    """The curation's noun -> COCO category matcher (configs/curation/rois.yaml synonyms), once."""
+    global _MATCHER
+    if _MATCHER is None:
+        from sapretrain.curation.rois import NounMatcher, load_roi_config
+
+        cfg = load_roi_config()
+        _MATCHER = NounMatcher(cfg.synonyms, cfg.hypernyms)
+    return _MATCHER
+
+
+_MATCHER = None
+
+
+def derive_names(caption: str, relation: str, nlp) -> dict[str, str] | None:
+    """Subject and object of a caption without ``subj``/``obj`` fields (VSR's random split).
+
+    The training extractor's triplet whose relation text matches ``relation`` (equal, else one
+    containing the other; the first such triplet), its parts ordered as the caption writes them:
+    VSR's subject precedes the relation, so a passive the extractor reads backwards ("X is
+    enclosed by Y" -> Y | enclosed by | X) still gives X as the subject. Returns the caption words
+    (``subj``, ``obj``: for spans and contrast captions) and their COCO categories
+    (``subj_category``, ``obj_category``: for boxes, through the curation's synonyms, "man" ->
+    "person"); None without such a triplet or without a spaCy pipeline.
+    """
+    if nlp is None:
+        return None
+    from sapretrain.curation.svo import extract_triplets
+
+    wanted = relation.lower()
+    best, best_score = None, 0
+    for t in extract_triplets(nlp(caption)):
+        rel = t["rel"]["text"].lower()
+        score = 2 if rel == wanted else 1 if rel and (_find(wanted, rel) >= 0 or _find(rel, wanted) >= 0) else 0
+        if score > best_score:
+            best, best_score = t, score
+    if best is None:
+        return None
+    first, second = sorted((best["subj"], best["obj"]), key=lambda part: part["start"])
+    matcher = _noun_matcher()
+
+    def category(part: dict) -> str:
+        noun = matcher.noun(part["text"], part.get("head"))
+        return matcher.category.get(noun, noun)
+
+    return {"subj": first["text"], "obj": second["text"],
+            "subj_category": category(first), "obj_category": category(second)}
+
+
+def row_names(row: dict, nlp) -> dict[str, Any] | None:
+    """The row's subject/object words and categories: its own fields, else ``derive_names``."""
+    if all(isinstance(row.get(k), str) and row[k] for k in NAME_FIELDS):
+        return {"subj": row["subj"], "obj": row["obj"], "subj_category": row["subj"], "obj_category": row["obj"],
+                "derived": False}
+    found = derive_names(row["caption"], row["relation"], nlp)
+    return {**found, "derived": True} if found else None
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -352,13 +435,44 @@ def _inside(box: Sequence[float], image: Image.Image) -> bool:
     return min(x1, image.width) - max(x0, 0) >= 1 and min(y1, image.height) - max(y0, 0) >= 1
 
 
+def _check_boxes(annotations, detector) -> str:
+    """The box mode of one evaluation: ``gold`` (COCO annotations) or ``detector``; exactly one source."""
+    if (annotations is None) == (detector is None):
+        raise ValueError("VSR evaluation takes one box source: COCO annotations (gold) or a detector")
+    return "gold" if annotations is not None else "detector"
+
+
+def _locate(row: dict, images_root: str, annotations, detector, detected: dict, nlp) -> tuple | str:
+    """``(names, image, boxes)`` of a row in VSR's subject/object order, or why it has none."""
+    problem = row_problem(row)
+    if problem:
+        return problem
+    names = row_names(row, nlp)
+    if names is None:
+        return "no_svo"
+    image = _load_image(images_root, row["image"])
+    if image is None:
+        return "missing_image"
+    subj, obj = names["subj_category"], names["obj_category"]
+    if annotations is not None:
+        boxes = boxes_from_coco(annotations, row["image"], subj, obj)
+    else:
+        if row["image"] not in detected:
+            detected[row["image"]] = detector(image)
+        boxes = select_boxes(detected[row["image"]], subj, obj)
+    if boxes is None or not all(_inside(b, image) for b in boxes.values()):
+        return "no_box"
+    return names, image, boxes
+
+
 def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, detector, nlp,
-                  contrast: bool, progress: bool, desc: str) -> tuple[list[dict], Counter]:
-    """Per scorable row: the row, ``mode``, ``sim`` and (contrasted rows) ``sim_contrast``; skips by reason.
+                  contrast: bool, progress: bool, desc: str) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """Per scorable row: the row, ``mode``, ``sim`` and (contrasted rows) ``sim_contrast``; the
+    other rows with the reason they were skipped.
 
     ``contrast``: build contrast captions; rows whose relation has none get mode ``threshold``.
     """
-    skipped: Counter = Counter()
+    skipped: list[tuple[dict, str]] = []
     done: list[dict] = []
     detected: dict[str, list[dict]] = {}
     chunk_size = getattr(encoder, "batch_size", 64)
@@ -369,7 +483,7 @@ def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, 
         for row in chunk:
             item = _prepare(row, images_root, annotations, detector, detected, nlp, contrast)
             if isinstance(item, str):
-                skipped[item] += 1
+                skipped.append((row, item))
                 continue
             items.append(item)
             image_samples.append(item.pop("image_sample"))
@@ -393,10 +507,11 @@ def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, 
 def _prepare(row: dict, images_root: str, annotations, detector, detected: dict, nlp, contrast: bool
              ) -> dict | str:
     """The samples that score one row, or the reason it is skipped."""
-    problem = row_problem(row)
-    if problem:
-        return problem
-    caption, subj, rel, obj = row["caption"], row["subj"], row["relation"], row["obj"]
+    located = _locate(row, images_root, annotations, detector, detected, nlp)
+    if isinstance(located, str):
+        return located
+    names, image, boxes = located
+    caption, subj, rel, obj = row["caption"], names["subj"], row["relation"], names["obj"]
     found = caption_triplet(caption, subj, rel, obj, nlp)
     if found is None:
         return "no_svo"
@@ -409,96 +524,233 @@ def _prepare(row: dict, images_root: str, annotations, detector, detected: dict,
         if other is None:
             return "no_contrast"
         texts.append(EvalSample(caption=edited[0], triplet=other[0]))
-    image = _load_image(images_root, row["image"])
-    if image is None:
-        return "missing_image"
-    if annotations is not None:
-        boxes = boxes_from_coco(annotations, row["image"], subj, obj)
-    elif detector is not None:
-        if row["image"] not in detected:
-            detected[row["image"]] = detector(image)
-        boxes = select_boxes(detected[row["image"]], subj, obj)
-    else:
-        raise ValueError("VSR evaluation needs COCO annotations or a detector for the boxes")
-    if boxes is None or not all(_inside(b, image) for b in boxes.values()):
-        return "no_box"
     if flipped:  # the caption's grammatical subject is VSR's object (passive): boxes follow the spans
         boxes = {"subj": boxes["obj"], "obj": boxes["subj"]}
-    return {"row": row, "mode": mode, "image_sample": EvalSample(image=image, boxes=boxes),
-            "text_samples": texts}
+    return {"row": row, "mode": mode, "derived": names["derived"],
+            "image_sample": EvalSample(image=image, boxes=boxes), "text_samples": texts}
 
 
 def _rate(correct: int, n: int) -> float | None:
     return correct / n if n else None
 
 
+def _with_ids(rows: Sequence[Any]) -> list[dict]:
+    """Rows as given (``read_vsr`` sets ``id``); a row without one gets its index, a non-mapping
+    becomes an empty row that ``row_problem`` rejects (``missing_field``)."""
+    return [r if isinstance(r, dict) and "id" in r else {**(r if isinstance(r, dict) else {}), "id": f"row {i}"}
+            for i, r in enumerate(rows)]
+
+
+def _summarise(rows: Sequence[dict], scored: Sequence[dict], skipped: Sequence[tuple[dict, str]],
+               bad_lines: Sequence[dict]) -> dict[str, Any]:
+    """Accuracy over ALL rows of the file (skipped rows and unusable lines count as wrong), the
+    scored-only accuracy beside it, per relation / category, skips by reason, and every row's
+    prediction (``pred`` None and ``skipped`` its reason for a row that was not scored)."""
+    reason_of = {id(row): reason for row, reason in skipped}
+    by_row = {id(p.pop("_row")): p for p in scored}
+    predictions = []
+    for row in rows:
+        if id(row) in by_row:
+            predictions.append(by_row[id(row)])
+        else:
+            predictions.append({"id": row["id"], "image": row.get("image"), "caption": row.get("caption"),
+                                "relation": row.get("relation"), "label": row.get("label"), "pred": None,
+                                "skipped": reason_of.get(id(row), "not_scored")})
+    predictions += [{"id": b["id"], "line": b["line"], "pred": None, "skipped": b["reason"]} for b in bad_lines]
+
+    groups: dict[str, dict[str, list[int]]] = {"per_relation": defaultdict(list), "per_category": defaultdict(list)}
+    for p in predictions:
+        if p.get("relation") in RELATIONS:
+            hit = int(p["pred"] is not None and p["pred"] == p["label"])
+            groups["per_relation"][p["relation"]].append(hit)
+            groups["per_category"][RELATION_CATEGORIES[p["relation"]]].append(hit)
+    total = len(predictions)
+    correct = sum(p["pred"] is not None and p["pred"] == p["label"] for p in predictions)
+    n_scored = sum(p["pred"] is not None for p in predictions)
+    skipped_rows = [{"id": p["id"], "reason": p["skipped"]} for p in predictions if p["pred"] is None]
+    return {
+        "n": total,
+        "correct": correct,
+        "accuracy": _rate(correct, total),
+        "scored": n_scored,
+        "accuracy_scored": _rate(correct, n_scored),
+        **{name: {k: {"n": len(h), "accuracy": _rate(sum(h), len(h))} for k, h in sorted(g.items())}
+           for name, g in groups.items()},
+        "skipped": dict(Counter(r["reason"] for r in skipped_rows)),
+        "skipped_rows": skipped_rows,
+        "derived_names": sum(1 for p in predictions if p.get("derived")),
+        "predictions": predictions,
+    }
+
+
 def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: dict | None = None,
                  detector: Callable[[Image.Image], list[dict]] | None = None, rule: str = "contrast",
-                 dev_rows: Sequence[dict] | None = None, progress: bool = True, nlp: Any = "default"
-                 ) -> dict[str, Any]:
+                 dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (), progress: bool = True,
+                 nlp: Any = "default") -> dict[str, Any]:
     """Accuracy of ``encoder`` (``encode.Encoder`` or anything with ``texts``/``images``) on VSR rows.
 
-    ``annotations``: ``load_coco_annotations``' index; else ``detector`` (``YoloBoxes``) finds the
-    instances. ``dev_rows`` (same images root and boxes) tune the threshold: required by
-    ``rule="threshold"``, used by ``"contrast"`` for its symmetric relations. ``nlp``: a spaCy
-    pipeline for the spans ("default": ``load_nlp()`` if a model is installed; None: string search).
+    Boxes from exactly one source: ``annotations`` (``load_coco_annotations``' index: ``gold``)
+    or ``detector`` (``YoloBoxes``: ``detector``). ``dev_rows`` (same images root and boxes) tune
+    the threshold: required by ``rule="threshold"``, used by ``"contrast"`` for its symmetric
+    relations. ``bad_lines``: ``read_vsr``'s unusable lines, counted as rows of the file. ``nlp``:
+    a spaCy pipeline for the spans and for rows without subj/obj ("default": ``load_nlp()`` if a
+    model is installed; None: string search, and such rows are skipped ``no_svo``).
 
-    Returns ``accuracy``, ``n``, ``correct``, ``per_relation`` / ``per_category``
-    (``{name: {"n", "accuracy"}}``), ``modes`` (rows per scoring mode), ``skipped`` (reason ->
-    count, of ``rows``), ``dev`` (dev rows used and skipped), ``rule``, ``threshold`` and
-    ``predictions`` (``id, image, caption, relation, label, pred, score, mode`` per row; ``score``
-    is ``sim - sim_contrast`` for contrasted rows, ``sim - threshold`` otherwise; pred = score > 0).
+    Returns ``accuracy`` (correct / ``n``, ``n`` = every row of the file: a row that could not be
+    scored counts as wrong), ``accuracy_scored`` (correct / ``scored``, secondary),
+    ``per_relation`` / ``per_category`` (``{name: {"n", "accuracy"}}``, all rows), ``modes``
+    (rows per scoring mode), ``skipped`` (reason -> count) and ``skipped_rows`` (``id``,
+    ``reason``), ``dev`` (dev rows used and skipped), ``rule``, ``threshold``, ``boxes`` and
+    ``predictions`` (every row: ``id, image, caption, relation, label, pred, score, mode``, or
+    ``pred`` None and ``skipped``; ``score`` is ``sim - sim_contrast`` for contrasted rows,
+    ``sim - threshold`` otherwise; pred = score > 0).
     """
     if rule not in RULES:
         raise ValueError(f"rule {rule!r}: expected one of {RULES}")
     if rule == "threshold" and dev_rows is None:
         raise ValueError("the threshold rule needs dev_rows to tune its threshold on")
+    box_mode = _check_boxes(annotations, detector)
     if nlp == "default":
         nlp = _default_nlp()
     contrast = rule == "contrast"
+    rows = _with_ids(rows)
 
     threshold, dev = None, None
     if dev_rows is not None:
         dev_items, dev_skipped = _similarities(encoder, dev_rows, images_root, annotations, detector, nlp,
                                                False, progress, "VSR dev")
-        threshold = tune_threshold([i["sim"] for i in dev_items], [i["row"]["label"] for i in dev_items])
-        dev = {"n": len(dev_items), "skipped": dict(dev_skipped)}
+        if dev_items:
+            threshold = tune_threshold([i["sim"] for i in dev_items], [i["row"]["label"] for i in dev_items])
+        dev = {"n": len(dev_items), "skipped": dict(Counter(reason for _, reason in dev_skipped))}
 
     items, skipped = _similarities(encoder, rows, images_root, annotations, detector, nlp, contrast,
                                    progress, "VSR")
-    predictions = []
+    scored = []
     for item in items:
         row = item["row"]
         if item["mode"] == "threshold":
             if threshold is None:
-                skipped["no_contrast"] += 1  # symmetric relation, no dev rows to tune a threshold
+                skipped.append((row, "no_contrast"))  # symmetric relation, no dev rows to tune a threshold
                 continue
             score = item["sim"] - threshold
         else:
             score = item["sim"] - item["sim_contrast"]
-        predictions.append({"id": row["id"], "image": row["image"], "caption": row["caption"],
-                            "relation": row["relation"], "label": int(row["label"]),
-                            "pred": int(score > 0), "score": score, "mode": item["mode"]})
+        scored.append({"_row": row, "id": row["id"], "image": row["image"], "caption": row["caption"],
+                       "relation": row["relation"], "label": int(row["label"]), "pred": int(score > 0),
+                       "score": score, "mode": item["mode"], "derived": item["derived"]})
+    modes = dict(Counter(p["mode"] for p in scored))
+    return {"rule": rule, "threshold": threshold, "boxes": box_mode,
+            **_summarise(rows, scored, skipped, bad_lines), "modes": modes, "dev": dev}
 
-    groups: dict[str, dict[str, list[int]]] = {"per_relation": defaultdict(list), "per_category": defaultdict(list)}
-    for p in predictions:
-        hit = int(p["pred"] == p["label"])
-        groups["per_relation"][p["relation"]].append(hit)
-        groups["per_category"][RELATION_CATEGORIES[p["relation"]]].append(hit)
-    correct = sum(p["pred"] == p["label"] for p in predictions)
-    return {
-        "rule": rule,
-        "threshold": threshold,
-        "n": len(predictions),
-        "correct": correct,
-        "accuracy": _rate(correct, len(predictions)),
-        **{name: {k: {"n": len(h), "accuracy": _rate(sum(h), len(h))} for k, h in sorted(g.items())}
-           for name, g in groups.items()},
-        "modes": dict(Counter(p["mode"] for p in predictions)),
-        "skipped": dict(skipped),
-        "dev": dev,
-        "predictions": predictions,
-    }
+
+# --------------------------------------------------------------------------------------------
+# The box-geometry baseline (no model)
+
+
+def _centre(b: Sequence[float]) -> tuple[float, float]:
+    return (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+
+
+def _area(b: Sequence[float]) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def _intersection(a: Sequence[float], b: Sequence[float]) -> float:
+    return _area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+
+
+def _gap(a: Sequence[float], b: Sequence[float]) -> float:
+    """Distance between the boxes' edges (0 when they overlap or touch)."""
+    dx = max(0.0, max(a[0], b[0]) - min(a[2], b[2]))
+    dy = max(0.0, max(a[1], b[1]) - min(a[3], b[3]))
+    return (dx * dx + dy * dy) ** 0.5
+
+
+def _contained(a: Sequence[float], b: Sequence[float]) -> bool:
+    """At least half of box ``a`` lies inside box ``b``."""
+    return _area(a) > 0 and _intersection(a, b) >= 0.5 * _area(a)
+
+
+def _near(a: Sequence[float], b: Sequence[float]) -> bool:
+    """The edge gap is under the side of the smaller box (sqrt of its area)."""
+    return _gap(a, b) < min(_area(a), _area(b)) ** 0.5
+
+
+def _left(s, o):
+    return _centre(s)[0] < _centre(o)[0]
+
+
+def _above(s, o):  # image y grows downwards
+    return _centre(s)[1] < _centre(o)[1]
+
+
+def _front(s, o):  # the lower bottom edge is nearer the camera on a ground plane
+    return s[3] > o[3]
+
+
+# relation -> rule on (subject box, object box) in pixels, VSR's subject/object order.
+GEOMETRY_RULES: dict[str, Callable[[Sequence[float], Sequence[float]], bool]] = {
+    **dict.fromkeys(("left of", "at the left side of"), _left),
+    **dict.fromkeys(("right of", "at the right side of"), lambda s, o: _left(o, s)),
+    **dict.fromkeys(("above", "over", "on top of", "on"), _above),
+    **dict.fromkeys(("below", "under", "beneath"), lambda s, o: _above(o, s)),
+    "in front of": _front,
+    **dict.fromkeys(("behind", "at the back of"), lambda s, o: _front(o, s)),
+    **dict.fromkeys(("inside", "within", "in", "into", "enclosed by", "part of"), _contained),
+    **dict.fromkeys(("contains", "surrounding", "has as a part", "consists of"), lambda s, o: _contained(o, s)),
+    **dict.fromkeys(("outside", "out of"), lambda s, o: not _contained(s, o)),
+    **dict.fromkeys(("touching", "attached to", "connected to", "against"), lambda s, o: _intersection(s, o) > 0),
+    "detached from": lambda s, o: _intersection(s, o) == 0,
+    **dict.fromkeys(("near", "close to", "next to", "beside", "by", "adjacent to", "alongside",
+                     "at the side of"), _near),
+    **dict.fromkeys(("far from", "far away from"), lambda s, o: not _near(s, o)),
+}
+assert set(GEOMETRY_RULES) <= RELATIONS
+
+
+def majority_labels(dev_rows: Sequence[dict] | None) -> tuple[dict[str, int], int]:
+    """Per relation the majority dev label (1 on a tie), and the overall one (1 without dev rows)."""
+    by_relation: dict[str, list[int]] = defaultdict(list)
+    for row in dev_rows or ():
+        if row_problem(row) is None:
+            by_relation[row["relation"]].append(int(row["label"]))
+    everything = [y for ys in by_relation.values() for y in ys]
+    overall = int(2 * sum(everything) >= len(everything))
+    return {rel: int(2 * sum(ys) >= len(ys)) for rel, ys in by_relation.items()}, overall
+
+
+def evaluate_geometry(rows: Sequence[dict], images_root: str, annotations: dict | None = None,
+                      detector: Callable[[Image.Image], list[dict]] | None = None,
+                      dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (),
+                      nlp: Any = "default") -> dict[str, Any]:
+    """The no-model baseline: ``GEOMETRY_RULES`` on the subject/object boxes of each row, the dev
+    majority label (per relation, else overall, else true) for relations without a rule.
+
+    Same rows, boxes (one source, as ``evaluate_vsr``) and result format as ``evaluate_vsr``
+    (rule ``geometry``; ``modes``: ``rule`` / ``majority``); a row without boxes counts as wrong.
+    """
+    box_mode = _check_boxes(annotations, detector)
+    if nlp == "default":
+        nlp = _default_nlp()
+    majority, overall = majority_labels(dev_rows)
+    rows = _with_ids(rows)
+    detected: dict[str, list[dict]] = {}
+    scored, skipped = [], []
+    for row in rows:
+        located = _locate(row, images_root, annotations, detector, detected, nlp)
+        if isinstance(located, str):
+            skipped.append((row, located))
+            continue
+        names, _, boxes = located
+        rule = GEOMETRY_RULES.get(row["relation"])
+        pred = int(rule(boxes["subj"], boxes["obj"])) if rule else majority.get(row["relation"], overall)
+        scored.append({"_row": row, "id": row["id"], "image": row["image"], "caption": row["caption"],
+                       "relation": row["relation"], "label": int(row["label"]), "pred": pred,
+                       "mode": "rule" if rule else "majority", "derived": names["derived"]})
+    modes = dict(Counter(p["mode"] for p in scored))
+    return {"rule": "geometry", "threshold": None, "boxes": box_mode,
+            **_summarise(rows, scored, skipped, bad_lines), "modes": modes,
+            "dev": {"n": len(dev_rows or ()), "majority": majority, "overall_majority": overall}}
 
 
 def _default_nlp():
@@ -511,17 +763,32 @@ def _default_nlp():
         return None
 
 
-def format_vsr_table(result: dict[str, Any]) -> str:
-    """A markdown table: overall accuracy, then each relation by count (most frequent first)."""
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
-    lines = [f"VSR zero-shot, rule `{result['rule']}`"
+
+def format_vsr_table(result: dict[str, Any]) -> str:
+    """A markdown table: overall accuracy (all rows; scored-only beside it), then each relation by
+    count (most frequent first), then the skips."""
+    lines = [f"VSR, rule `{result['rule']}`, boxes `{result.get('boxes', '?')}`"
              + (f", threshold {result['threshold']:.4f}" if result.get("threshold") is not None else ""),
              "", "| relation | n | accuracy (%) |", "|---|---:|---:|",
-             f"| **overall** | {result['n']} | {pct(result['accuracy'])} |"]
+             f"| **overall (all rows)** | {result['n']} | {_pct(result['accuracy'])} |",
+             f"| overall (scored rows only, secondary) | {result['scored']} | {_pct(result['accuracy_scored'])} |"]
     per_relation = sorted(result["per_relation"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
-    lines += [f"| {name} | {stats['n']} | {pct(stats['accuracy'])} |" for name, stats in per_relation]
+    lines += [f"| {name} | {stats['n']} | {_pct(stats['accuracy'])} |" for name, stats in per_relation]
     if result["skipped"]:
-        lines += ["", "skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result["skipped"].items()))]
+        lines += ["", "skipped (counted wrong): " + ", ".join(f"{k} {v}" for k, v in sorted(result["skipped"].items()))]
     return "\n".join(lines)
+
+
+def format_vsr_summary(results: dict[str, dict[str, dict]]) -> str:
+    """One table of every (model or baseline, box mode): ``results[label][mode]`` = a result."""
+    lines = ["| model | boxes | accuracy, all rows (%) | correct / rows | accuracy, scored only (%) | scored | skipped |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for label, by_mode in results.items():
+        for mode, r in by_mode.items():
+            skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"
+            lines.append(f"| {label} | {mode} | {_pct(r['accuracy'])} | {r['correct']} / {r['n']} | "
+                         f"{_pct(r['accuracy_scored'])} | {r['scored']} | {skipped} |")
+    return "\n".join(lines) + "\n"
