@@ -1,22 +1,28 @@
 """Evaluation runs: models in, ``results.json`` + ``results.md`` + plots out (tools/evaluate.py).
 
 Every task evaluates one or more models through the same code (``encode.load_model``); models are
-given as ``SPEC`` or ``LABEL=SPEC``. With ``baseline`` naming one of them, the spatial probe adds a
-verdict: each other model's gain in k-NN relation accuracy over the baseline, per modality,
-against a target (``make demo``: SA-CLIP objective vs plain CLIP objective, +0.20).
+given as ``SPEC`` or ``LABEL=SPEC``. With ``baseline`` naming one of them, the spatial task adds a
+verdict fixed before the run: the candidate's gain in cross-modal relation accuracy over the
+baseline with detector boxes must reach a margin (``make demo``: SA-CLIP objective vs plain CLIP
+objective, +0.25).
 """
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from sapretrain.eval import dota, shards, spatial, sugarcrepe, vsr
 from sapretrain.eval.encode import Encoder, load_model, model_summary
 
-VERDICT_TARGET = 0.20  # k-NN accuracy points the SA-CLIP objective should gain over plain CLIP
+# Fixed before the demo run: cross-modal relation accuracy points (detector boxes) the SA-CLIP
+# objective must gain over the plain CLIP objective. The oracle ceiling is ~1.0 and chance 0.5.
+VERDICT_MARGIN = 0.25
 
 
 def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -36,32 +42,86 @@ def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def run_spatial(models: Sequence[tuple[str, str]], out_dir: str | Path, scenes: int = 800, k: int = 10,
-                baseline: str | None = None, target: float = VERDICT_TARGET, workers: int = 1,
+                baseline: str | None = None, candidate: str | None = None, margin: float = VERDICT_MARGIN,
+                detector_weights: str | None = None, jitter: Sequence[float] = spatial.JITTER, workers: int = 1,
                 device: str = "cpu", plot: bool = True, progress: bool = True) -> dict[str, Any]:
-    """The spatial probe over ``models``; writes results.json, results.md and spatial_tsne.png."""
+    """The demo's evidence over ``models`` (sapretrain/eval/spatial.py); writes results.json,
+    results.md, relation_accuracy.png and spatial_tsne.png.
+
+    Boxes come from the scene detector at ``detector_weights`` (the headline condition); without
+    it the gold boxes head the table, labelled. With ``baseline``, the verdict (fixed before the
+    run): ``candidate`` (default: the first other model) beats ``baseline`` on cross-modal relation
+    accuracy in the headline condition by at least ``margin``.
+    """
     labels = [label for label, _ in models]
-    if baseline is not None and baseline not in labels:
-        raise ValueError(f"baseline {baseline!r} is not one of the models {labels}")
+    for name, value in (("baseline", baseline), ("candidate", candidate)):
+        if value is not None and value not in labels:
+            raise ValueError(f"{name} {value!r} is not one of the models {labels}")
+    if baseline is not None:
+        candidate = candidate or next((label for label in labels if label != baseline), None)
+        if candidate is None or candidate == baseline:
+            raise ValueError("the verdict needs a candidate model other than the baseline")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     probe = spatial.probe_set(scenes, workers=workers, progress=progress)
+    detection = detected = None
+    if detector_weights:
+        detected, detection = _detect_scene_boxes(probe, detector_weights, progress)
+    conditions = spatial.box_conditions(probe, detected, jitter)
+    headline = spatial.HEADLINE if detected is not None else "gold"
+    swapped = f"{headline}, swapped"
+
+    text_only = spatial.TextOnlyBaseline()
+    text_margins = text_only.margins(probe)
+    baselines = {
+        "geometry oracle (no learning)": {"relation_accuracy": {
+            cond: _accuracy_entry(spatial.oracle_margins(probe, boxes)) for cond, boxes in conditions.items()}},
+        "text only (no image)": {"relation_accuracy": {cond: _accuracy_entry(text_margins) for cond in conditions}},
+    }
+    oracle = baselines["geometry oracle (no learning)"]
+    oracle["flip_rate"] = spatial.flip_rate(spatial.oracle_margins(probe, conditions[headline]),
+                                            spatial.oracle_margins(probe, conditions[swapped]))
+    offsets = {name: spatial.box_offsets(conditions[name], probe.samples) for name in (headline, "gold")}
+    knn_baselines = {f"box offsets, {name} boxes (no learning)": {"image": spatial.knn_accuracy(x, probe.labels, k)}
+                     for name, x in offsets.items()}
+    knn_baselines["caption TF-IDF (no learning)"] = {
+        "text": spatial.knn_accuracy(spatial.tfidf_captions(probe), probe.labels, k)}
+    role_free_baseline = spatial.role_free(spatial.raw_pixels(probe.samples), probe, k)
+
     embeddings, results = {}, {}
     for label, spec in models:
         model, _ = load_model(spec, device=device)
-        embeddings[label] = spatial.embed(Encoder(model), probe)
-        results[label] = {"spec": spec, **model_summary(model), **spatial.score(embeddings[label], probe.labels, k)}
+        encoder = Encoder(model)
+        margins = spatial.model_margins(encoder, probe, conditions)
+        embedded = spatial.embed(encoder, probe, conditions[headline])
+        embeddings[label] = embedded
+        results[label] = {
+            "spec": spec, **model_summary(model),
+            "relation_accuracy": {cond: _accuracy_entry(m) for cond, m in margins.items()},
+            "flip_rate": spatial.flip_rate(margins[headline], margins[swapped]),
+            "role_free": spatial.role_free(embedded["global"], probe, k),
+            **spatial.score(embedded, probe.labels, k),
+        }
     report: dict[str, Any] = {
         "task": "spatial",
-        "probe": {"split": "eval", "scenes": scenes, "k": k, "chance": 1 / len(spatial.CONFIGURATIONS),
-                  "relations": list(spatial.CONFIGURATIONS)},
+        "probe": {"split": "eval", "scenes": scenes, "k": k, "relations": list(spatial.CONFIGURATIONS),
+                  "knn_chance": 1 / len(spatial.CONFIGURATIONS), "pair_chance": 0.5},
+        "headline": headline,
+        "conditions": list(conditions),
+        "detection": detection,
+        "text_only_train_scenes": text_only.train_scenes,
         "models": results,
+        "baselines": baselines,
+        "knn_baselines": knn_baselines,
+        "role_free_baseline": {"raw pixels (no learning)": role_free_baseline},
     }
     if baseline is not None:
-        report["verdict"] = verdict(results, baseline, target)
+        report["verdict"] = verdict(results, candidate, baseline, margin, headline, oracle)
     if plot:
+        spatial.accuracy_plot(report, str(out / "relation_accuracy.png"))
         spatial.tsne_plot(embeddings, probe.labels, str(out / "spatial_tsne.png"))
-        report["plots"] = ["spatial_tsne.png"]
+        report["plots"] = ["relation_accuracy.png", "spatial_tsne.png"]
     report["seconds"] = round(time.time() - started, 1)
     write_report(report, out, spatial_table(report))
     return report
@@ -271,36 +331,107 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
 
-def verdict(results: dict[str, dict], baseline: str, target: float) -> dict[str, Any]:
-    """Gain of every model over ``baseline`` in k-NN accuracy, per modality; pass = all gains >= target."""
-    base = results[baseline]
-    gains = {
-        label: {m: round(r[m]["knn_accuracy"] - base[m]["knn_accuracy"], 4) for m in spatial.MODALITIES}
-        for label, r in results.items() if label != baseline
-    }
-    passed = bool(gains) and all(g >= target for by_modality in gains.values() for g in by_modality.values())
-    return {"baseline": baseline, "target": target, "gains": gains, "pass": passed}
+def _accuracy_entry(margins) -> dict[str, float]:
+    margins = torch.as_tensor(margins)
+    return {"accuracy": round(spatial.accuracy(margins), 4), "ties": int((margins == 0).sum()), "n": len(margins)}
+
+
+def _detect_scene_boxes(probe: spatial.ProbeSet, weights: str, progress: bool):
+    """Detector boxes matched to every probe caption's subject and object, and how well it went."""
+    from sapretrain.curation.rois import iou
+    from sapretrain.eval.scene_detector import SceneBoxes, match_parts
+
+    finder = SceneBoxes(weights)
+    detections = finder.detect([s.image for s in probe.samples], progress=progress)
+    boxes, how, hits = [], Counter(), Counter()
+    for sample, found in zip(probe.samples, detections):
+        texts = {part: sample.caption[sample.triplet[part]["start"]:sample.triplet[part]["end"]] for part in ("subj", "obj")}
+        chosen, status = match_parts(texts, found, *sample.image.size)
+        boxes.append(chosen)
+        for part in ("subj", "obj"):
+            how[f"{part} {status[part]}"] += 1
+            hits[part] += iou(chosen[part], sample.boxes[part]) >= 0.5
+    n = len(probe.samples)
+    meta_path = Path(weights).with_name("detector.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    detection = {"weights": str(weights), "val_metrics": meta.get("metrics"), "settings": meta.get("settings"),
+                 "parts": dict(sorted(how.items())),
+                 "iou50_with_gold": {part: round(hits[part] / n, 4) for part in ("subj", "obj")}}
+    return boxes, detection
+
+
+def verdict(results: dict[str, dict], candidate: str, baseline: str, margin: float, condition: str,
+            oracle: dict | None = None) -> dict[str, Any]:
+    """``candidate`` minus ``baseline`` cross-modal relation accuracy under ``condition``; pass when
+    the gain reaches ``margin`` (fixed before the run)."""
+    cand = results[candidate]["relation_accuracy"][condition]["accuracy"]
+    base = results[baseline]["relation_accuracy"][condition]["accuracy"]
+    gain = round(cand - base, 4)
+    ceiling = oracle["relation_accuracy"][condition]["accuracy"] if oracle else None
+    return {"candidate": candidate, "baseline": baseline, "condition": condition, "margin": margin,
+            "candidate_accuracy": cand, "baseline_accuracy": base, "gain": gain, "oracle_accuracy": ceiling,
+            "pass": bool(gain >= margin)}
+
+
+VERDICT_SCOPE = (
+    "What it shows: with boxes from a detector (matched to the caption's words, never its relation), the "
+    "candidate's image-text similarity follows the relation the caption states, by the margin above, on "
+    "scenes no training run saw; the swapped-box flip rate and the whole-frame column show how much of "
+    "it comes through the subject/object regions. What it does not show: that the image tower alone "
+    "learned the layout (see the role-free probe), that it transfers to photographs (see VSR, "
+    "SugarCrepe), or anything beyond these 8 two-object configurations of a tiny model trained minutes."
+)
 
 
 def spatial_table(report: dict[str, Any]) -> str:
-    probe = report["probe"]
+    probe, conditions, headline = report["probe"], report["conditions"], report["headline"]
     lines = [
-        f"Spatial probe: {probe['scenes']} held-apart scenes, 8 relations (chance {probe['chance']:.3f}), "
-        f"leave-one-out {probe['k']}-NN",
+        f"# Cross-modal relation accuracy ({probe['scenes']} held-apart scenes)",
         "",
-        "| model | text k-NN | image k-NN | text silhouette | image silhouette |",
-        "|---|---:|---:|---:|---:|",
+        "Does the image prefer its caption over the same caption with the opposite relation (same objects)? "
+        f"Chance {probe['pair_chance']:.1f}; a tie counts as wrong. Headline boxes: **{headline}**.",
     ]
+    det = report.get("detection")
+    if det:
+        val = det.get("val_metrics") or {}
+        lines.append(
+            f"Detector: YOLOv8n trained on the synthetic train split (val mAP50 {val.get('mAP50', float('nan')):.3f}); "
+            f"boxes matched to the caption's words: {', '.join(f'{k} {v}' for k, v in det['parts'].items())}; "
+            f"IoU >= 0.5 with the gold box: subject {det['iou50_with_gold']['subj']:.3f}, "
+            f"object {det['iou50_with_gold']['obj']:.3f}.")
+    lines += ["", "| model | " + " | ".join(conditions) + " | flip rate (swap) |",
+              "|---|" + "---:|" * (len(conditions) + 1)]
+    rows = {**report["models"], **report["baselines"]}
+    for label, r in rows.items():
+        cells = [f"{r['relation_accuracy'][c]['accuracy']:.3f}" for c in conditions]
+        flip = r.get("flip_rate")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'' if flip is None else f'{flip:.3f}'} |")
+    v = report.get("verdict")
+    if v:
+        lines += ["", f"**Verdict (set before the run): {v['candidate']} beats {v['baseline']} with {v['condition']} "
+                  f"boxes by >= {v['margin']:.2f}: {v['candidate_accuracy']:.3f} vs {v['baseline_accuracy']:.3f} "
+                  f"(gain {v['gain']:+.3f}; oracle ceiling {v['oracle_accuracy']:.3f}): "
+                  f"{'PASS' if v['pass'] else 'FAIL'}**", "", VERDICT_SCOPE]
+    first = next(iter(report["models"].values()), None)
+    scenes = first["role_free"]["scenes"] if first else 0
+    lines += ["", f"## Role-free image probe (global f_v only, no boxes; {scenes} cube+sphere scenes, "
+              f"label: the sphere relative to the cube; chance {probe['knn_chance']:.3f}; {probe['k']}-NN)", "",
+              "| model | k-NN accuracy |", "|---|---:|"]
+    for label, r in report["models"].items():
+        lines.append(f"| {label} | {r['role_free']['knn_accuracy']:.3f} |")
+    for label, r in report["role_free_baseline"].items():
+        lines.append(f"| {label} | {r['knn_accuracy']:.3f} |")
+    lines += ["", f"## Relation k-NN probe (secondary; paper Fig. 4; image side with {headline} boxes)", "",
+              "Geometry and lexical rows score near 1.0 without any learning: this probe shows how the "
+              "embeddings are organised, not that a model learned relations.", "",
+              "| model | text k-NN | image k-NN | text silhouette | image silhouette |", "|---|---:|---:|---:|---:|"]
     for label, r in report["models"].items():
         lines.append(f"| {label} | {r['text']['knn_accuracy']:.3f} | {r['image']['knn_accuracy']:.3f} | "
                      f"{r['text']['silhouette']:.3f} | {r['image']['silhouette']:.3f} |")
-    v = report.get("verdict")
-    if v:
-        lines.append("")
-        for label, g in v["gains"].items():
-            lines.append(f"{label} vs {v['baseline']}: text {g['text']:+.3f}, image {g['image']:+.3f} "
-                         f"(target {v['target']:+.2f} each)")
-        lines.append(f"verdict: {'PASS' if v['pass'] else 'FAIL'}")
+    for label, r in report["knn_baselines"].items():
+        text, image = r.get("text"), r.get("image")
+        lines.append(f"| {label} | {'' if text is None else f'{text:.3f}'} | "
+                     f"{'' if image is None else f'{image:.3f}'} | | |")
     return "\n".join(lines) + "\n"
 
 
