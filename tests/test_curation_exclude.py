@@ -204,7 +204,12 @@ def test_curation_of_the_fixture_drops_the_evaluation_photos_with_a_counted_reas
 def test_shipped_coco_config_excludes_vsr_and_make_samples_takes_lists(tmp_path):
     cfg = curate.load_curation_config(str(PROJECT_ROOT / "configs" / "curation" / "coco.yaml"))
     assert cfg.exclude == ["builtin:vsr"]
-    src = caption_lines(tmp_path / "t.jsonl", [{"id": "c0", "image": "/x/000000519208.jpg", "caption": "a", "triplets": []}])
+    caption = "a cat on a mat"
+    triplet = {"subj": {"text": "cat", "start": 2, "end": 5}, "rel": {"text": "on", "start": 6, "end": 8,
+               "kind": "spatial"}, "obj": {"text": "mat", "start": 11, "end": 14}}
+    src = caption_lines(tmp_path / "t.jsonl", [
+        {"id": "c0", "image": "/x/000000519208.jpg", "caption": caption, "triplets": [triplet]},
+        {"id": "c1", "image": "/x/000000000001.jpg", "caption": caption, "triplets": [triplet]}])
     cmd = [sys.executable, str(PROJECT_ROOT / "tools" / "make_samples.py"), "--input", src,
            "--output", str(tmp_path / "s.jsonl"), "--no-progress", "--exclude", "builtin:vsr"]
     done = subprocess.run(cmd, capture_output=True, text=True)
