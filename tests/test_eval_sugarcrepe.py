@@ -347,3 +347,24 @@ def test_evaluate_tool_writes_one_table_and_fails_when_nothing_is_scored(tmp_pat
     no_images = [a for a in args if a not in ("--images", str(empty))]
     assert tool.main(no_images) == 2
     assert "--task sugarcrepe needs --images" in capsys.readouterr().err
+
+
+def test_detector_boxes_are_clipped_and_matched_like_ground_truth(nlp, tmp_path):
+    calls = []
+
+    def detector(images):  # what curation.rois.YoloDetector returns: per image [{"name", "box", "score"}]
+        calls.append(len(images))
+        return [[{"name": "person", "box": [-5.0, 10.0, 200.0, 400.0], "score": 0.9},
+                 {"name": "oven", "box": [300.0, 50.0, 9000.0, 300.0], "score": 0.8},
+                 {"name": "cup", "box": [5.0, 5.0, 6.0, 6.0], "score": 0.7}]  # under min_box_size
+                for _ in images]
+
+    rows = [r for r in sc.read_sugarcrepe(str(SUGARCREPE)) if r["filename"] == "000000397133.jpg"]
+    items = sc.prepare_rows(rows, str(IMAGES), sc.Grounding("detector", detector=detector), nlp=nlp,
+                            chunk_size=2, progress=False)
+    assert calls == [1, 1]  # once per image per chunk: 3 rows of one photo in chunks of 2
+    width = Image.open(IMAGES / "000000397133.jpg").width
+    standing = next(i for i in items if i["id"] == "replace_rel:1243")["captions"]["pos"]
+    assert standing["boxes"] == {"subj": [0.0, 10.0, 200.0, 400.0], "obj": [300.0, 50.0, float(width), 300.0]}
+    pizzas = next(i for i in items if i["id"] == "replace_rel:46")["captions"]["pos"]
+    assert pizzas["boxes"] is None and pizzas["nouns_found"] == pytest.approx(1 / 3)  # man; not kitchen, pizzas
