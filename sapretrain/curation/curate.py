@@ -8,7 +8,7 @@ it stopped):
 
     1 captions.jsonl    collect_captions: one record per caption (sources.py)
     2 triplets.jsonl    extract_svo: + triplets (extract.py)
-    3 samples.jsonl     one sample per (caption, triplet) (samples.py)
+    3 samples.jsonl     one sample per (caption, triplet) (samples.py); images on ``exclude`` lists dropped (exclude.py)
     4 filtered.jsonl    relation classifier, when ``filter.model`` is set (relation_filter.py)
     5 negatives.jsonl   + negative caption, rules or LLM (negatives.py)
     6 rois.jsonl        + subject/object boxes, ground truth or detector (rois.py)
