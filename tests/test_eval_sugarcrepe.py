@@ -368,3 +368,15 @@ def test_detector_boxes_are_clipped_and_matched_like_ground_truth(nlp, tmp_path)
     assert standing["boxes"] == {"subj": [0.0, 10.0, 200.0, 400.0], "obj": [300.0, 50.0, float(width), 300.0]}
     pizzas = next(i for i in items if i["id"] == "replace_rel:46")["captions"]["pos"]
     assert pizzas["boxes"] is None and pizzas["nouns_found"] == pytest.approx(1 / 3)  # man; not kitchen, pizzas
+
+
+def test_spans_past_the_context_length_fall_back(images_root):
+    from sapretrain.shards.tokens import SpanTokenizer
+
+    long_pos = "a cat and " + "very " * 10 + "on mat"
+    items = [item(0, "swap_obj", "a cat on mat", "a mat on cat")]
+    items[0]["captions"]["pos"].update(text=long_pos, triplet=triplet_of(long_pos, "cat", "on", "mat"))
+    encoder = ScriptedEncoder({long_pos: .9, "a mat on cat": .1}, {long_pos: .2, "a mat on cat": .4})
+    encoder.tokenizer = SpanTokenizer("sa-tiny", 8)  # "on mat" lies past 8 tokens
+    result = sc.evaluate_sugarcrepe(encoder, items, images_root, progress=False)
+    assert result["fallback"] == {"span_beyond_context": 1} and result["correct"] == 0.0  # global 0.2 < 0.4
