@@ -46,8 +46,10 @@ pipeline (and with it the resume skip) when a worker runs short; the quota stage
 same job on records.
 
 **Bad data** never crashes or hangs a run: a shard that cannot be opened, a truncated tar, a
-shard shorter than ``sizes.json`` says, a record with missing members or an invalid side-car, an
-image that does not decode are skipped, counted by reason, and logged once per shard (``logging``,
+shard shorter than ``sizes.json`` says, a record with missing members, a side-car that does not
+parse (``bad_json``) or fails the shard schema (``bad_sidecar``: ``schema.validate_record``, token
+ids within the vocabulary included), an image that does not decode are skipped, counted by
+reason, and logged once per shard (``logging``,
 logger ``sapretrain.data.loader``, from the worker process). A reader that lost records this way
 tops its quota up from a second pass over its own slices (those records are then seen twice this
 epoch, counted as ``reread_records``), so ranks still get equal batch counts. A reader that cannot
@@ -93,7 +95,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import logging
 import random
 import re
@@ -111,7 +112,7 @@ import webdataset.gopen  # noqa: F401  (the module; the package re-exports a fun
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.model.batch import collate_features, collate_records, decode_features
 from sapretrain.shards import schema
 
@@ -210,10 +211,14 @@ def _read_sizes(directory: str, what: str) -> dict[str, int]:
             "number of batches; tools/make_shards.py writes sizes.json, for other shards write "
             '{"shard-000000.tar": N, ...} next to them.'
         )
-    sizes = json.loads(storage.read_bytes(url))
-    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-        raise ValueError(f"{url}: expected {{shard name: record count}}")
-    return sizes
+    try:
+        return schema.validate_sizes(jsonl.parse_record(storage.read_bytes(url)), url)
+    except jsonl.BadLine as e:
+        raise ValueError(f"{url} is not a JSON object ({e.reason}: {e.detail}); it should be "
+                         '{"shard-000000.tar": N, ...} as tools/make_shards.py writes it') from None
+    except schema.SchemaError as e:
+        raise ValueError(f"{e}; it should be {{\"shard-000000.tar\": N, ...}} as tools/make_shards.py "
+                         "writes it") from None
 
 
 def open_shard(url: str):
@@ -403,8 +408,11 @@ def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dic
 
 
 def check_records(src: Iterable, counters: Counters, context_length: int,
-                  extensions: tuple[str, ...] = schema.EXTENSIONS) -> Iterator[dict | PassEnd]:
-    """Drop records with missing members or an invalid side-car (parsed here, before the shuffle)."""
+                  extensions: tuple[str, ...] = schema.EXTENSIONS,
+                  vocab_size: int | None = None) -> Iterator[dict | PassEnd]:
+    """Drop records with missing members or an invalid side-car (parsed here, before the shuffle):
+    ``bad_json`` (does not parse), ``bad_sidecar`` (fails ``schema.validate_record``; token ids
+    are checked against ``vocab_size`` when given, else against the tokenizer the header names)."""
     for record in src:
         if isinstance(record, PassEnd):
             yield record
@@ -414,17 +422,17 @@ def check_records(src: Iterable, counters: Counters, context_length: int,
             counters.problem(record["__url__"], "incomplete_record", f"{record['__key__']} lacks {missing}")
             continue
         try:
-            meta = json.loads(record["json"])
-            if not isinstance(meta, dict):
-                raise schema.SchemaError("side-car is not a JSON object")
-        except (ValueError, schema.SchemaError) as e:
+            meta = jsonl.parse_record(record["json"])
+        except jsonl.BadLine as e:  # not JSON, not UTF-8, absurd nesting or numbers: one record's loss
             counters.problem(record["__url__"], "bad_json", f"{record['__key__']}: {e}")
             continue
         _check_compatible(meta, record, context_length)
         try:
-            schema.validate_record(record["__key__"], meta)
+            # Token ids within the vocabulary, shapes, spans inside the tokens ...: what the model
+            # would otherwise index with (an id past the embedding is a device-side assert on GPU).
+            schema.validate_record(record["__key__"], meta, vocab_size)
         except schema.SchemaError as e:
-            counters.problem(record["__url__"], "bad_json", f"{record['__key__']}: {e}")
+            counters.problem(record["__url__"], "bad_sidecar", f"{record['__key__']}: {e}")
             continue
         record["json"] = meta
         counters.records_ok += 1
@@ -536,6 +544,7 @@ class _RankStream(IterableDataset):
         self.rank, self.world_size, self.readers = loader.rank, loader.world_size, loader.readers
         self.pairs, self.batches = loader.pairs_per_rank, loader.batches_per_epoch
         self.preprocess, self.context_length = loader.preprocess, loader.context_length
+        self.vocab_size = loader.vocab_size
         self.epoch, self.start_batch, self.raw = epoch, start_batch, raw
 
     def __iter__(self):
@@ -565,7 +574,7 @@ class _RankStream(IterableDataset):
         return wds.DataPipeline(
             source,
             lambda src: read_records(src, counters),
-            lambda src: check_records(src, counters, self.context_length, extensions),
+            lambda src: check_records(src, counters, self.context_length, extensions, self.vocab_size),
             lambda src: shuffle_records(src, cfg.shuffle_buffer, seeded(*key, "buffer")),
             lambda src: skip_records(src, done, counters),  # resume: raw records already consumed
             lambda src: decode_records(src, counters, cfg.image_size, max_streak, features),
@@ -582,8 +591,9 @@ class Loader:
     """One rank's batches, epoch by epoch; see the module docs. Build with :func:`build_loader`."""
 
     def __init__(self, cfg: LoaderConfig, preprocess: Callable, rank: int, world_size: int,
-                 shards: list[Shard], context_length: int = 77):
+                 shards: list[Shard], context_length: int = 77, vocab_size: int | None = None):
         self.cfg, self.preprocess, self.context_length = cfg, preprocess, context_length
+        self.vocab_size = vocab_size
         self.rank, self.world_size, self.shards = rank, world_size, shards
         self.readers = max(1, cfg.workers)
         self.pairs_per_rank = cfg.batch_pairs // world_size
@@ -699,8 +709,11 @@ def _add_stats(into: dict, counts: dict) -> None:
 
 
 def build_loader(cfg: LoaderConfig, preprocess: Callable, rank: int, world_size: int, epoch: int = 0,
-                 start_batch: int = 0, context_length: int = 77) -> Loader:
-    """This rank's loader, positioned at batch ``start_batch`` of ``epoch``. Checks the layout first."""
+                 start_batch: int = 0, context_length: int = 77, vocab_size: int | None = None) -> Loader:
+    """This rank's loader, positioned at batch ``start_batch`` of ``epoch``. Checks the layout first.
+
+    ``vocab_size``: the text tower's embedding rows; records with a token id at or past it are
+    skipped (``bad_sidecar``). Without it ids are checked against the tokenizer the shards name."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
     if cfg.batch_pairs < 1 or cfg.batch_pairs % world_size:
@@ -726,7 +739,7 @@ def build_loader(cfg: LoaderConfig, preprocess: Callable, rank: int, world_size:
             f"{max(1, nonempty // world_size)} or fewer, or re-shard with a smaller shard_size "
             f"(tools/make_shards.py shard_size=...) to get at least {readers} shards, or use data.resampled=true"
         )
-    loader = Loader(cfg, preprocess, rank, world_size, shards, context_length)
+    loader = Loader(cfg, preprocess, rank, world_size, shards, context_length, vocab_size)
     loader._seek(epoch, start_batch)
     log.info("data: %d %sshards, %d records, rank %d of %d, %d pairs per rank batch, %d batches per epoch, %s mode",
              len(shards), "feature " if cfg.features else "", total, rank, world_size, loader.pairs_per_rank,

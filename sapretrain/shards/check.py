@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.shards import schema
 
 MAX_PROBLEMS_SHOWN = 20
@@ -55,8 +54,13 @@ def list_shards(root: str) -> list[str]:
     return [f"{str(root).rstrip('/')}/{name}" for name in names]
 
 
-def check_shards(root: str, progress=None) -> CheckReport:
-    """Check all shards under ``root`` against the schema, sizes.json and summary.json."""
+def check_shards(root: str, progress=None, vocab_size: int | None = None) -> CheckReport:
+    """Check all shards under ``root`` against the schema, sizes.json and summary.json.
+
+    Every problem is reported (``report.problems``), none raised: a record that fails the schema
+    (``schema.validate_record``: token ids outside the vocabulary, a string where a list belongs,
+    boxes of the wrong shape ...), a member that does not decode, a sizes.json or summary.json
+    that is not what make_shards writes."""
     report = CheckReport()
     root = str(root).rstrip("/")
     urls = list_shards(root)
@@ -64,16 +68,26 @@ def check_shards(root: str, progress=None) -> CheckReport:
         report.problems.append(f"no *.tar shards under {root}")
         return report
     expected_sizes = _load_json(f"{root}/sizes.json", report)
+    if expected_sizes is not None:
+        try:
+            schema.validate_sizes(expected_sizes)
+        except schema.SchemaError as e:
+            report.problems.append(str(e))
+            expected_sizes = None
     summary = _load_json(f"{root}/summary.json", report)
-    expected_hash = {s["shard"]: s["sha256"] for s in (summary or {}).get("shards", [])}
+    expected_hash = _summary_hashes(summary, report)
     for url in urls:
         name = url.rsplit("/", 1)[-1]
-        data = storage.read_bytes(url)
+        try:
+            data = storage.read_bytes(url)
+        except OSError as e:
+            report.problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+            continue
         report.shards += 1
         report.bytes += len(data)
         if name in expected_hash and hashlib.sha256(data).hexdigest() != expected_hash[name]:
             report.problems.append(f"{name}: sha256 differs from summary.json")
-        count = check_shard_bytes(name, data, report)
+        count = check_shard_bytes(name, data, report, vocab_size)
         if expected_sizes is not None and expected_sizes.get(name) != count:
             report.problems.append(f"{name}: {count} records, sizes.json says {expected_sizes.get(name)}")
         if progress is not None:
@@ -84,14 +98,27 @@ def check_shards(root: str, progress=None) -> CheckReport:
     return report
 
 
-def check_shard_bytes(name: str, data: bytes, report: CheckReport) -> int:
+def _summary_hashes(summary: Any, report: CheckReport) -> dict[str, str]:
+    """``{shard: sha256}`` from summary.json; a malformed one is a problem, not a crash."""
+    if summary is None:
+        return {}
+    shards = summary.get("shards") if isinstance(summary, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("shard"), str) and isinstance(s.get("sha256"), str) for s in shards
+    ):
+        report.problems.append("summary.json: no list of {shard, sha256} entries (not written by make_shards?)")
+        return {}
+    return {s["shard"]: s["sha256"] for s in shards}
+
+
+def check_shard_bytes(name: str, data: bytes, report: CheckReport, vocab_size: int | None = None) -> int:
     """Check one shard's records; returns the number of good records."""
     count = 0
     if len(data) % tarfile.BLOCKSIZE:
         report.problems.append(f"{name}: {len(data)} bytes is not a whole number of tar blocks: truncated")
     try:
         for key, members in iter_records(io.BytesIO(data)):
-            problem = check_record(key, members, report)
+            problem = check_record(key, members, report, vocab_size)
             if problem:
                 report.problems.append(f"{name}/{key}: {problem}")
             else:
@@ -123,7 +150,7 @@ def iter_records(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def check_record(key: str, members: dict[str, bytes], report: CheckReport) -> str | None:
+def check_record(key: str, members: dict[str, bytes], report: CheckReport, vocab_size: int | None = None) -> str | None:
     """The first problem of one record, or None (and the record is counted in ``report``)."""
     missing = [ext for ext in schema.EXTENSIONS if ext not in members]
     if missing:
@@ -132,9 +159,9 @@ def check_record(key: str, members: dict[str, bytes], report: CheckReport) -> st
     if extra:
         return f"unexpected members {extra}"
     try:
-        meta = json.loads(members["json"])
-        schema.validate_record(key, meta)
-    except (ValueError, schema.SchemaError) as e:
+        meta = jsonl.parse_record(members["json"])
+        schema.validate_record(key, meta, vocab_size)
+    except (jsonl.BadLine, schema.SchemaError) as e:
         return f"json: {e}"
     for member in schema.MEMBERS:
         for part, ext in schema.image_members(member).items():
@@ -170,7 +197,7 @@ def _load_json(url: str, report: CheckReport) -> dict | None:
         report.problems.append(f"{url.rsplit('/', 1)[-1]} is missing (the writer did not finish)")
         return None
     try:
-        return json.loads(storage.read_bytes(url))
-    except ValueError as e:
-        report.problems.append(f"{url}: not JSON ({e})")
+        return jsonl.parse_record(storage.read_bytes(url))
+    except jsonl.BadLine as e:
+        report.problems.append(f"{url}: not a JSON object ({e})")
         return None

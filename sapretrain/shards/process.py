@@ -2,25 +2,40 @@
 
 This is the per-image work of ``make_shards``; ``bench/shards.py`` measures it against a bare
 decode/resize/encode loop.
+
+Hostile images are skipped with a reason, never crash the writer (docs/shards.md, "Skipped
+inputs"): only regular files up to ``max_bytes`` are read (``/dev/zero``, a FIFO, a 10 GB file:
+``unreadable_image`` / ``image_too_large``); an image whose stored size would exceed JPEG's
+65,500 px side (a 1000x3 strip becomes 74,667x224) is ``extreme_aspect``; 16-bit greyscale is
+scaled to 8 bits (not clipped to white), float/32-bit images are ``unsupported_mode``; an EXIF
+orientation other than "normal" is ``exif_rotated``: every box and size of the pipeline (COCO/VG
+annotations, the detector, which reads the stored pixels) is in the stored-pixel frame, while the
+captioner saw the image rotated, so its spatial words and its boxes may disagree.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sapretrain import storage
-from sapretrain.data.manifest import BadSample
-from sapretrain.shards.schema import PARTS
+from sapretrain.shards.schema import PARTS, BadSample
 from sapretrain.shards.tokens import SpanTokenizer
 
 BOX_TOLERANCE_PX = 1.0  # boxes may overshoot the image by rounding; more than this is bad input
 ROI_FILL = (124, 116, 104)  # ~CLIP's mean colour: padding that normalises to ~0
+MAX_IMAGE_BYTES = 256 << 20  # an encoded image beyond this is refused unread (~3x a max_pixels bitmap)
+JPEG_MAX_SIDE = 65_500  # libjpeg's largest image side
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,7 @@ class ImageSpec:
     jpeg_quality: int
     max_pixels: int  # larger images are refused as decompression bombs
     draft: bool  # let libjpeg decode at reduced scale when that loses nothing we keep
+    max_bytes: int = MAX_IMAGE_BYTES  # larger image files are refused without reading them
 
 
 def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanTokenizer) -> tuple[dict, dict]:
@@ -52,7 +68,10 @@ def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanToken
     boxes = {part: checked_box(sample["boxes"][part], width, height, part) for part in ("subj", "obj")}
     meta["boxes"] = {part: [round(v, 6) for v in normalise(box, width, height)] for part, box in boxes.items()}
     meta["orig_size"] = [width, height]
-    jpegs = crop_and_encode(image, boxes, spec)
+    try:
+        jpegs = crop_and_encode(image, boxes, spec)
+    except (OSError, ValueError, MemoryError) as e:  # whatever the encoder refuses costs this sample only
+        raise BadSample("unencodable_image", f"{sample['image']}: {type(e).__name__}: {e}") from None
     return meta, jpegs
 
 
@@ -90,12 +109,7 @@ def open_image(sample: dict[str, Any], spec: ImageSpec) -> Image.Image:
 
     The returned image carries ``info["original_size"]`` (full-resolution width, height).
     """
-    try:
-        data = storage.read_bytes(sample["image"])
-    except FileNotFoundError:
-        raise BadSample("missing_image", f"{sample['image']} does not exist") from None
-    except OSError as e:
-        raise BadSample("missing_image", f"{sample['image']}: {e}") from None
+    data = read_image_bytes(sample["image"], spec.max_bytes)
     try:
         with warnings.catch_warnings():
             # PIL only warns between max_pixels and 2x max_pixels: make it an error throughout.
@@ -109,10 +123,18 @@ def open_image(sample: dict[str, Any], spec: ImageSpec) -> Image.Image:
                     "size_mismatch",
                     f"{sample['image']}: manifest says {sample['width']}x{sample['height']}, image is {width}x{height}",
                 )
+            stored = max(width, height) * spec.image_size / max(1, min(width, height))
+            if stored > JPEG_MAX_SIDE:
+                raise BadSample("extreme_aspect", f"{sample['image']}: {width}x{height} would be stored "
+                                f"{round(stored)} px long, beyond JPEG's {JPEG_MAX_SIDE}")
+            orientation = exif_orientation(image)
+            if orientation not in (None, 1):
+                raise BadSample("exif_rotated", f"{sample['image']}: EXIF orientation {orientation}; its boxes are "
+                                "in stored pixels, its caption describes the rotated view")
             if spec.draft and image.format == "JPEG":
                 scale = draft_scale(sample["boxes"], width, height, spec)
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            image = image.convert("RGB")  # decodes now: truncated data raises here
+            image = to_rgb(image, sample["image"])  # decodes now: truncated data raises here
     except BadSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -121,6 +143,75 @@ def open_image(sample: dict[str, Any], spec: ImageSpec) -> Image.Image:
         raise BadSample("unreadable_image", f"{sample['image']}: {e}") from None
     image.info["original_size"] = (width, height)
     return image
+
+
+def read_image_bytes(ref: str, max_bytes: int) -> bytes:
+    """The encoded image at ``ref``, or BadSample: only regular files of at most ``max_bytes``.
+
+    Local files are checked by ``fstat`` on a non-blocking descriptor, so a FIFO is refused
+    instead of blocking and a device (``/dev/zero``) instead of filling memory; every read is
+    bounded by ``max_bytes`` whatever a size field claimed.
+    """
+    try:
+        tar_ref = storage.split_tar_ref(ref)
+        if tar_ref is not None:
+            tar, member = tar_ref
+            if tar.lower().endswith(".tar"):  # indexed: the member's size is known before reading
+                entry = storage.tar_index(tar).get(member)
+                if entry is not None and entry[1] > max_bytes:
+                    raise BadSample("image_too_large", f"{ref}: {entry[1]} bytes > {max_bytes}")
+            data = storage.read_tar_member(tar, member)
+        elif not storage.is_url(ref) or ref.startswith("file://"):
+            data = _read_local(ref.removeprefix("file://"), max_bytes)
+        else:
+            fs, path = storage.url_to_fs(ref)
+            size = fs.info(path).get("size")
+            if size is not None and size > max_bytes:
+                raise BadSample("image_too_large", f"{ref}: {size} bytes > {max_bytes}")
+            with fs.open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+    except BadSample:
+        raise
+    except FileNotFoundError:
+        raise BadSample("missing_image", f"{ref} does not exist") from None
+    except (OSError, ValueError) as e:  # no permission, a directory, a NUL in the path, a broken tar ...
+        raise BadSample("missing_image", f"{ref}: {type(e).__name__}: {e}") from None
+    if len(data) > max_bytes:
+        raise BadSample("image_too_large", f"{ref}: more than {max_bytes} bytes")
+    return data
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSample("unreadable_image", f"{path}: not a regular file (a device, FIFO or socket)")
+        if info.st_size > max_bytes:
+            raise BadSample("image_too_large", f"{path}: {info.st_size} bytes > {max_bytes}")
+        return f.read(max_bytes + 1)
+
+
+def exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = as stored), None without one; BadSample if EXIF is corrupt."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION)
+    except Exception as e:  # PIL's EXIF parser raises many types on damaged metadata
+        raise BadSample("bad_exif", f"EXIF does not parse ({type(e).__name__}: {e})") from None
+    return value if isinstance(value, int) else None
+
+
+def to_rgb(image: Image.Image, ref: str) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale is scaled (PIL's convert would clip it to white); images whose
+    range is not known (32-bit integer, float) are refused."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and image.format == "PNG"):  # PNG "I" holds 16 bits
+        grey = np.asarray(image).astype(np.uint32)  # (H, W)
+        grey = ((np.clip(grey, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        raise BadSample("unsupported_mode", f"{ref}: {mode} pixels ({image.format}) have no known 8-bit range")
+    return image.convert("RGB")
 
 
 def draft_scale(boxes: dict, width: int, height: int, spec: ImageSpec) -> float:

@@ -40,6 +40,8 @@ from typing import Mapping, Sequence
 import open_clip
 from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
 
+from sapretrain.shards.schema import TokenizerSpec, tokenizer_spec
+
 _WORD = re.compile(r"\S+")  # the runs `" ".join(text.split())` keeps
 _END_OF_WORD = "</w>"
 _WORD_CACHE_SIZE = 1 << 18  # regex matches whose BPE split is kept; cleared when full
@@ -74,6 +76,11 @@ class SpanTokenizer:
         if self.context_length < 2:
             raise ValueError(f"context_length must hold at least SOT and EOT, got {self.context_length}")
         self.name = f"open_clip:SimpleTokenizer:{model_name}:ctx{self.context_length}"
+        self.vocab_size = len(tokenizer.encoder)
+        # Readers check shard token ids against the schema's numbers for this name: they must be these.
+        live = TokenizerSpec(self.vocab_size, tokenizer.sot_token_id, tokenizer.eot_token_id)
+        if tokenizer_spec(self.name) != live:
+            raise ValueError(f"{self.name}: {live} differs from the shard schema's {tokenizer_spec(self.name)}")
         self._tok = tokenizer
         self._precleaned = _PreCleaned(tokenizer)
         # bytes.decode("latin-1") gives one char per byte; this maps it to the BPE byte alphabet.

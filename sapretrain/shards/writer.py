@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import re
 import tarfile
 import time
@@ -31,8 +32,9 @@ from tqdm import tqdm
 
 from sapretrain import storage
 from sapretrain.config import dump_config
-from sapretrain.data.manifest import BadSample, SkipLog, read_manifest
+from sapretrain.data.manifest import SkipLog, read_manifest
 from sapretrain.shards import schema
+from sapretrain.shards.schema import BadSample
 from sapretrain.shards.process import ImageSpec, process_sample
 from sapretrain.shards.tokens import SpanTokenizer
 
@@ -226,23 +228,31 @@ def write_shard(output: str, cfg: ShardConfig, index: int, records: list, on_rec
     url = f"{output}/{name}"
     tmp = storage.local_temp_for(url)
     count = 0
-    with open(tmp, "wb") as raw:
-        sink = HashingWriter(raw)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for anchor, partner in records:
-                try:
-                    members = {m: _processed(s, spec, tokenizer, cache) for m, s in zip(schema.MEMBERS, (anchor, partner))}
-                except BadSample as e:
-                    skips.add(e.reason, e.detail)
-                else:
-                    _add_record(tar, anchor["id"], head, members)
-                    count += 1
-                if on_record is not None:
-                    on_record(1)
-                elif _counter is not None:
-                    with _counter.get_lock():
-                        _counter.value += 1
-    storage.commit(tmp, url)
+    try:
+        with open(tmp, "wb") as raw:
+            sink = HashingWriter(raw)
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for anchor, partner in records:
+                    try:
+                        members = {m: _processed(s, spec, tokenizer, cache) for m, s in zip(schema.MEMBERS, (anchor, partner))}
+                        files = _record_files(anchor["id"], head, members, tokenizer.vocab_size)
+                    except BadSample as e:
+                        skips.add(e.reason, e.detail)
+                    else:
+                        for member_name, data in files:
+                            add_file(tar, member_name, data)
+                        count += 1
+                    if on_record is not None:
+                        on_record(1)
+                    elif _counter is not None:
+                        with _counter.get_lock():
+                            _counter.value += 1
+        storage.commit(tmp, url)
+    except BaseException:
+        # A disk-full or killed write leaves no temporary behind (commit removed it on success).
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     stats = {"shard": name, "records": count, "bytes": sink.size, "sha256": sink.sha256.hexdigest(), "skipped": skips.to_dict()}
     storage.write_bytes_atomic(progress_url(output, index), schema.encode_json(stats))
     return stats
@@ -260,16 +270,23 @@ def _processed(sample: dict, spec: ImageSpec, tokenizer: SpanTokenizer, cache: d
     return result
 
 
-def _add_record(tar: tarfile.TarFile, key: str, head: dict, members: dict[str, tuple[dict, dict]]) -> None:
+def _record_files(key: str, head: dict, members: dict[str, tuple[dict, dict]], vocab_size: int) -> list[tuple[str, bytes]]:
+    """The tar members of one record, in order; BadSample when its side-car would not pass the
+    reader's own schema check (the record is then skipped before anything reaches the tar)."""
     meta = dict(head)
     files: dict[str, bytes] = {}
     for member, (sample_meta, jpegs) in members.items():
         meta[member] = sample_meta
         for part, ext in schema.image_members(member).items():
             files[ext] = jpegs[part]
-    add_file(tar, f"{key}.json", schema.encode_json(meta))
-    for ext, data in files.items():
-        add_file(tar, f"{key}.{ext}", data)
+    try:
+        schema.validate_record(key, meta, vocab_size)
+        side_car = schema.encode_json(meta)
+    except schema.SchemaError as e:
+        raise BadSample("bad_record", f"{key}: {e}") from None
+    except UnicodeEncodeError as e:  # a lone surrogate that reached a text field
+        raise BadSample("bad_encoding", f"{key}: {e}") from None
+    return [(f"{key}.json", side_car)] + [(f"{key}.{ext}", data) for ext, data in files.items()]
 
 
 def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
