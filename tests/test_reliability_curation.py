@@ -351,6 +351,35 @@ def test_extract_svo_checks_what_it_finds(tmp_path, capsys):
     assert info.value.code == 2 and "no records" in capsys.readouterr().err
 
 
+def test_collect_captions_checks_what_it_finds(tmp_path, capsys):
+    from tools.collect_captions import main
+
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("caption,path\na dog on a sofa,imgs/1.jpg\na cat near a window,imgs/2.jpg\n")
+    out = tmp_path / "captions.jsonl"
+    args = ["--source", "csv", "--input", str(csv), "--output", str(out), "--no-progress"]
+    out.write_text("")  # planted: not a finished collect run
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and "not taken as done" in capsys.readouterr().err
+    out.unlink()
+    assert main(args) == 0 and "records written: 2" in capsys.readouterr().out
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.startswith("already done:") and len(again.strip().splitlines()) == 1
+    csv.write_text("caption,path\na dog on a sofa,imgs/1.jpg\n")  # the input changed since
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and "another input" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("caption,path\n,imgs/1.jpg\na caption without image,\n")
+    with pytest.raises(SystemExit) as info:  # every row skipped
+        main(["--source", "csv", "--input", str(bad), "--output", str(tmp_path / "b.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no records written" in err and "empty_caption 1" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Config files that are not configs
 

@@ -362,8 +362,11 @@ def test_collect_atomic_gzip_limit_and_resume(tmp_path):
     path = tmp_path / "out" / "caps-00000.jsonl.gz"
     lines = [json.loads(x) for x in gzip.open(path, "rt")]
     assert report.records == 2 and [x["id"] for x in lines] == ["csv-pairs-0", "csv-pairs-4"]
-    assert sorted(os.listdir(tmp_path / "out")) == ["caps-00000.jsonl.gz"]  # no temp left behind
-    assert collect("csv", str(out), options, progress=False).already_done
+    # no temp left behind; the marker records what the output was made from
+    assert sorted(os.listdir(tmp_path / "out")) == ["caps-00000.jsonl.gz", "caps-00000.jsonl.gz.done.json"]
+    assert collect("csv", str(out), options, limit=2, progress=False).already_done
+    with pytest.raises(ValueError, match="other settings"):  # 2 records are not what an unlimited run asks for
+        collect("csv", str(out), options, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,12 +124,18 @@ def load_curation_config(path: str | None, overrides: list[str] | None = None) -
 def _collect(cfg: CurationConfig, out: str, progress: bool) -> dict[str, Any]:
     from sapretrain.curation.sources import collect
 
+    if storage.exists(out) and not storage.exists(f"{out}.done.json"):
+        # Collected beforehand (tools/collect_captions.py elsewhere, or copied in): used as it is,
+        # whatever the source section says; its skips are unknown here. Empty is a mistake.
+        lines = sum(1 for _ in _iter_jsonl(out))
+        if not lines:
+            raise ValueError(f"{out} exists but holds no caption records: delete it to collect them")
+        return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
     report = collect(cfg.source.reader, out, dict(cfg.source.options), limit=cfg.source.limit, progress=progress)
     if report.already_done:
         if storage.exists(f"{out}.summary.json"):
             return json.loads(storage.read_bytes(f"{out}.summary.json"))
-        lines = sum(1 for _ in _iter_jsonl(out))  # written by tools/collect_captions.py: its skips are unknown here
-        return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
+        return {"stage": "captions", "records": report.records, "kept": report.records, "dropped": {}, "examples": {}}
     summary = {"stage": "captions", "kept": report.records,
                "dropped": dict(report.skips.counts), "examples": {k: v[:3] for k, v in report.skips.examples.items()}}
     summary["records"] = summary["kept"] + sum(summary["dropped"].values())

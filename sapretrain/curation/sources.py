@@ -32,8 +32,7 @@ the parts' records and skip counts add up to those of one whole run.
 Skip reasons (``SkipLog``). A record is dropped for: ``missing_caption``, ``bad_caption`` (not
 text), ``empty_caption``, ``bad_encoding``, ``missing_image``, ``unknown_image`` (caption of an
 image id not in the file), ``bad_image_entry``, ``bad_annotation``, ``bad_row`` (CSV/TSV field
-count or syntax), ``bad_json``, ``bad_encoding``, ``too_deep``, ``bad_number``, ``line_too_long``
-(a JSONL line the shared reader ``sapretrain.jsonl`` refuses). Whole inputs: ``missing_input``, ``unreadable_tar``,
+count or syntax), ``bad_json`` (JSONL line). Whole inputs: ``missing_input``, ``unreadable_tar``,
 ``truncated_tar`` (the records before the damage are kept, the incomplete last key is dropped).
 Only part of a record is dropped for: ``object_bad_box``, ``object_no_name``,
 ``object_unknown_category``, ``region_bad_box``, ``sidecar_bad_json`` (tar json side-car).
@@ -59,7 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-from sapretrain import jsonl, storage
+from sapretrain import storage
 from sapretrain.data.manifest import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -183,11 +182,8 @@ def make_record(id_: str, image: str, caption: str, source: str, width=None, hei
 
 def load_json(url: str) -> Any:
     """A whole JSON document (COCO/VG annotation files are single documents)."""
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
-            return json.load(f)
-    except (ValueError, RecursionError) as e:  # syntax, not UTF-8, absurd nesting: say which file
-        raise ValueError(f"{url} is not a readable JSON document ({type(e).__name__}: {str(e)[:200]})") from None
+    with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
+        return json.load(f)
 
 
 def expand_inputs(inputs: str | Iterable[str]) -> list[str]:
@@ -474,8 +470,10 @@ def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: st
     meta: dict = {}
     if "json" in group:
         try:
-            meta = jsonl.parse_record(group["json"])
-        except jsonl.BadLine as e:
+            meta = json.loads(group["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
             skips.add("sidecar_bad_json", f"{where}.json: {e}")
             meta = {}
     if "image" not in group:
@@ -642,15 +640,19 @@ def read_jsonl(
         base = image_root if image_root is not None else storage.parent(url)
         stem = _stem(url)
         with fsspec.open(url, "rb", compression="infer") as f:
-            for number, raw in jsonl.iter_raw_lines(f):
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
                 index += 1
                 if not split.mine(index):
                     continue
                 where = f"{url} line {number}"
                 try:
-                    line = jsonl.parse_record(raw)
-                except jsonl.BadLine as e:  # the shared reader's reasons: bad_json, bad_encoding, too_deep ...
-                    skips.add(e.reason, f"{where}: {e.detail}")
+                    line = json.loads(raw)
+                    if not isinstance(line, dict):
+                        raise ValueError("not a JSON object")
+                except (ValueError, UnicodeDecodeError) as e:
+                    skips.add("bad_json", f"{where}: {e}")
                     continue
                 image_col = image_column or next((c for c in IMAGE_COLUMNS if c in line), IMAGE_COLUMNS[0])
                 names = (caption_column, image_col, id_column or "id")
@@ -749,15 +751,33 @@ def collect(
     """Run ``source``'s reader and write its records to ``output`` (JSONL, ``.gz`` etc. by suffix).
 
     The output appears only when complete (temporary file, then commit), so a killed run leaves
-    nothing half-written; re-running skips an output that already exists unless ``overwrite``.
+    nothing half-written. ``OUT.done.json`` records what it was made from (source, options, part,
+    limit, and the size and end hashes of each named input file) and the output's own fingerprint;
+    a re-run finds it "already done" only when both still match, and refuses an ``OUT`` without
+    that record or made otherwise (``ValueError``) unless ``overwrite``. Writing no record at all
+    (an empty input, every row skipped) raises ``ValueError`` with the skip counts, after writing.
     """
     from tqdm import tqdm
+
+    from sapretrain.curation.stage import finished_summary, input_fingerprint
 
     kwargs = reader_options(source, options)
     output = part_output(str(output), split)
     report = CollectReport(output)
+    files = {k: input_fingerprint(v) for k, v in sorted(kwargs.items())
+             if k in ("captions", "instances", "regions", "objects", "image_data") and isinstance(v, str)}
+    if kwargs.get("inputs"):  # shard lists can be long and remote: their sizes only (one HEAD each)
+        files["inputs"] = {url: _size_or_none(url) for url in expand_inputs(kwargs["inputs"])}
+    made_from = {"source": source, "options": {k: v for k, v in sorted(kwargs.items())}, "files": files,
+                 "part": [split.part, split.num_parts], "limit": limit}
+    marker = f"{output}.done.json"
     if not overwrite and storage.exists(output):
-        report.already_done = True
+        if not storage.exists(marker):
+            raise ValueError(f"{output} exists, but no finished collect run recorded what it was made from "
+                             f"(no {marker}): it is not taken as done; delete it or pass --overwrite")
+        done = finished_summary(output, made_from, marker)
+        report.already_done, report.records = True, done.get("records", 0)
+        _check_collected(done.get("records", 0), done.get("skips", {}), output)
         return report
     start = time.time()
     _remove_stale_temps(output)
@@ -784,7 +804,26 @@ def collect(
             os.unlink(tmp)
         raise
     report.seconds = time.time() - start
+    counts = dict(sorted(report.skips.counts.items()))
+    storage.write_bytes_atomic(marker, json.dumps({
+        "records": report.records, "skips": counts, "made_from": json.loads(json.dumps(made_from, sort_keys=True)),
+        "output_fingerprint": input_fingerprint(output)}, indent=1).encode())
+    _check_collected(report.records, counts, output)
     return report
+
+
+def _size_or_none(url: str) -> int | None:
+    fs, path = storage.url_to_fs(url)
+    try:
+        return int(fs.size(path))
+    except (OSError, TypeError):  # missing: the reader counts it as missing_input
+        return None
+
+
+def _check_collected(records: int, skips: dict, output: str) -> None:
+    if not records:
+        why = ", ".join(f"{k} {v}" for k, v in skips.items()) or "the input has no rows"
+        raise ValueError(f"no records written to {output}: nothing to do ({why})")
 
 
 def _remove_stale_temps(output: str) -> None:
@@ -797,7 +836,8 @@ def _remove_stale_temps(output: str) -> None:
 
 def format_report(report: CollectReport) -> str:
     if report.already_done:
-        return f"output: {report.output} already exists, nothing to do (--overwrite to redo)"
+        return (f"already done: {report.output} already exists ({report.records} records), made from these inputs "
+                "with these options; nothing to do (--overwrite to redo)")
     counts = report.skips.counts
     lines = [
         f"output: {report.output}",

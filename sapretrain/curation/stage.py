@@ -31,10 +31,8 @@ finished nor overwritten; so is a resume whose input changed under its chunks.
 **Parts**: with ``num_parts = N`` chunk ``c`` belongs to part ``c % N`` and part ``I`` writes
 ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``part_output``).
 
-**Bad input**: a line the shared JSONL reader (``sapretrain.jsonl``) refuses is dropped before
-the stage sees it, with the reader's reason (``bad_json``: not JSON or not an object;
-``bad_encoding``, ``too_deep``, ``bad_number``, ``line_too_long``) and its first 200 characters
-kept in ``raw``.
+**Bad input**: a line that is not a JSON object is dropped as ``bad_json`` (its first 200
+characters kept in ``raw``) before the stage sees it.
 """
 from __future__ import annotations
 
@@ -44,7 +42,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sapretrain import jsonl, storage
+import fsspec
+
+from sapretrain import storage
 
 EXAMPLES_PER_REASON = 3
 FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the input
@@ -84,15 +84,17 @@ def part_output(output: str, part: int, num_parts: int) -> str:
 
 def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
     """``(chunk index, lines)`` of this part, reading the input once."""
-    # The shared JSONL reader: lines are split on bytes and bounded in size; one that is not
-    # UTF-8 keeps its bad bytes (surrogateescape) so parsing it later counts it as bad_encoding.
     buf, chunk = [], 0
-    for _, line in jsonl.iter_lines(input_url):
-        buf.append(line)
-        if len(buf) == chunk_size:
-            if chunk % num_parts == part:
-                yield chunk, buf
-            buf, chunk = [], chunk + 1
+    with fsspec.open(input_url, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
+        for line in f:
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            buf.append(line)
+            if len(buf) == chunk_size:
+                if chunk % num_parts == part:
+                    yield chunk, buf
+                buf, chunk = [], chunk + 1
     if buf and chunk % num_parts == part:
         yield chunk, buf
 
@@ -145,14 +147,14 @@ def _normal(value: dict) -> dict:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def finished_summary(out: str, made_from: dict) -> dict | None:
+def finished_summary(out: str, made_from: dict, summary_url: str | None = None) -> dict | None:
     """The stored summary when ``out`` was finished from ``made_from`` (input and settings) and is
     still the file that run wrote (``output_fingerprint``), with ``"already_done": True``; None when
     ``out`` does not exist. Raises ValueError when ``out`` exists but nothing shows it was made
     from that input with those settings, or it was changed since."""
     if not storage.exists(out):
         return None
-    summary_url = f"{out}.summary.json"
+    summary_url = summary_url or f"{out}.summary.json"
     try:
         stored = json.loads(storage.read_bytes(summary_url)) if storage.exists(summary_url) else None
     except ValueError:
@@ -169,27 +171,29 @@ def finished_summary(out: str, made_from: dict) -> dict | None:
     if stored.get("output_fingerprint") != input_fingerprint(out):
         raise ValueError(f"{out} is not the file its run wrote (size or content changed since, per "
                          f"{summary_url}): delete both, or choose another output")
-    return {**stored, "already_done": True}
+    return {**stored, "already_done": True, "output": out}
 
 
-def check_kept(summary: dict) -> None:
+def check_kept(summary: dict, out: str) -> None:
     """Raise ``NothingKeptError`` when a stage had records and kept none."""
     if summary.get("records") and not summary.get("kept"):
         reasons = ", ".join(f"{k} {v}" for k, v in summary.get("dropped", {}).items()) or "none"
-        where = summary.get("output")
         raise NothingKeptError(f"{summary.get('stage')}: all {summary['records']} records of {summary.get('input')} "
-                               f"were dropped ({reasons})" + (f"; see {dropped_output(where)}" if where else ""))
+                               f"were dropped ({reasons}); see {dropped_output(out)}")
 
 
-def parse_lines(lines: list) -> tuple[list[dict], list[dict]]:
-    """JSON objects of ``lines``, and drop records for the rest (``jsonl.parse_record``'s reasons:
-    bad_json, bad_encoding, too_deep, bad_number, line_too_long)."""
+def parse_lines(lines: list[str]) -> tuple[list[dict], list[dict]]:
+    """JSON objects of ``lines``, and ``bad_json`` drop records for the rest."""
     records, bad = [], []
     for line in lines:
         try:
-            records.append(jsonl.parse_record(line))
-        except jsonl.BadLine as e:
-            bad.append({"raw": jsonl.excerpt(line), "drop_reason": e.reason, "drop_detail": e.detail[:200]})
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append({"raw": line[:200], "drop_reason": "bad_json"})
     return records, bad
 
 
@@ -238,7 +242,7 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
     if not storage.exists(workdir):  # with a chunk folder the run is resumed (and OUT rewritten)
         earlier = finished_summary(out, made_from)
         if earlier is not None:
-            check_kept(earlier)
+            check_kept(earlier, out)
             return earlier
 
     ensure_settings(f"{workdir}/config.json", {"chunk_size": cfg.chunk_size, **made_from})
@@ -275,12 +279,12 @@ def run_stage(stage: Stage, input_url: str, output: str, cfg: StageConfig | None
             for c in chunks:
                 dst.write(storage.read_bytes(f"{workdir}/{c:08d}{suffix}"))
         storage.commit(tmp, url)
-    summary = {**_summary(stage.name, input_url, counts), "output": out, "made_from": _normal(made_from),
+    summary = {**_summary(stage.name, input_url, counts), "made_from": _normal(made_from),
                "output_fingerprint": input_fingerprint(out)}
     storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
     fs, path = storage.url_to_fs(workdir)
     fs.rm(path, recursive=True)
-    check_kept(summary)
+    check_kept(summary, out)
     return summary
 
 
