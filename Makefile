@@ -23,10 +23,12 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) tools/make_shards.py
 	$(PY) tools/check_shards.py --no-progress data/shards/demo
-	ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/demo.yaml --resume auto
-	ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/demo_clip.yaml --resume auto
+	$(PY) tools/train_scene_detector.py --out data/detector
+	for c in demo demo_clip demo_clip_partners demo_no_svo; do \
+		ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/$$c.yaml --resume auto || exit 1; done
 	$(PY) tools/evaluate.py --task spatial --checkpoint SA-CLIP=runs/demo/saclip --checkpoint CLIP=runs/demo/clip \
-		--baseline CLIP --workers 2 --out runs/demo
+		--checkpoint CLIP+partners=runs/demo/clip_partners --checkpoint "SA-CLIP w/o SVO=runs/demo/no_svo" \
+		--baseline CLIP --candidate SA-CLIP --detector-weights data/detector/scenes-yolov8n.pt --workers 2 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,4 +37,4 @@ bench: $(STAMP)
 	for b in shards loader model train featcache svo; do $(PY) bench/$$b.py || exit 1; done
 
 clean-demo:
-	rm -rf data/synthetic data/shards/demo data/demo_manifest.jsonl runs/demo
+	rm -rf data/synthetic data/shards/demo data/demo_manifest.jsonl data/detector runs/demo

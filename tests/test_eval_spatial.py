@@ -1,8 +1,9 @@
-"""Evaluation core: model loading, encoding like the shards, the spatial probe, the verdict, the CLI."""
+"""Evaluation core: model loading, encoding like the shards, the demo's spatial evidence, the verdict, the CLI."""
 from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 import tarfile
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, synthetic_shards
-from sapretrain.data.synthetic import CONFIGURATIONS, EVAL_SEED_BASE, plan_scene, render_scene
+from sapretrain.data.synthetic import CONFIGURATIONS, EVAL_SEED_BASE, OPPOSITE, plan_scene, render_scene
 from sapretrain.eval import run, spatial
 from sapretrain.eval.encode import Encoder, EvalSample, load_model
 from sapretrain.model import SAClipConfig, build_saclip, save_saclip
@@ -76,6 +77,17 @@ def test_probe_set_takes_one_scene_per_pair_from_the_held_apart_split():
     assert probe.samples[3].boxes == scene.boxes
     with pytest.raises(ValueError, match="at least 8"):
         spatial.probe_set(4, progress=False)
+    # Each negative is the scene's opposite caption (same objects and words but the relation).
+    assert probe.negatives[3].caption == scene.negative["caption"] != scene.caption
+    assert probe.negatives[3].image is None
+    # Role-free label: where the sphere is relative to the cube, None when both have one shape.
+    for i in range(16):
+        a, b = plan_scene("eval", 2 * i).objects
+        expected = None if a.shape == b.shape else (
+            plan_scene("eval", 2 * i).configuration if a.shape == "sphere"
+            else OPPOSITE[plan_scene("eval", 2 * i).configuration])
+        assert probe.role_free[i] == expected
+    assert any(r is None for r in probe.role_free) and any(r is not None for r in probe.role_free)
 
 
 # ----- encoding is the training input
@@ -157,16 +169,18 @@ def test_load_model_reads_runs_checkpoints_and_model_files(tmp_path):
 # ----- verdict and the command line
 
 
-def test_verdict_needs_every_modality_to_reach_the_target():
-    results = {
-        "CLIP": {"text": {"knn_accuracy": 0.15}, "image": {"knn_accuracy": 0.12}},
-        "SA": {"text": {"knn_accuracy": 0.70}, "image": {"knn_accuracy": 0.33}},
-        "weak": {"text": {"knn_accuracy": 0.90}, "image": {"knn_accuracy": 0.30}},
-    }
-    v = run.verdict({k: results[k] for k in ("CLIP", "SA")}, "CLIP", 0.20)
-    assert v["gains"] == {"SA": {"text": 0.55, "image": 0.21}} and v["pass"]
-    v = run.verdict(results, "CLIP", 0.20)
-    assert v["gains"]["weak"]["image"] == pytest.approx(0.18) and not v["pass"]
+def test_verdict_is_the_candidates_gain_in_the_headline_condition():
+    def acc(x):
+        return {"relation_accuracy": {"detector": {"accuracy": x}, "gold": {"accuracy": 1.0}}}
+
+    results = {"CLIP": acc(0.55), "SA": acc(0.90), "weak": acc(0.70)}
+    oracle = acc(0.98)
+    v = run.verdict(results, "SA", "CLIP", 0.25, "detector", oracle)
+    assert v["gain"] == pytest.approx(0.35) and v["pass"] and v["oracle_accuracy"] == 0.98
+    v = run.verdict(results, "weak", "CLIP", 0.25, "detector", oracle)
+    assert v["gain"] == pytest.approx(0.15) and not v["pass"]
+    # The gold column does not count: every model is at 1.0 there.
+    assert not run.verdict({"CLIP": acc(0.5), "SA": acc(0.6)}, "SA", "CLIP", 0.25, "detector")["pass"]
 
 
 def test_parse_model_args():
@@ -184,16 +198,26 @@ def test_evaluate_cli_writes_results_and_fails_an_unmet_verdict(tmp_path):
            "--checkpoint", "CLIP=openclip:sa-tiny", "--baseline", "CLIP", "--scenes", "24", "--k", "3",
            "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"MPLBACKEND": "Agg", **_env()})
-    # Two untrained models: no +0.20 gain in both modalities, so the verdict fails (exit 1).
+    # Two untrained models: no +0.25 gain in cross-modal relation accuracy, so the verdict fails (exit 1).
     assert done.returncode == 1, done.stderr
     report = json.loads((out / "results.json").read_text())
     assert set(report["models"]) == {"SA", "CLIP"}
     assert report["models"]["CLIP"]["plain_clip"] and not report["models"]["SA"]["plain_clip"]
+    assert report["headline"] == "gold"  # no detector given: the gold boxes head the table, labelled
     for r in report["models"].values():
         assert 0.0 <= r["text"]["knn_accuracy"] <= 1.0 and -1.0 <= r["image"]["silhouette"] <= 1.0
-    assert report["verdict"]["baseline"] == "CLIP" and report["verdict"]["pass"] is False
+        assert set(r["relation_accuracy"]) == set(report["conditions"])
+        assert all(c["n"] == 24 for c in r["relation_accuracy"].values())
+    # A plain CLIP never reads the boxes: every box condition gives it the same accuracy, no flips.
+    clip = report["models"]["CLIP"]
+    assert len({c["accuracy"] for c in clip["relation_accuracy"].values()}) == 1 and clip["flip_rate"] == 0.0
+    oracle = report["baselines"]["geometry oracle (no learning)"]["relation_accuracy"]
+    assert oracle["gold"]["accuracy"] == 1.0 and oracle["gold, swapped"]["accuracy"] == 0.0
+    assert oracle["whole frame"]["accuracy"] == 0.0 and oracle["whole frame"]["ties"] == 24
+    assert report["verdict"]["candidate"] == "SA" and report["verdict"]["pass"] is False
     assert (out / "spatial_tsne.png").stat().st_size > 10_000
-    assert "verdict: FAIL" in done.stdout and "| SA |" in (out / "results.md").read_text()
+    assert (out / "relation_accuracy.png").stat().st_size > 5_000
+    assert ": FAIL**" in done.stdout and "| SA |" in (out / "results.md").read_text()
 
     bad = subprocess.run([sys.executable, EVALUATE, "--task", "vsr", "--checkpoint", "openclip:sa-tiny",
                           "--out", str(out)], capture_output=True, text=True, timeout=120, env=_env())
@@ -204,3 +228,133 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+# ----- cross-modal relation accuracy, counterfactuals and the no-learning rows
+
+
+def test_accuracy_and_flip_rate_count_ties_as_no_preference():
+    margins = torch.tensor([0.3, -0.1, 0.0, 0.2])
+    assert spatial.accuracy(margins) == 0.5  # 0.3 and 0.2; the tie is wrong
+    swapped = torch.tensor([-0.2, 0.4, 0.5, 0.0])
+    # 0.3 -> -0.2 and -0.1 -> 0.4 flip; a tie before (0.0) or after (0.2 -> 0.0) is no flip.
+    assert spatial.flip_rate(margins, swapped) == 0.5
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    u_pos = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    u_neg = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # cos: row 0: 1/sqrt(2) - 0; row 1: 1 - 0.
+    assert torch.allclose(spatial.preference(v, u_pos, u_neg), torch.tensor([0.5 ** 0.5, 1.0], dtype=torch.float64))
+
+
+def test_relation_words_and_their_geometric_agreement():
+    assert spatial.relation_direction("to the left of") == (-1, 0)
+    assert spatial.relation_direction("behind and to the right of") == (1, 1)
+    assert spatial.relation_direction("to the front left of") == (-1, -1)
+    assert spatial.relation_direction("to the back right of") == (1, 1)
+    assert spatial.relation_direction("next to") == (0, 0)
+    boxes = {"subj": [0, 50, 20, 70], "obj": [60, 40, 100, 100]}  # subject left of and above (behind) the object
+    # sideways: centres 10 vs 80 over width 200 -> -0.35; away: bottoms 70 vs 100 over height 100 -> +0.3
+    assert spatial.geometric_agreement("left of", boxes, 200, 100) == pytest.approx(0.35)
+    assert spatial.geometric_agreement("right of", boxes, 200, 100) == pytest.approx(-0.35)
+    assert spatial.geometric_agreement("behind and left of", boxes, 200, 100) == pytest.approx(0.65)
+    assert spatial.geometric_agreement("in front of", boxes, 200, 100) == pytest.approx(-0.3)
+    assert spatial.geometric_agreement("near", boxes, 200, 100) == 0.0
+
+
+def test_box_conditions_oracle_and_text_only_baseline():
+    probe = spatial.probe_set(40, progress=False)
+    conditions = spatial.box_conditions(probe, None, jitter=(0.1,), seed=3)
+    assert list(conditions) == ["gold", "gold + jitter 0.1", "gold, swapped", "whole frame"]
+    assert spatial.box_conditions(probe, None, jitter=(0.1,), seed=3)["gold + jitter 0.1"] == conditions["gold + jitter 0.1"]
+    for s, j, w in zip(probe.samples, conditions["gold + jitter 0.1"], conditions["whole frame"]):
+        width, height = s.image.size
+        assert j != s.boxes and all(0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height for b in j.values())
+        assert w == {"subj": [0.0, 0.0, width, height], "obj": [0.0, 0.0, width, height]}
+    assert conditions["gold, swapped"][0] == {"subj": probe.samples[0].boxes["obj"], "obj": probe.samples[0].boxes["subj"]}
+    # The generator only keeps placements that read clearly, so the oracle is exact on gold boxes,
+    # always wrong on swapped ones, and has no preference on whole frames.
+    assert spatial.accuracy(spatial.oracle_margins(probe, conditions["gold"])) == 1.0
+    assert spatial.accuracy(spatial.oracle_margins(probe, conditions["gold, swapped"])) == 0.0
+    assert (spatial.oracle_margins(probe, conditions["whole frame"]) == 0).all()
+    detected = [dict(s.boxes) for s in probe.samples]
+    assert list(spatial.box_conditions(probe, detected, jitter=()))[:2] == ["detector", "gold"]
+    with pytest.raises(ValueError, match="detected box pairs"):
+        spatial.box_conditions(probe, detected[:-1])
+    # Captions and their opposites are equally plausible sentences: text alone is near chance.
+    text_only = spatial.TextOnlyBaseline(train_scenes=400)
+    assert 0.3 <= spatial.accuracy(text_only.margins(probe)) <= 0.7
+
+
+def test_model_margins_read_boxes_only_for_sa_clip():
+    probe = spatial.probe_set(16, progress=False)
+    conditions = spatial.box_conditions(probe, None, jitter=())
+    plain = spatial.model_margins(Encoder(load_model("openclip:sa-tiny")[0]), probe, conditions)
+    assert all(torch.equal(plain["gold"], m) for m in plain.values())
+    sa = spatial.model_margins(Encoder(tiny_saclip()), probe, conditions)
+    assert not torch.allclose(sa["gold"], sa["gold, swapped"])
+    assert sa["gold"].shape == (16,)
+
+
+def test_role_free_probe_and_raw_pixels():
+    probe = spatial.probe_set(40, progress=False)
+    keep = [i for i, r in enumerate(probe.role_free) if r is not None]
+    # An embedding that is the label itself: 1-NN is right for every scene whose label another kept
+    # scene shares (a label seen once has no neighbour of its own); only labelled scenes count.
+    codes = torch.stack([torch.eye(8)[CONFIGURATIONS.index(probe.role_free[i])] if i in keep else torch.zeros(8)
+                         for i in range(40)])
+    counts = Counter(probe.role_free[i] for i in keep)
+    expected = sum(counts[probe.role_free[i]] > 1 for i in keep) / len(keep)
+    assert spatial.role_free(codes, probe, k=1) == {"knn_accuracy": expected, "scenes": len(keep)}
+    pixels = spatial.raw_pixels(probe.samples)
+    assert pixels.shape == (40, 3 * 32 * 24) and torch.allclose(pixels.mean(1), torch.zeros(40, dtype=torch.float64), atol=1e-9)
+
+
+# ----- the scene detector: from caption words to detected boxes
+
+
+def test_part_attributes_and_matching_by_colour_shape_and_size():
+    from sapretrain.eval.scene_detector import match_parts, part_attributes
+
+    assert part_attributes("large red metal cube") == {"shape": "cube", "color": "red", "size": "large"}
+    assert part_attributes("shiny ball") == {"shape": "sphere", "color": None, "size": None}
+    dets = [{"name": "red cube", "box": [0, 0, 10, 10], "score": 0.9},
+            {"name": "blue cube", "box": [50, 0, 90, 40], "score": 0.8},
+            {"name": "blue sphere", "box": [100, 0, 120, 20], "score": 0.7}]
+    boxes, how = match_parts({"subj": "red cube", "obj": "blue sphere"}, dets, 200, 100)
+    assert boxes == {"subj": [0, 0, 10, 10], "obj": [100, 0, 120, 20]} and set(how.values()) == {"detected"}
+    # "large cube" fits both cubes: the larger box; the other part ("red cube") is more specific and
+    # chooses first, so the large one cannot take it.
+    boxes, how = match_parts({"subj": "large cube", "obj": "red cube"}, dets, 200, 100)
+    assert boxes["obj"] == [0, 0, 10, 10] and boxes["subj"] == [50, 0, 90, 40]
+    boxes, how = match_parts({"subj": "small cube", "obj": "blue sphere"}, dets, 200, 100)
+    assert boxes["subj"] == [0, 0, 10, 10] and how["subj"] == "by_size"
+    # Nothing fits a green sphere: the whole frame, counted as missing.
+    boxes, how = match_parts({"subj": "green sphere", "obj": "cube"}, dets, 200, 100)
+    assert boxes["subj"] == [0.0, 0.0, 200.0, 100.0] and how["subj"] == "missing"
+    assert boxes["obj"] == [0, 0, 10, 10]  # the most confident cube
+
+
+def test_scene_detector_labels_and_training_round_trip(tmp_path):
+    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.eval.scene_detector import CLASSES, DetectorSettings, train_scene_detector, write_yolo_dataset
+
+    synthetic = tmp_path / "synthetic"
+    write_synthetic(synthetic, "train", 12, progress=False)
+    settings = DetectorSettings(train_scenes=8, val_scenes=4, epochs=1, imgsz=64, batch=4)
+    data = write_yolo_dataset(synthetic, tmp_path / "dataset", settings)
+    assert "names:" in data.read_text() and len((tmp_path / "dataset" / "val.txt").read_text().split()) == 4
+    scene = plan_scene("train", 5)
+    lines = (synthetic / "labels" / "clevr-train-000000005.txt").read_text().split("\n")[:2]
+    for line, obj in zip(lines, scene.objects):
+        cls, cx, cy, w, h = line.split()
+        x0, y0, x1, y1 = scene._clip(obj.box)
+        assert CLASSES[int(cls)] == f"{obj.color} {obj.shape}"
+        assert float(cx) == pytest.approx((x0 + x1) / 2 / 320, abs=1e-5) and float(h) == pytest.approx((y1 - y0) / 240, abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="make_shards"):
+        write_yolo_dataset(synthetic, tmp_path / "d2", DetectorSettings(train_scenes=20, val_scenes=4))
+    logs = []
+    weights = train_scene_detector(tmp_path / "det", synthetic, settings, workers=0, log=logs.append)
+    meta = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert weights.exists() and meta["classes"] == list(CLASSES) and 0.0 <= meta["metrics"]["mAP50"] <= 1.0
+    assert train_scene_detector(tmp_path / "det", synthetic, settings, log=logs.append) == weights
+    assert "already trained" in logs[-1]
