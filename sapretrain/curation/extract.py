@@ -27,7 +27,8 @@ writing ``OUT`` and its summary in the second case).
 the union of the parts' lines is the whole input.
 
 **Bad input** never stops the run and is never dropped silently: a line that is not a JSON
-object, or whose caption is missing, not a string, empty, longer than ``max_chars``, binary
+object (or is refused by the shared JSONL reader, ``sapretrain.jsonl``: not UTF-8, nested too
+deep, absurd numbers, too long: ``skip_reason`` is the reader's reason), or whose caption is missing, not a string, empty, longer than ``max_chars``, binary
 junk (control characters) or not English (few ASCII letters, or no English function word in seven
 or more words) is written with ``"triplets": []`` and a ``skip_reason`` (a bad JSON line keeps
 its first 200 characters in ``raw``). Blank lines are not records and are ignored.
@@ -40,13 +41,13 @@ import re
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 
 from .lexicon import ENGLISH_STOPWORDS
 from .stage import committed_chunks, finished_summary, input_fingerprint, iter_chunks, part_output
 from .svo import extract_triplets, load_nlp
 
-SKIP_REASONS = ("bad_json", "missing", "not_text", "empty", "too_long", "binary", "non_english")
+SKIP_REASONS = ("bad_json", "bad_encoding", "too_deep", "bad_number", "line_too_long", "missing", "not_text", "empty", "too_long", "binary", "non_english")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 _WORD = re.compile(r"[A-Za-z']+")
 
@@ -96,11 +97,9 @@ def process_records(nlp, lines: list[str], batch_size: int = 256, max_chars: int
     records, texts, todo = [], [], []
     for line in lines:
         try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            records.append({"raw": line[:200], "triplets": [], "skip_reason": "bad_json"})
+            record = jsonl.parse_record(line)
+        except jsonl.BadLine as e:  # not JSON / not an object, not UTF-8, too deep, absurd numbers
+            records.append({"raw": jsonl.excerpt(line), "triplets": [], "skip_reason": e.reason})
             continue
         problem = caption_problem(record.get("caption"), max_chars)
         if problem:
@@ -226,7 +225,6 @@ def format_summary(s: dict) -> str:
     rows = [f"already done: {s.get('output', 'the output')} was made from this input with these settings; "
             "nothing recomputed"] if s.get("already_done") else []
     rows += [
-
         f"captions read      {s['captions']}",
         f"with >=1 triplet   {s['with_triplet']}",
         f"no triplet         {s['no_triplet']}",

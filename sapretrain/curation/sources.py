@@ -32,7 +32,8 @@ the parts' records and skip counts add up to those of one whole run.
 Skip reasons (``SkipLog``). A record is dropped for: ``missing_caption``, ``bad_caption`` (not
 text), ``empty_caption``, ``bad_encoding``, ``missing_image``, ``unknown_image`` (caption of an
 image id not in the file), ``bad_image_entry``, ``bad_annotation``, ``bad_row`` (CSV/TSV field
-count or syntax), ``bad_json`` (JSONL line). Whole inputs: ``missing_input``, ``unreadable_tar``,
+count or syntax), ``bad_json``, ``bad_encoding``, ``too_deep``, ``bad_number``, ``line_too_long``
+(a JSONL line the shared reader ``sapretrain.jsonl`` refuses). Whole inputs: ``missing_input``, ``unreadable_tar``,
 ``truncated_tar`` (the records before the damage are kept, the incomplete last key is dropped).
 Only part of a record is dropped for: ``object_bad_box``, ``object_no_name``,
 ``object_unknown_category``, ``region_bad_box``, ``sidecar_bad_json`` (tar json side-car).
@@ -58,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.data.manifest import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -182,8 +183,11 @@ def make_record(id_: str, image: str, caption: str, source: str, width=None, hei
 
 def load_json(url: str) -> Any:
     """A whole JSON document (COCO/VG annotation files are single documents)."""
-    with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
-        return json.load(f)
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # syntax, not UTF-8, absurd nesting: say which file
+        raise ValueError(f"{url} is not a readable JSON document ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def expand_inputs(inputs: str | Iterable[str]) -> list[str]:
@@ -470,10 +474,8 @@ def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: st
     meta: dict = {}
     if "json" in group:
         try:
-            meta = json.loads(group["json"])
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
+            meta = jsonl.parse_record(group["json"])
+        except jsonl.BadLine as e:
             skips.add("sidecar_bad_json", f"{where}.json: {e}")
             meta = {}
     if "image" not in group:
@@ -640,19 +642,15 @@ def read_jsonl(
         base = image_root if image_root is not None else storage.parent(url)
         stem = _stem(url)
         with fsspec.open(url, "rb", compression="infer") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
+            for number, raw in jsonl.iter_raw_lines(f):
                 index += 1
                 if not split.mine(index):
                     continue
                 where = f"{url} line {number}"
                 try:
-                    line = json.loads(raw)
-                    if not isinstance(line, dict):
-                        raise ValueError("not a JSON object")
-                except (ValueError, UnicodeDecodeError) as e:
-                    skips.add("bad_json", f"{where}: {e}")
+                    line = jsonl.parse_record(raw)
+                except jsonl.BadLine as e:  # the shared reader's reasons: bad_json, bad_encoding, too_deep ...
+                    skips.add(e.reason, f"{where}: {e.detail}")
                     continue
                 image_col = image_column or next((c for c in IMAGE_COLUMNS if c in line), IMAGE_COLUMNS[0])
                 names = (caption_column, image_col, id_column or "id")

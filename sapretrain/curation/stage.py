@@ -31,8 +31,10 @@ finished nor overwritten; so is a resume whose input changed under its chunks.
 **Parts**: with ``num_parts = N`` chunk ``c`` belongs to part ``c % N`` and part ``I`` writes
 ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``part_output``).
 
-**Bad input**: a line that is not a JSON object is dropped as ``bad_json`` (its first 200
-characters kept in ``raw``) before the stage sees it.
+**Bad input**: a line the shared JSONL reader (``sapretrain.jsonl``) refuses is dropped before
+the stage sees it, with the reader's reason (``bad_json``: not JSON or not an object;
+``bad_encoding``, ``too_deep``, ``bad_number``, ``line_too_long``) and its first 200 characters
+kept in ``raw``.
 """
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import fsspec
-
-from sapretrain import storage
+from sapretrain import jsonl, storage
 
 EXAMPLES_PER_REASON = 3
 FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the input
@@ -84,17 +84,15 @@ def part_output(output: str, part: int, num_parts: int) -> str:
 
 def iter_chunks(input_url: str, chunk_size: int, part: int, num_parts: int):
     """``(chunk index, lines)`` of this part, reading the input once."""
+    # The shared JSONL reader: lines are split on bytes and bounded in size; one that is not
+    # UTF-8 keeps its bad bytes (surrogateescape) so parsing it later counts it as bad_encoding.
     buf, chunk = [], 0
-    with fsspec.open(input_url, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
-        for line in f:
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            buf.append(line)
-            if len(buf) == chunk_size:
-                if chunk % num_parts == part:
-                    yield chunk, buf
-                buf, chunk = [], chunk + 1
+    for _, line in jsonl.iter_lines(input_url):
+        buf.append(line)
+        if len(buf) == chunk_size:
+            if chunk % num_parts == part:
+                yield chunk, buf
+            buf, chunk = [], chunk + 1
     if buf and chunk % num_parts == part:
         yield chunk, buf
 
@@ -182,18 +180,15 @@ def check_kept(summary: dict, out: str) -> None:
                                f"were dropped ({reasons}); see {dropped_output(out)}")
 
 
-def parse_lines(lines: list[str]) -> tuple[list[dict], list[dict]]:
-    """JSON objects of ``lines``, and ``bad_json`` drop records for the rest."""
+def parse_lines(lines: list) -> tuple[list[dict], list[dict]]:
+    """JSON objects of ``lines``, and drop records for the rest (``jsonl.parse_record``'s reasons:
+    bad_json, bad_encoding, too_deep, bad_number, line_too_long)."""
     records, bad = [], []
     for line in lines:
         try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append({"raw": line[:200], "drop_reason": "bad_json"})
+            records.append(jsonl.parse_record(line))
+        except jsonl.BadLine as e:
+            bad.append({"raw": jsonl.excerpt(line), "drop_reason": e.reason, "drop_detail": e.detail[:200]})
     return records, bad
 
 
