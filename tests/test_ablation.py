@@ -81,3 +81,83 @@ def test_demo_clip_partners_is_the_demo_clip_baseline_plus_partners():
     partners["loss"]["clip_partners"] = False
     partners["run"]["output_dir"] = plain["run"]["output_dir"]
     assert partners == plain  # same data, model, steps and seed
+
+
+# ---- "w/o pretraining": VSR training rows as the only training data --------------------------------
+
+COCO = PROJECT_ROOT / "tests" / "fixtures" / "coco"
+
+
+def vsr_rows():
+    """VSR-style rows on the fixture photos: two categories of each, alternating relations."""
+    rows = []
+    for number, line in enumerate((COCO / "annotations.jsonl").read_text().splitlines(), 1):
+        record = json.loads(line)
+        categories = sorted({o["category"] for o in record["objects"]})
+        if len(categories) < 2:
+            continue
+        relation = ("left of", "on")[number % 2]
+        a, b = categories[:2]
+        rows.append({"id": f"train.jsonl:{number}", "image": record["file_name"], "label": 1, "relation": relation,
+                     "caption": f"The {a} is {relation} the {b}.", "subj": a, "obj": b})
+    return rows
+
+
+def test_vsr_rows_become_samples_with_partners_and_counted_skips():
+    from sapretrain.curation.vsr_train import vsr_train_manifest
+    from sapretrain.data.manifest import check_sample
+    from sapretrain.eval.vsr import load_coco_annotations
+
+    rows = vsr_rows()
+    first = rows[0]
+    extra = [
+        {**first, "id": "x:1", "label": 0},  # a false caption is no positive
+        {**first, "id": "x:2", "subj": "zebra", "caption": f"The zebra is {first['relation']} the {first['obj']}."},
+        {**first, "id": "x:3", "relation": "touching", "caption": f"The {first['subj']} is touching the {first['obj']}."},
+        {**first, "id": "x:4", "relation": "below", "caption": f"The {first['subj']} is below the {first['obj']}."},
+        {**first, "id": "x:5", "relation": "above", "caption": f"The {first['subj']} is above the {first['obj']}."},
+        {**first, "id": "x:6", "relation": "above", "caption": f"The {first['obj']} is above the {first['subj']}.",
+         "subj": first["obj"], "obj": first["subj"]},  # same image as x:5: not its partner
+    ]
+    samples, skips = vsr_train_manifest(rows + extra, load_coco_annotations(str(COCO / "annotations.jsonl")), "imgs")
+    assert dict(skips.counts) == {"false_row": 1, "no_box": 1, "no_negative": 1, "no_partner": 3}
+    assert len(samples) == len(rows)
+    by_id = {s["id"]: s for s in samples}
+    for s in samples:
+        check_sample(s)  # a valid manifest line
+        partner = by_id[s["positive"]]
+        assert partner["relation"] == s["relation"] and partner["image_key"] != s["image_key"]
+        assert s["image"] == f"imgs/{s['image_key']}" and s["negative"]["caption"] != s["caption"]
+    left = next(s for s in samples if s["relation"] == "left of")
+    assert " right of " in left["negative"]["caption"]
+    assert left["triplet"]["rel"]["text"] == "left of" and left["negative"]["triplet"]["rel"]["text"] == "right of"
+
+
+def test_wo_pretraining_trains_on_vsr_train_shards(tmp_path, capsys):
+    import runpy
+
+    from sapretrain.shards.writer import ShardConfig, make_shards
+    from sapretrain.train.trainer import train
+
+    main = runpy.run_path(str(PROJECT_ROOT / "tools" / "vsr_train_manifest.py"))["main"]  # in-process: no second torch import
+    vsr = tmp_path / "zeroshot_train.jsonl"
+    vsr.write_text("".join(json.dumps(r) + "\n" for r in vsr_rows()))
+    manifest = tmp_path / "manifest.jsonl"
+    args = ["--annotations", str(COCO / "annotations.jsonl"), "--images", str(COCO / "images"), "--output"]
+    assert main(["--vsr", str(vsr), *args, str(manifest)]) == 0
+    assert f"{len(vsr_rows())} samples" in capsys.readouterr().out and manifest.exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["--vsr", str(tmp_path / "zeroshot_test.jsonl"), *args, str(tmp_path / "x.jsonl")])
+    assert refused.value.code == 2 and "evaluation split" in capsys.readouterr().err
+    empty = tmp_path / "train_false.jsonl"
+    empty.write_text(json.dumps({**vsr_rows()[0], "label": 0}) + "\n")
+    assert main(["--vsr", str(empty), *args, str(tmp_path / "none.jsonl")]) == 1  # nothing made: an error
+    assert "false_row: 1" in capsys.readouterr().out and not (tmp_path / "none.jsonl").exists()
+
+    report = make_shards(str(manifest), str(tmp_path / "shards"), ShardConfig(image_size=64, roi_size=64, shard_size=4),
+                         progress=False)
+    assert report.summary["records"] >= 8, report.summary["skipped"]
+    cfg = tiny("wo_pretraining", tmp_path / "shards", tmp_path / "run")
+    assert train(cfg).step == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {k for k in lines[-1] if k.endswith("_loss")} == SA_TERMS
