@@ -102,6 +102,15 @@ def decode_line(raw: bytes | str) -> str:
 
 def parse_record(raw: bytes | str | BadLine) -> dict[str, Any]:
     """One line → its JSON object; BadLine with the reason (see the module docs) otherwise."""
+    value = parse_value(raw)
+    if not isinstance(value, dict):
+        raise BadLine("bad_json", f"a JSON {_JSON_TYPES.get(type(value), 'value')}, not an object: {excerpt(raw)}")
+    return value
+
+
+def parse_value(raw: bytes | str | BadLine) -> Any:
+    """One line → its JSON value of any type, with every guard of ``parse_record`` but the
+    object check (for readers that count a non-object under their own reason)."""
     text = decode_line(raw).strip().lstrip("\ufeff")
     try:
         value = _DECODER.decode(text)
@@ -111,8 +120,6 @@ def parse_record(raw: bytes | str | BadLine) -> dict[str, Any]:
         raise BadLine("too_deep", f"nesting beyond the parser's stack: {excerpt(text)}") from None
     except ValueError as e:  # JSONDecodeError, and int() of a too-long digit string
         raise BadLine("bad_json", f"{e}: {excerpt(text)}") from None
-    if not isinstance(value, dict):
-        raise BadLine("bad_json", f"a JSON {_JSON_TYPES.get(type(value), 'value')}, not an object: {excerpt(text)}")
     # Cheap guards first: a line with few brackets cannot nest deeply, one without a surrogate
     # escape cannot hold a lone surrogate (the text itself is valid UTF-8 by now).
     if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:

@@ -396,3 +396,13 @@ def test_garbage_sizes_json_is_a_clear_error_and_a_check_problem(small_manifest,
     report = check_shards(str(out))
     assert not report.ok and any("sizes.json" in p for p in report.problems)
     assert any(p.startswith("summary.json: no list") for p in report.problems)
+
+
+def test_seed_labels_count_hostile_lines(tmp_path):
+    from sapretrain.curation.relation_filter import load_labels
+
+    path = write_lines(tmp_path / "labels.jsonl", [line for line, _ in HOSTILE_LINES.values()])
+    labels, bad = load_labels(str(path))
+    expected = Counter(reason for _, reason in HOSTILE_LINES.values())
+    expected["bad_json"] -= 3  # [1, 2, 3], null and 42 parse: the label reader calls them not_object
+    assert labels == [] and bad == {**expected, "not_object": 3}

@@ -95,17 +95,14 @@ def load_labels(path: str) -> tuple[list[dict], dict[str, int]]:
     """Valid label records of JSONL ``path`` and the count of skipped lines by reason.
 
     A line without ``id`` gets ``"line-N"`` (its 1-based line number)."""
-    from sapretrain import storage
+    from sapretrain import jsonl
 
     labels, bad = [], {}
-    text = storage.read_bytes(path).decode("utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in jsonl.iter_lines(path):
         try:
-            record = json.loads(line)
-        except ValueError:
-            record, problem = None, "bad_json"
+            record = jsonl.parse_value(line)
+        except jsonl.BadLine as e:  # the shared reader's reasons: bad_json, bad_encoding, too_deep ...
+            record, problem = None, e.reason
         else:
             problem = _label_problem(record)
         if problem:
