@@ -108,9 +108,9 @@ def not_negatives(groups: torch.Tensor, n: int, links: bool) -> torch.Tensor:
     same = rows[:, None] == all_groups[None, :]  # (2n, 2N)
     if not links:
         return same
-    # Compact ids 0..U-1, so a (group, group) pair has an exact code a * U + b.
+    # Compact ids below 2N, so a (group, group) pair has an exact code a * 2N + b (no device sync).
     _, ids = torch.unique(all_groups, return_inverse=True)  # (2N,)
-    width = int(ids.max()) + 1
+    width = all_groups.shape[0]
     column = torch.arange(all_groups.shape[0], device=groups.device)
     partner = column - column % m + (column % m + n) % m  # (2N,) global partner of every column
     links_code = ids * width + ids[partner]  # (2N,) both directions: the layout pairs them up
@@ -128,8 +128,10 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: 
     learning's L_out form (Khosla et al. 2020): the log-probabilities of the positives are averaged,
     every positive also in the denominator.
     """
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax in float32, as F.cross_entropy under autocast
+        logits = logits.float()
     logits = logits.masked_fill(excluded & ~positives, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (R, C)
+    log_prob = F.log_softmax(logits, dim=1)  # (R, C)
     # where, not multiply: log_prob is -inf at excluded columns, and 0 * -inf is nan.
     picked = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)  # (R,)
     return -(picked / positives.sum(dim=1)).mean()

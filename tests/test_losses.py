@@ -555,3 +555,19 @@ def test_image_keys_travel_from_manifest_to_batch_groups(tmp_path):
         validate_record(r["__key__"], r["json"])
     old = collate_records(records, lambda image: torch.zeros(3, 8, 8))["groups"].tolist()
     assert old == [group_id(i) for i in ("s0000", "s0001", "s0002", "s0003")]
+
+
+def test_half_precision_logits_are_reduced_in_float32():
+    """bf16 logits (autocast) lose nothing beyond their own rounding: the softmax runs in float32."""
+    from sapretrain.losses import multi_positive_nce
+
+    g = torch.Generator().manual_seed(0)
+    logits = (20 * torch.randn(6, 12, generator=g)).to(torch.bfloat16)
+    positives = torch.zeros(6, 12, dtype=torch.bool)
+    positives[torch.arange(6), torch.arange(6) + 3] = True
+    excluded = torch.zeros_like(positives)
+    excluded[torch.arange(6), torch.arange(6)] = True
+    got = multi_positive_nce(logits, positives, excluded)
+    assert got.dtype == torch.float32
+    want = F.cross_entropy(logits.double().masked_fill(excluded, float("-inf")), torch.arange(6) + 3)
+    close(got.double(), want, rtol=1e-6, atol=1e-6)
