@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        train(cfg, resume=args.resume)  # a value checked against the world size raises ConfigError too
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg, resume=args.resume)
     return 0
 
 

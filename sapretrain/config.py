@@ -6,8 +6,10 @@
 A file may start from another with ``base: other.yaml`` and list only what differs.
 
 Rules: every key in the YAML file or an override must name a field (an unknown key raises and
-names it, with the closest field as a hint); values are checked against the field's type; the
-resolved config is written next to every output so a run can be reproduced from it alone.
+names it, with the closest field as a hint); values are checked against the field's type, then
+against each dataclass's own ranges (its ``__post_init__``, using ``require``), so that a bad value
+fails as the config loads; the resolved config is written next to every output so a run can be
+reproduced from it alone.
 """
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not fit the config's dataclass."""
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Range checks in a config dataclass's ``__post_init__``: ConfigError naming the key, the
+    value and the rule, so a bad value fails while the config loads, before any set-up."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

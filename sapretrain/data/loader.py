@@ -96,6 +96,7 @@ import hashlib
 import io
 import itertools
 import logging
+import math
 import random
 import re
 import sys
@@ -113,6 +114,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sapretrain import jsonl, storage
+from sapretrain.config import require
 from sapretrain.model.batch import collate_features, collate_records, decode_features
 from sapretrain.shards import schema
 
@@ -143,6 +145,21 @@ class LoaderConfig:
     # Feature shards of `shards` (tools/cache_features.py): streamed instead of `shards`; the
     # frozen vision tower is not run (needs model.lock_image; docs/features.md). Local or fsspec URL.
     features: str | None = None
+    # A shard that cannot be reached (connection refused/reset, timeout, HTTP 5xx) is retried with
+    # backoff for this long per outage; then the run stops (StorageUnavailable) and resumes exactly
+    # with --resume auto. Never skipped: only damaged *content* is. 0: stop at the first such error.
+    storage_retry_seconds: float = 300.0
+
+    def __post_init__(self):
+        require(bool(str(self.shards).strip() or self.features), "data.shards", self.shards,
+                "must name a shard directory, a brace pattern or a comma list of shards")
+        require(self.batch_pairs > 0, "data.batch_pairs", self.batch_pairs, "must be > 0 (pairs per global batch)")
+        require(self.workers >= 0, "data.workers", self.workers, "must be >= 0 (0: read in the training process)")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0 (0 or 1: off)")
+        require(self.image_size is None or self.image_size > 0, "data.image_size", self.image_size,
+                "must be > 0, or null to keep the stored size")
+        require(self.storage_retry_seconds >= 0 and math.isfinite(self.storage_retry_seconds),
+                "data.storage_retry_seconds", self.storage_retry_seconds, "must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -221,11 +238,11 @@ def _read_sizes(directory: str, what: str) -> dict[str, int]:
                          "writes it") from None
 
 
-def open_shard(url: str):
-    """A binary file object for a local path or any fsspec URL (credentials from the environment)."""
-    if storage.is_url(url) and not url.startswith("file://"):
-        return fsspec.open(url, "rb").open()
-    return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
+def open_shard(url: str, retry_seconds: float = storage.RETRY_SECONDS):
+    """A binary file object for a local path or any fsspec URL (credentials from the environment),
+    for sequential reads; transient storage errors are waited out for ``retry_seconds``, then
+    ``storage.StorageUnavailable`` (see ``storage.open_retrying``)."""
+    return storage.open_retrying(url, retry_seconds)
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
@@ -356,7 +373,10 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extensi
 
 
 def read_records(src: Iterable, counters: Counters, opener: Callable = open_shard) -> Iterator[dict | PassEnd]:
-    """Slices → raw records ``{"__key__", "__url__", ext: bytes}`` (tar members grouped by key)."""
+    """Slices → raw records ``{"__key__", "__url__", ext: bytes}`` (tar members grouped by key).
+
+    ``opener(url)`` waits out transient storage errors itself and raises StorageUnavailable when
+    the storage stays away: that ends the run (it is never counted as a bad shard)."""
     for item in src:
         if isinstance(item, PassEnd):
             yield item
@@ -371,7 +391,9 @@ def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dic
     expected, got = sl.stop - sl.start, 0
     try:
         stream = opener(sl.url)
-    except Exception as e:  # missing object, no permission, unreachable endpoint
+    except storage.StorageUnavailable:
+        raise  # an outage is not bad data: stop, and resume exactly once it is over
+    except Exception as e:  # missing object, no permission
         counters.problem(sl.url, "unreadable_shard", f"{type(e).__name__}: {e}", expected)
         return
     index, current = -1, None
@@ -573,7 +595,7 @@ class _RankStream(IterableDataset):
         collate = collate_features if features else collate_records
         return wds.DataPipeline(
             source,
-            lambda src: read_records(src, counters),
+            lambda src: read_records(src, counters, lambda url: open_shard(url, cfg.storage_retry_seconds)),
             lambda src: check_records(src, counters, self.context_length, extensions, self.vocab_size),
             lambda src: shuffle_records(src, cfg.shuffle_buffer, seeded(*key, "buffer")),
             lambda src: skip_records(src, done, counters),  # resume: raw records already consumed
@@ -659,7 +681,7 @@ class Loader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                             pin_memory=torch.cuda.is_available())
         try:
-            for batch, info in loader:
+            for batch, info in _clean_storage_errors(loader):
                 self._raw[info["worker"]] = info["raw"]
                 self._live[info["worker"]] = info["counts"]
                 self._batch += 1  # before handing it out: a checkpoint taken after it resumes after it
@@ -693,6 +715,15 @@ class Loader:
         out["batches"] = self._delivered
         out["records"] = self._delivered * self.pairs_per_rank
         return out
+
+
+def _clean_storage_errors(batches: Iterable) -> Iterator:
+    """The batches; a StorageUnavailable from a DataLoader worker re-raised with its own message
+    (the worker's copy carries the whole worker traceback as its text)."""
+    try:
+        yield from batches
+    except storage.StorageUnavailable as e:
+        raise storage.StorageUnavailable.from_worker(e) from None
 
 
 def _empty_stats() -> dict[str, Any]:

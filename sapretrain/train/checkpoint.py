@@ -5,6 +5,11 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-00001000/`` holding
 position, config), ``rank-<rank>.pt`` (each rank's RNG states and exact loader position) and,
 written last, ``DONE``. Only a
 directory with ``DONE`` counts, so a run killed while saving resumes from the previous one.
+
+``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never
+deleted) and removes directories without ``DONE`` that are older than the newest complete one
+(left by a save or a prune that was interrupted); a newer one without ``DONE`` may be a save in
+progress and is left alone.
 """
 from __future__ import annotations
 
@@ -27,14 +32,20 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """``(step, dir)`` of every complete checkpoint, oldest first."""
+    return [(step, url) for step, url, done in _step_dirs(output_dir) if done]
+
+
+def _step_dirs(output_dir: str) -> list[tuple[int, str, bool]]:
+    """``(step, dir, has DONE)`` of every ``step-*`` directory, oldest first."""
     fs, path = storage.url_to_fs(f"{output_dir.rstrip('/')}/checkpoints")
-    if not fs.exists(path):
+    if not storage.retry_transient(lambda: fs.exists(path), path):
         return []
     found = []
-    for entry in fs.ls(path, detail=False):
+    for entry in storage.retry_transient(lambda: fs.ls(path, detail=False), path):
         match = STEP_DIR.search(entry.rstrip("/"))
-        if match and fs.exists(f"{entry.rstrip('/')}/DONE"):
-            found.append((int(match.group(1)), checkpoint_dir(output_dir, int(match.group(1)))))
+        if match:
+            done = storage.retry_transient(lambda: fs.exists(f"{entry.rstrip('/')}/DONE"), entry)
+            found.append((int(match.group(1)), checkpoint_dir(output_dir, int(match.group(1))), done))
     return sorted(found)
 
 
@@ -77,11 +88,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prune(output_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints."""
-    found = complete_checkpoints(output_dir)
-    for _, url in found[: max(0, len(found) - keep)]:
+def prune(output_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep <= 0``: keep all; the
+    newest is always kept), and the incomplete directories older than the newest complete one.
+    Returns the directories removed."""
+    dirs = _step_dirs(output_dir)
+    complete = [(step, url) for step, url, done in dirs if done]
+    if not complete:
+        return []
+    newest = complete[-1][0]
+    doomed = complete[: max(0, len(complete) - keep)] if keep > 0 else []
+    doomed += [(step, url) for step, url, done in dirs if not done and step < newest]
+    for _, url in sorted(doomed):
         fs, path = storage.url_to_fs(url)
         # DONE first: a half-deleted checkpoint must not look complete.
-        fs.rm(f"{path}/DONE")
+        if storage.retry_transient(lambda: fs.exists(f"{path}/DONE"), url):
+            fs.rm(f"{path}/DONE")
         fs.rm(path, recursive=True)
+    return [url for _, url in sorted(doomed)]

@@ -3,13 +3,16 @@
     accelerate launch launch/pretrain.py --config configs/paper.yaml optim.lr=3e-4 data.batch_pairs=256
 
 Sections: ``model`` (SAClipConfig), ``data`` (LoaderConfig), ``loss`` (LossConfig), ``optim`` and
-``run`` below. Unknown keys are errors; the resolved tree is saved in the run directory and in
-every checkpoint.
+``run`` below. Unknown keys are errors, and so are values out of range (each dataclass's
+``__post_init__``: the error names the key and the value, before any set-up); the resolved tree is
+saved in the run directory and in every checkpoint.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from sapretrain.config import require
 from sapretrain.data.loader import LoaderConfig
 from sapretrain.losses import LossConfig
 from sapretrain.model.saclip import SAClipConfig
@@ -23,8 +26,22 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 500  # linear warmup, then cosine decay to 0 at `steps`
     steps: int = 30_000  # optimizer steps
-    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
+    grad_clip: float | None = 1.0  # max global grad norm (> 0); null or 0 disables clipping
     accum_freq: int = 1  # micro-batches per step; the contrastive batch stays global (feature cache)
+
+    def __post_init__(self):
+        require(_finite(self.lr) and self.lr > 0, "optim.lr", self.lr, "must be a finite number > 0")
+        require(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+                "must be a finite number >= 0")
+        require(len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
+                list(self.betas), "must be two numbers in [0, 1)")
+        require(_finite(self.eps) and self.eps > 0, "optim.eps", self.eps, "must be a finite number > 0")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.steps > 0, "optim.steps", self.steps, "must be > 0 (optimizer steps to train)")
+        # A negative max-norm would flip every gradient's sign in clip_grad_norm_: training diverges silently.
+        require(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip >= 0), "optim.grad_clip",
+                self.grad_clip, "must be > 0 (max gradient norm), or null / 0 for no clipping")
+        require(self.accum_freq >= 1, "optim.accum_freq", self.accum_freq, "must be >= 1 (micro-batches per step)")
 
 
 @dataclass
@@ -34,11 +51,23 @@ class RunConfig:
     precision: str = "bf16"  # no | fp16 | bf16 (autocast; the optimizer keeps fp32 weights)
     log_every: int = 10  # steps between console/tracker logs
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # newest kept; older ones are deleted
+    keep_checkpoints: int = 3  # newest kept, older ones deleted (the last is never deleted); 0: keep all
     save_frozen: bool = False  # also store the locked vision tower (else rebuilt from model.pretrained)
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb; [] for none
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # activation checkpointing in the open_clip towers
+
+    def __post_init__(self):
+        require(bool(str(self.output_dir).strip()), "run.output_dir", self.output_dir, "must not be empty")
+        require(self.precision in PRECISIONS, "run.precision", self.precision, f"must be one of {list(PRECISIONS)}")
+        require(self.log_every > 0, "run.log_every", self.log_every, "must be > 0 (steps between logs)")
+        require(self.checkpoint_every > 0, "run.checkpoint_every", self.checkpoint_every,
+                "must be > 0 (steps between checkpoints; one is always written at the end)")
+        require(self.keep_checkpoints >= 0, "run.keep_checkpoints", self.keep_checkpoints,
+                "must be >= 1 (newest checkpoints kept), or 0 to keep all")
+
+
+PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -48,3 +77,13 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        # Each rank's share (batch_pairs / world size, checked at start-up) splits into accum_freq
+        # micro-batches; on one rank that is this.
+        require(self.data.batch_pairs % self.optim.accum_freq == 0, "data.batch_pairs", self.data.batch_pairs,
+                f"must be divisible by optim.accum_freq={self.optim.accum_freq} (equal micro-batches)")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sapretrain import storage
-from sapretrain.config import save_config
+from sapretrain.config import ConfigError, save_config
 from sapretrain.data.loader import build_loader
 from sapretrain.losses import LossConfig, SAClipLoss
 from sapretrain.model.batch import batch_to, build_preprocess
@@ -26,6 +26,19 @@ from sapretrain.train.config import TrainConfig
 
 
 # ----- set-up
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    """What the config cannot know alone: each rank's share of the batch splits evenly into ranks
+    and micro-batches. Checked before any set-up (it would fail only at the first step)."""
+    pairs = cfg.data.batch_pairs
+    if pairs % world_size or (pairs // world_size) % cfg.optim.accum_freq:
+        raise ConfigError(
+            f"data.batch_pairs={pairs} must be a multiple of the world size {world_size} times "
+            f"optim.accum_freq={cfg.optim.accum_freq} (each rank splits its batch_pairs / world size pairs "
+            f"into accum_freq equal micro-batches): use e.g. "
+            f"data.batch_pairs={max(1, round(pairs / (world_size * cfg.optim.accum_freq))) * world_size * cfg.optim.accum_freq}"
+        )
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -305,13 +318,26 @@ class MetricsLog:
             self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:
-        """After a resume, drop lines of steps that will be trained again."""
+        """After a resume, drop lines of steps that will be trained again, and lines that do not
+        parse (a torn last line from a short write on a full disk; said in one line)."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(keep)
+        keep, torn = [], 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    record = json.loads(raw)
+                    line_step = record["step"] if isinstance(record, dict) else None
+                except (ValueError, KeyError):
+                    line_step = None
+                if not isinstance(line_step, int) or isinstance(line_step, bool):
+                    torn += 1
+                elif line_step <= step:
+                    keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        if torn:
+            print(f"{self.path}: dropped {torn} line(s) that do not parse (a torn write, e.g. on a full disk)",
+                  flush=True)
+        storage.write_bytes_atomic(self.path, b"".join(keep))
 
     def log(self, step: int, terms: dict[str, float], extra: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -333,6 +359,7 @@ class MetricsLog:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Position:
     accelerator = build_accelerator(cfg)
+    check_world_size(cfg, accelerator.num_processes)
     from accelerate.utils import set_seed
 
     set_seed(cfg.run.seed)  # same initial weights on every rank
@@ -370,7 +397,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
     while pos.step < cfg.optim.steps:
         fetch_start = time.perf_counter()
         yielded = 0
-        for batch in loader:  # one epoch (or forever, resampled); iterating again continues
+        for batch in batches_or_stop(loader, pos):  # one epoch (or forever, resampled); iterating again continues
             window["data"] += time.perf_counter() - fetch_start
             batch = batch_to(batch, accelerator.device)
             terms = train_step(accelerator, model, loss_fn,
@@ -419,6 +446,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
         if png:
             print(f"training curves: {png}")
     return pos
+
+
+def batches_or_stop(loader, pos: Position):
+    """The loader's batches. When the shard storage stays unreachable for the whole
+    ``data.storage_retry_seconds``, the run stops (exit status 1) rather than skip data; the
+    checkpoints written so far are complete, and ``--resume auto`` continues with exactly the
+    batches a run without the outage would have seen."""
+    try:
+        yield from loader
+    except storage.StorageUnavailable as e:
+        raise SystemExit(
+            f"training stopped after step {pos.step}: {e}. No data was skipped. Once the storage is "
+            "reachable, rerun with --resume auto to continue exactly from the latest checkpoint "
+            "(data.storage_retry_seconds sets how long an outage is waited out)."
+        ) from None
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
