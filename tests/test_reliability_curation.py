@@ -421,5 +421,9 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
         assert path.name in err and len(err.strip().splitlines()) == 1, (name, err)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(RoiConfig, None, ["detector.conf=[0.3"])
+    from sapretrain.curation.llm import load_prompts
+
+    with pytest.raises(ConfigError, match="python_tag.yaml"):
+        load_prompts(tmp_path / "python_tag.yaml")
     assert not marker.exists()
     assert os.path.exists(tmp_path / "in.jsonl")

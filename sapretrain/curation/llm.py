@@ -66,9 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from sapretrain.config import load_config
+from sapretrain.config import load_config, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +193,7 @@ def load_prompts(prompts: str | Path | dict) -> dict:
     path = Path(prompts)
     if not path.is_absolute():
         path = PROJECT_ROOT / path
-    with open(path) as f:
-        return yaml.safe_load(f)
+    return read_yaml(path)  # bad YAML, tags, garbage: a ConfigError naming the file
 
 
 def render_prompt(prompts_yaml: str | Path | dict, name: str, **variables: Any) -> list[dict]:
