@@ -36,7 +36,7 @@ import numpy as np
 import open_clip
 import torch
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.data.loader import decode_image, list_shards, open_shard
 from sapretrain.data.manifest import SkipLog
 from sapretrain.model.batch import build_preprocess
@@ -250,7 +250,7 @@ def _read_source(url: str, skips: SkipLog):
                     skips.add("incomplete_record", f"{url}/{key}: lacks {missing}")
                     continue
                 try:
-                    schema.validate_record(key, json.loads(members["json"]))
+                    schema.validate_record(key, jsonl.parse_record(members["json"]))  # never raises past ValueError
                 except (ValueError, schema.SchemaError) as e:
                     skips.add("bad_json", f"{url}/{key}: {e}")
                     continue

@@ -19,12 +19,14 @@ ValueError) with one of these reasons, and nothing else, for any input:
 =================  ==============================================================================
 
 Blank lines are not records and are not counted. A UTF-8 byte order mark at the start of the
-file is dropped.
+file is dropped. A file that breaks off as a whole (a corrupt ``.gz``) raises
+:class:`UnreadableInput` naming the file and the last line read.
 """
 from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any, Iterator, Protocol
 
 import fsspec
@@ -39,6 +41,11 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800..\udfff written a
 
 class Skips(Protocol):
     def add(self, reason: str, detail: str) -> None: ...
+
+
+class UnreadableInput(ValueError):
+    """The file itself breaks off (a corrupt or truncated compressed stream, a read error):
+    not one bad line, so it is an error naming the file and the last good line, not a skip."""
 
 
 class BadLine(ValueError):
@@ -68,7 +75,12 @@ def _parse_constant(text: str):
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
-_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+# Number hooks cost a Python call per number, so lines go through the plain decoder unless a digit
+# run could be an oversized number (21+ digits, a 3-digit exponent); NaN/Infinity are refused by
+# both (that hook only runs for those constants).
+_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
+_CHECKED_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+_SUSPECT_NUMBER = re.compile(r"\d{21}|[eE][+-]?\d{3}")
 
 
 def excerpt(line: Any, limit: int = EXCERPT_CHARS) -> str:
@@ -113,7 +125,7 @@ def parse_value(raw: bytes | str | BadLine) -> Any:
     object check (for readers that count a non-object under their own reason)."""
     text = decode_line(raw).strip().lstrip("\ufeff")
     try:
-        value = _DECODER.decode(text)
+        value = (_CHECKED_DECODER if _SUSPECT_NUMBER.search(text) else _DECODER).decode(text)
     except BadLine:
         raise
     except RecursionError:
@@ -192,12 +204,19 @@ def iter_lines(url: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple
     Bad bytes survive as lone surrogates (``surrogateescape``), so ``parse_record`` still refuses
     the line as ``bad_encoding`` while the text can be kept, e.g. as a stage's chunk line.
     """
-    with fsspec.open(str(url), "rb", compression="infer") as f:
-        for number, line in iter_raw_lines(f, max_line_bytes):
-            if isinstance(line, BadLine):
-                yield number, line
-            else:
-                yield number, line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+    number = 0
+    try:
+        with fsspec.open(str(url), "rb", compression="infer") as f:
+            for number, line in iter_raw_lines(f, max_line_bytes):
+                if isinstance(line, BadLine):
+                    yield number, line
+                else:
+                    yield number, line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:
+        raise UnreadableInput(f"{url}: cannot be read past line {number} ({type(e).__name__}: {e}); "
+                              "the file is damaged or truncated") from None
 
 
 def read_records(url: str, skips: Skips, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:

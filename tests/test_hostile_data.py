@@ -406,3 +406,33 @@ def test_seed_labels_count_hostile_lines(tmp_path):
     expected = Counter(reason for _, reason in HOSTILE_LINES.values())
     expected["bad_json"] -= 3  # [1, 2, 3], null and 42 parse: the label reader calls them not_object
     assert labels == [] and bad == {**expected, "not_object": 3}
+
+
+def _make_shards_tool():
+    import importlib.util
+
+    from conftest import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("make_shards_tool", PROJECT_ROOT / "tools/make_shards.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_make_shards_tool_exits_1_when_every_sample_is_skipped_or_the_input_is_broken(tmp_path, capsys):
+    tool = _make_shards_tool()
+    manifest = write_lines(tmp_path / "m.jsonl", [line for line, _ in HOSTILE_LINES.values()])
+    args = ["--no-progress", "--workers", "1", "image_size=64", "roi_size=32"]
+    assert tool.main(["--manifest", str(manifest), "--output", str(tmp_path / "o"), *args]) == 1
+    captured = capsys.readouterr()
+    assert "nothing written, every manifest sample was skipped" in captured.err
+    assert "too_deep: 2" in captured.out and "bad_encoding: 2" in captured.out
+    assert tool.main(["--manifest", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o2"), *args]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    good = json.dumps(sample_line(0, "a.jpg", 1)).encode() + b"\n"
+    import gzip
+
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(good * 50)[:-12])  # the stream ends before its end marker
+    assert tool.main(["--manifest", str(broken), "--output", str(tmp_path / "o3"), *args]) == 1
+    assert "cannot be read past line" in capsys.readouterr().err

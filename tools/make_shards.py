@@ -15,6 +15,7 @@ import os
 import sys
 
 from sapretrain.config import ConfigError, load_config
+from sapretrain.jsonl import UnreadableInput
 from sapretrain.shards.writer import ShardConfig, ShardReport, make_shards
 
 DEFAULT_OUTPUT = "data/shards/demo"
@@ -47,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ShardConfig, config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    report = make_shards(manifest, output, cfg, args.part, args.num_parts, args.workers, progress)
+    try:
+        report = make_shards(manifest, output, cfg, args.part, args.num_parts, args.workers, progress)
+    except (FileNotFoundError, UnreadableInput) as e:
+        print(f"make_shards: {e}", file=sys.stderr)
+        return 1
     print(format_report(report))
+    if report.summary is not None and report.summary["records"] == 0:
+        # Surely a mistake (wrong manifest, wrong image root ...): the reasons are listed above.
+        print("make_shards: nothing written, every manifest sample was skipped", file=sys.stderr)
+        return 1
     return 0
 
 
