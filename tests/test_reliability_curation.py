@@ -389,7 +389,7 @@ def hostile_configs(tmp_path: Path, marker: Path) -> dict[str, Path]:
         "syntax": "detector:\n  conf: [0.3\n",
         "python_tag": f"!!python/object/apply:os.system ['touch {marker}']\n",
         "python_object": "detector: !!python/object:sapretrain.curation.rois.DetectorConfig {}\n",
-        "deep": "a: " + "[" * 5000 + "]" * 5000 + "\n",
+        "deep": "a: " + "[" * 600 + "]" * 600 + "\n",  # past the recursion limit of the YAML composer
     }
     paths = {}
     for name, text in files.items():
