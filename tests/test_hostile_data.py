@@ -436,3 +436,82 @@ def test_make_shards_tool_exits_1_when_every_sample_is_skipped_or_the_input_is_b
     broken.write_bytes(gzip.compress(good * 50)[:-12])  # the stream ends before its end marker
     assert tool.main(["--manifest", str(broken), "--output", str(tmp_path / "o3"), *args]) == 1
     assert "cannot be read past line" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the validators are total
+
+
+ODD_VALUES = [None, True, False, 0, -1, 10**30, 10**400, 1e308, "\ud800", -0.0, "", "x", "s0001\n", [], {}, [1, 2, 3], [True] * 4,
+              {"start": 0}, [[[]]], "\u2028", 49407, 59406]
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, child in children:
+        yield from _paths(child, prefix + (k,))
+
+
+def _mutants(doc, rng, n):
+    """``n`` copies of ``doc`` with one node replaced by an odd value or deleted."""
+    paths = [p for p in _paths(doc) if p]
+    for _ in range(n):
+        bad = copy.deepcopy(doc)
+        path = paths[rng.integers(len(paths))]
+        node = bad
+        for k in path[:-1]:
+            node = node[k]
+        if rng.random() < 0.15 and isinstance(node, dict):
+            del node[path[-1]]
+        else:
+            node[path[-1]] = copy.deepcopy(ODD_VALUES[rng.integers(len(ODD_VALUES))])
+        yield path, bad
+
+
+def test_manifest_validator_is_total_and_what_it_accepts_processes(tmp_path):
+    from sapretrain.shards.process import process_sample
+    from sapretrain.shards.schema import BadSample, validate_manifest_sample
+    from sapretrain.shards.tokens import SpanTokenizer
+
+    make_image(tmp_path / "0.jpg", size=(96, 72), subj=(5, 5, 40, 50), obj=(50, 10, 90, 60))
+    good = sample_line(0, str(tmp_path / "0.jpg"), 1, size=(96, 72), subj_box=(5, 5, 40, 50), obj_box=(50, 10, 90, 60))
+    tokenizer, spec = SpanTokenizer("ViT-B-32"), CFG.image_spec()
+    validate_manifest_sample(good)
+    accepted = 0
+    for path, bad in _mutants(good, np.random.default_rng(0), 400):
+        try:
+            validate_manifest_sample(bad)
+        except BadSample:
+            continue  # anything else (TypeError, OverflowError ...) fails the test
+        accepted += 1
+        try:
+            process_sample(bad, spec, tokenizer)
+        except BadSample:
+            pass
+    assert 0 < accepted < 400  # some mutants are harmless (a label's text), most are refused
+
+
+def test_sidecar_validator_is_total_and_what_it_accepts_collates(small_manifest, tmp_path):
+    from sapretrain.model.batch import caption_tensors, group_id
+    from sapretrain.shards.schema import image_key_of
+
+    make_shards(str(small_manifest), str(tmp_path / "out"), CFG, progress=False)
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        key = tar.getnames()[0].split(".")[0]
+        meta = json.loads(tar.extractfile(f"{key}.json").read())
+    accepted = 0
+    for path, bad in _mutants(meta, np.random.default_rng(1), 600):
+        try:
+            schema.validate_record(key, bad)
+        except schema.SchemaError:
+            continue
+        accepted += 1
+        for member in schema.MEMBERS:  # what collate_records does with a side-car
+            sample = bad[member]
+            group_id(image_key_of(sample))
+            ids, masks = caption_tensors(sample, bad["context_length"])
+            caption_tensors(sample["negative"], bad["context_length"])
+            assert int(ids.max()) < 49408 and masks.any(dim=1).all()
+            torch_boxes = np.array([sample["boxes"]["subj"], sample["boxes"]["obj"]], dtype=np.float32)
+            assert torch_boxes.shape == (2, 4) and np.isfinite(torch_boxes).all()
+    assert 0 < accepted < 600
