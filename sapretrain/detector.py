@@ -110,13 +110,13 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
     if suffix in CONFIG_SUFFIXES:
         if _is_bare(name):
             return _packaged_config(name)
-        if not Path(name).is_file():
+        if not Path(name).expanduser().is_file():
             raise DetectorError(f"detector config {name} does not exist")
-        return Path(name)
+        return Path(name).expanduser()
     if not _is_bare(name):
-        if not Path(name).is_file():
+        if not Path(name).expanduser().is_file():
             raise DetectorError(f"detector weights {name} do not exist")
-        return Path(name)
+        return Path(name).expanduser()
     path = weights_dir() / name
     if not path.is_file() and not _offline():
         _download_official(name, path)
