@@ -515,3 +515,32 @@ def test_sidecar_validator_is_total_and_what_it_accepts_collates(small_manifest,
             torch_boxes = np.array([sample["boxes"]["subj"], sample["boxes"]["obj"]], dtype=np.float32)
             assert torch_boxes.shape == (2, 4) and np.isfinite(torch_boxes).all()
     assert 0 < accepted < 600
+
+
+def test_a_flipped_header_field_mid_shard_is_skipped_a_foreign_shard_stops_the_run(small_manifest, tmp_path):
+    out = tmp_path / "out"
+    make_shards(str(small_manifest), str(out), ShardConfig(image_size=32, roi_size=32, shard_size=4), progress=False)
+
+    def rewrite(shard, index, mutate):
+        with tarfile.open(shard) as tar:
+            members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+        jsons = [i for i, (info, _) in enumerate(members) if info.name.endswith(".json")]
+        info, data = members[jsons[index]]
+        meta = json.loads(data)
+        mutate(meta)
+        data = json.dumps(meta).encode()
+        info.size = len(data)
+        members[jsons[index]] = (info, data)
+        with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+            for info, data in members:
+                tar.addfile(info, io.BytesIO(data))
+
+    rewrite(out / "shard-000000.tar", 2, _set(("schema",), 3))  # 1 -> 3: one bit
+    rewrite(out / "shard-000001.tar", 1, _set(("context_length",), 79))  # 77 -> 79: one bit
+    cfg = LoaderConfig(shards=str(out), batch_pairs=2, workers=0, shuffle_buffer=0, shuffle_shards=False)
+    loader = build_loader(cfg, open_clip.transform.image_transform(32, is_train=False), 0, 1)
+    assert len(list(loader)) == len(loader) == 4
+    assert loader.stats()["dropped"] == {"bad_sidecar": 2}
+    rewrite(out / "shard-000000.tar", 0, _set(("schema",), 2))  # the shard's first record: another format
+    with pytest.raises(ValueError, match="shard schema 2"):
+        list(build_loader(cfg, open_clip.transform.image_transform(32, is_train=False), 0, 1))

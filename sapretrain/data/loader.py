@@ -57,7 +57,8 @@ make progress at all (a whole pass without one usable record; resampled mode: ``
 shard draws in a row without a valid record, or ``BAD_STREAK_SHARDS`` shards' worth of
 undecodable records in a row) raises with the reason, which ends the run (torchrun then stops the
 other ranks) instead of hanging it. Data written for another reader (schema version, longer
-context length) is an error at once, not a skip.
+context length) is an error at once, not a skip, when a shard's first record read shows it; the
+same mismatch after a valid record of that shard is one damaged side-car (``bad_sidecar``).
 
 **Stats.** Every batch leaves its worker together with that worker's cumulative counters, so
 ``loader.stats()`` in the main process is exact for the batches delivered so far (no shared
@@ -435,6 +436,7 @@ def check_records(src: Iterable, counters: Counters, context_length: int,
     """Drop records with missing members or an invalid side-car (parsed here, before the shuffle):
     ``bad_json`` (does not parse), ``bad_sidecar`` (fails ``schema.validate_record``; token ids
     are checked against ``vocab_size`` when given, else against the tokenizer the header names)."""
+    vouched: set[str] = set()  # shards of which this reader has seen a valid record
     for record in src:
         if isinstance(record, PassEnd):
             yield record
@@ -448,7 +450,16 @@ def check_records(src: Iterable, counters: Counters, context_length: int,
         except jsonl.BadLine as e:  # not JSON, not UTF-8, absurd nesting or numbers: one record's loss
             counters.problem(record["__url__"], "bad_json", f"{record['__key__']}: {e}")
             continue
-        _check_compatible(meta, record, context_length)
+        try:
+            _check_compatible(meta, record, context_length)
+        except ValueError as e:
+            # A shard written for another reader shows it in its first record: stop. After a valid
+            # record of the same shard the mismatch is one damaged side-car (a flipped bit in
+            # "schema" or "context_length"), skipped like any other.
+            if record["__url__"] not in vouched:
+                raise
+            counters.problem(record["__url__"], "bad_sidecar", f"{record['__key__']}: {e}")
+            continue
         try:
             # Token ids within the vocabulary, shapes, spans inside the tokens ...: what the model
             # would otherwise index with (an id past the embedding is a device-side assert on GPU).
@@ -458,6 +469,7 @@ def check_records(src: Iterable, counters: Counters, context_length: int,
             continue
         record["json"] = meta
         counters.records_ok += 1
+        vouched.add(record["__url__"])
         yield record
 
 
