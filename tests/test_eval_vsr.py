@@ -518,7 +518,18 @@ def test_geometry_on_the_fixture_rows_by_hand(fixture_annotations):
 # The tool
 
 
-def test_evaluate_cli_vsr_writes_results_per_model(tmp_path):
+def evaluate_tool():
+    """tools/evaluate.py imported, to call its ``main`` in this process (the subprocess test
+    above covers the script itself)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", COCO_DIR.parents[2] / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_cli_vsr_writes_results_per_model(tmp_path, capsys):
     import subprocess
     import sys
 
@@ -560,12 +571,12 @@ def test_evaluate_cli_vsr_writes_results_per_model(tmp_path):
 
     # Random split (no subj/obj) with the random detector only: nothing is scored, exit 2.
     random_rows = [{k: v for k, v in r.items() if k not in ("subj", "obj")} for r in fixture_vsr_rows()]
-    done = subprocess.run(
-        [sys.executable, tool, "--task", "vsr", "--checkpoint", "openclip:sa-tiny",
+    code = evaluate_tool().main(
+        ["--task", "vsr", "--checkpoint", "openclip:sa-tiny",
          "--vsr", str(write_jsonl(tmp_path / "random.jsonl", random_rows)), "--images", str(IMAGES),
-         "--detector-weights", str(weights), "--out", str(tmp_path / "out2"), "--no-progress"],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "no row of" in done.stderr and "no_box" in done.stderr
+         "--detector-weights", str(weights), "--out", str(tmp_path / "out2"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no row of" in err and "no_box" in err
     report = json.loads((tmp_path / "out2" / "results.json").read_text())
     # subject and object were derived from the captions: the rows got as far as the boxes
     assert report["models"]["openclip:sa-tiny"]["modes"]["detector"]["skipped"] == {"no_box": 5}

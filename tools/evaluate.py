@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vsr.add_argument("--images", help="folder (or URL) of the COCO images VSR refers to")
     vsr.add_argument("--instances", help="COCO instances JSON (or our per-image JSONL) for the boxes")
     vsr.add_argument("--detector-weights", "--detector", dest="detector_weights", metavar="PATH",
-                     help="YOLO weights (.pt) of the detector that finds the boxes (vsr, dota); vsr: the "
-                          "headline mode, --instances then adds gold boxes as a secondary mode")
+                     help="YOLO weights (.pt) of the detector that finds the boxes (every task with boxes); "
+                          "vsr: the headline mode, --instances then adds gold boxes as a secondary mode")
     vsr.add_argument("--rule", default="contrast", choices=("contrast", "threshold"))
     vsr.add_argument("--dev", help="VSR dev JSONL: tunes the threshold (never the evaluated file)")
     dota = p.add_argument_group("dota")

@@ -718,7 +718,10 @@ def plot_dota(result: Mapping[str, Any], path: str | Path) -> None:
         ax.plot(fpr, tpr, label=f"{group} (AUC {auc:.3f})", linewidth=2 if group == OVERALL else 1)
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="DoTA frame-level ROC (D(a))")
-    ax.legend(loc="lower right")
+    if any(result["groups"][g]["auc"] is not None for g in (*GROUPS, OVERALL)):
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no group with both classes", ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
