@@ -358,6 +358,15 @@ def test_detector_supplies_boxes_once_per_image(scene):
     assert (result["n"], result["scored"], result["boxes"]) == (3, 2, "detector")
     assert result["skipped"] == {"no_box": 1}  # no bird found
     assert [list(s.boxes["obj"]) for s in encoder.image_samples] == [OBJ_BOX, OBJ_BOX]
+    # A shared cache: a second model and the geometry baseline reuse the detections.
+    shared: dict = {}
+    for _ in range(2):
+        vsr.evaluate_vsr(FakeEncoder(SIMS), rows_of(EVAL_ROWS[:3]), str(root), detector=detector,
+                         progress=False, nlp=None, detections=shared)
+    geometry = vsr.evaluate_geometry(rows_of(EVAL_ROWS[:3]), str(root), detector=detector, nlp=None,
+                                     detections=shared)
+    assert calls == [(64, 48)] * 2 and list(shared) == ["a.jpg"]
+    assert (geometry["scored"], geometry["boxes"]) == (2, "detector")
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,8 +145,8 @@ def run_vsr(models: Sequence[tuple[str, str]], out_dir: str | Path, vsr_file: st
     rows, bad_lines = vsr.read_vsr(vsr_file)
     dev_rows = vsr.read_vsr(dev_file)[0] if dev_file else None
     sources = {}  # mode -> keyword arguments of the box source; the headline first
-    if detector_weights:
-        sources["detector"] = {"detector": vsr.YoloBoxes(detector_weights, device=device)}
+    if detector_weights:  # one detection pass per image, shared by every model and the baseline
+        sources["detector"] = {"detector": vsr.YoloBoxes(detector_weights, device=device), "detections": {}}
     if instances:
         sources["gold"] = {"annotations": vsr.load_coco_annotations(instances)}
     nlp = vsr._default_nlp()

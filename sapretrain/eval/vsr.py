@@ -466,7 +466,8 @@ def _locate(row: dict, images_root: str, annotations, detector, detected: dict, 
 
 
 def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, detector, nlp,
-                  contrast: bool, progress: bool, desc: str) -> tuple[list[dict], list[tuple[dict, str]]]:
+                  contrast: bool, progress: bool, desc: str, detected: dict
+                  ) -> tuple[list[dict], list[tuple[dict, str]]]:
     """Per scorable row: the row, ``mode``, ``sim`` and (contrasted rows) ``sim_contrast``; the
     other rows with the reason they were skipped.
 
@@ -474,7 +475,6 @@ def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, 
     """
     skipped: list[tuple[dict, str]] = []
     done: list[dict] = []
-    detected: dict[str, list[dict]] = {}
     chunk_size = getattr(encoder, "batch_size", 64)
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(rows), chunk_size):
@@ -586,7 +586,7 @@ def _summarise(rows: Sequence[dict], scored: Sequence[dict], skipped: Sequence[t
 def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: dict | None = None,
                  detector: Callable[[Image.Image], list[dict]] | None = None, rule: str = "contrast",
                  dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (), progress: bool = True,
-                 nlp: Any = "default") -> dict[str, Any]:
+                 nlp: Any = "default", detections: dict | None = None) -> dict[str, Any]:
     """Accuracy of ``encoder`` (``encode.Encoder`` or anything with ``texts``/``images``) on VSR rows.
 
     Boxes from exactly one source: ``annotations`` (``load_coco_annotations``' index: ``gold``)
@@ -595,6 +595,8 @@ def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: d
     relations. ``bad_lines``: ``read_vsr``'s unusable lines, counted as rows of the file. ``nlp``:
     a spaCy pipeline for the spans and for rows without subj/obj ("default": ``load_nlp()`` if a
     model is installed; None: string search, and such rows are skipped ``no_svo``).
+    ``detections``: image file name -> the detector's instances, filled and reused, so several
+    models (and the geometry baseline) share one detection pass.
 
     Returns ``accuracy`` (correct / ``n``, ``n`` = every row of the file: a row that could not be
     scored counts as wrong), ``accuracy_scored`` (correct / ``scored``, secondary),
@@ -614,17 +616,18 @@ def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: d
         nlp = _default_nlp()
     contrast = rule == "contrast"
     rows = _with_ids(rows)
+    detections = {} if detections is None else detections
 
     threshold, dev = None, None
     if dev_rows is not None:
         dev_items, dev_skipped = _similarities(encoder, dev_rows, images_root, annotations, detector, nlp,
-                                               False, progress, "VSR dev")
+                                               False, progress, "VSR dev", detections)
         if dev_items:
             threshold = tune_threshold([i["sim"] for i in dev_items], [i["row"]["label"] for i in dev_items])
         dev = {"n": len(dev_items), "skipped": dict(Counter(reason for _, reason in dev_skipped))}
 
     items, skipped = _similarities(encoder, rows, images_root, annotations, detector, nlp, contrast,
-                                   progress, "VSR")
+                                   progress, "VSR", detections)
     scored = []
     for item in items:
         row = item["row"]
@@ -722,7 +725,7 @@ def majority_labels(dev_rows: Sequence[dict] | None) -> tuple[dict[str, int], in
 def evaluate_geometry(rows: Sequence[dict], images_root: str, annotations: dict | None = None,
                       detector: Callable[[Image.Image], list[dict]] | None = None,
                       dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (),
-                      nlp: Any = "default") -> dict[str, Any]:
+                      nlp: Any = "default", detections: dict | None = None) -> dict[str, Any]:
     """The no-model baseline: ``GEOMETRY_RULES`` on the subject/object boxes of each row, the dev
     majority label (per relation, else overall, else true) for relations without a rule.
 
@@ -734,7 +737,7 @@ def evaluate_geometry(rows: Sequence[dict], images_root: str, annotations: dict 
         nlp = _default_nlp()
     majority, overall = majority_labels(dev_rows)
     rows = _with_ids(rows)
-    detected: dict[str, list[dict]] = {}
+    detected = {} if detections is None else detections
     scored, skipped = [], []
     for row in rows:
         located = _locate(row, images_root, annotations, detector, detected, nlp)
