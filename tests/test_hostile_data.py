@@ -544,3 +544,18 @@ def test_a_flipped_header_field_mid_shard_is_skipped_a_foreign_shard_stops_the_r
     rewrite(out / "shard-000000.tar", 0, _set(("schema",), 2))  # the shard's first record: another format
     with pytest.raises(ValueError, match="shard schema 2"):
         list(build_loader(cfg, open_clip.transform.image_transform(32, is_train=False), 0, 1))
+
+
+def test_extract_svo_marks_hostile_lines_with_the_readers_reason():
+    from sapretrain.curation.extract import SKIP_REASONS, process_lines
+
+    class NoParser:  # no valid caption reaches the parser here
+        def pipe(self, texts, batch_size):
+            assert list(texts) == []
+            return iter([])
+
+    lines = [line if isinstance(line, str) else line.decode("utf-8", "surrogateescape")
+             for line, _ in HOSTILE_LINES.values()]
+    out = [json.loads(line) for line in process_lines(NoParser(), lines).splitlines()]
+    assert [o["skip_reason"] for o in out] == [reason for _, reason in HOSTILE_LINES.values()]
+    assert all(o["triplets"] == [] and o["raw"] for o in out) and set(o["skip_reason"] for o in out) <= set(SKIP_REASONS)
