@@ -343,8 +343,12 @@ class LossConfig:
                 "the loss config enables no term: set at least one of contrastive_text, "
                 "contrastive_image, triplet, clip to true"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"loss temperature must be > 0, got {self.temperature}")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):  # NaN fails both
+            raise ConfigError(f"loss.temperature={self.temperature!r}: must be a finite number > 0")
+        for key in ("margin", "w_contrastive", "w_triplet", "w_clip"):
+            value = getattr(self, key)
+            if not value >= 0 or not math.isfinite(value):  # a negative weight or margin inverts its term
+                raise ConfigError(f"loss.{key}={value!r}: must be a finite number >= 0")
         if self.clip_partners and not self.clip:
             raise ConfigError("loss.clip_partners=true changes the CLIP term, which is off: set loss.clip=true too")
 

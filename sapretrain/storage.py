@@ -3,6 +3,13 @@
 Credentials and endpoints come from the environment or fsspec's own config (for S3:
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL``, or ``FSSPEC_S3_*``), never
 from our configs, so they cannot leak into a saved config, a log or a checkpoint.
+
+Transient errors (connection refused/reset, timeouts, HTTP 5xx, throttling: ``is_transient``) are
+retried with exponential backoff for a bounded time per outage (``retry_transient``; shard reads
+through ``open_retrying``, which resumes a broken read at the byte it reached), then
+``StorageUnavailable``. Missing objects, denied permissions and bad requests are not retried. The
+budget counts from the first failure; one attempt may itself take as long as the client's own
+timeouts and retries (botocore: ``AWS_MAX_ATTEMPTS``, connect/read timeouts).
 """
 from __future__ import annotations
 

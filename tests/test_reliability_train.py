@@ -505,6 +505,9 @@ def test_a_torn_last_metrics_line_does_not_break_resume(tmp_path, capsys):
     ("data.storage_retry_seconds=-1", "data.storage_retry_seconds=-1.0"),
     ("optim.accum_freq=3", "data.batch_pairs=64"),  # 64 pairs do not split into 3 micro-batches
     ("run.precision=fp32", "run.precision='fp32'"),
+    ("loss.temperature=.nan", "loss.temperature=nan"),
+    ("loss.margin=-0.2", "loss.margin=-0.2"),
+    ("loss.w_triplet=-1", "loss.w_triplet=-1.0"),
 ])
 def test_out_of_range_config_values_fail_as_the_config_loads(override, key):
     from sapretrain.train.config import TrainConfig

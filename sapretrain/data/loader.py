@@ -45,7 +45,7 @@ the interrupted run consumed. ``wds``' own ``.with_epoch`` is not used: it resta
 pipeline (and with it the resume skip) when a worker runs short; the quota stage below does the
 same job on records.
 
-**Bad data** never crashes or hangs a run: a shard that cannot be opened, a truncated tar, a
+**Bad data** never crashes or hangs a run: a shard that is missing or forbidden, a truncated tar, a
 shard shorter than ``sizes.json`` says, a record with missing members, a side-car that does not
 parse (``bad_json``) or fails the shard schema (``bad_sidecar``: ``schema.validate_record``, token
 ids within the vocabulary included), an image that does not decode are skipped, counted by
@@ -90,6 +90,14 @@ reproduced (the project's ``build_preprocess`` has none).
 from the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``).
 Importing this module also registers an fsspec opener in ``webdataset.gopen`` for the schemes it
 lacks (``s3://`` …), so plain ``wds.WebDataset("s3://...")`` works too.
+
+**Outages are not bad data.** A shard that cannot be *reached* (connection refused or reset,
+timeout, HTTP 5xx: ``storage.is_transient``) is opened and read through
+``storage.open_retrying``: a failed read re-opens the shard at the byte it reached, with
+exponential backoff, for ``storage_retry_seconds`` per outage. If the storage stays away,
+``storage.StorageUnavailable`` ends the iteration (the trainer then stops, exit 1) instead of
+the shard being skipped and the quota topped up from re-reads, which would silently change the
+data stream; ``--resume auto`` afterwards gives exactly the batches of a run without the outage.
 """
 from __future__ import annotations
 
