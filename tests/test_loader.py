@@ -103,8 +103,10 @@ def test_batch_shapes_and_keys(shards):
         "spans": (n, 3, 77),
         "neg_text": (n, 77),
         "neg_spans": (n, 3, 77),
+        "groups": (n,),
     }
     assert batch["text"].dtype == torch.int64 and batch["spans"].dtype == torch.bool
+    assert batch["groups"].dtype == torch.int64
     assert loader.state_dict()["batch"] == 1
 
 
