@@ -239,6 +239,8 @@ def _read_source(url: str, skips: SkipLog):
     """(key, members) of one source shard whose members and side-car are valid; others counted."""
     try:
         stream = open_shard(url)
+    except storage.StorageUnavailable:
+        raise  # an outage is no bad shard: stop (the job resumes), never cache features without it
     except Exception as e:
         skips.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
         return
