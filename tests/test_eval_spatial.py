@@ -313,7 +313,7 @@ def test_role_free_probe_and_raw_pixels():
 
 
 def test_part_attributes_and_matching_by_colour_shape_and_size():
-    from sapretrain.eval.scene_detector import match_parts, part_attributes
+    from sapretrain.eval.scene_detector import instances, match_parts, part_attributes
 
     assert part_attributes("large red metal cube") == {"shape": "cube", "color": "red", "size": "large"}
     assert part_attributes("shiny ball") == {"shape": "sphere", "color": None, "size": None}
@@ -322,16 +322,29 @@ def test_part_attributes_and_matching_by_colour_shape_and_size():
             {"name": "blue sphere", "box": [100, 0, 120, 20], "score": 0.7}]
     boxes, how = match_parts({"subj": "red cube", "obj": "blue sphere"}, dets, 200, 100)
     assert boxes == {"subj": [0, 0, 10, 10], "obj": [100, 0, 120, 20]} and set(how.values()) == {"detected"}
-    # "large cube" fits both cubes: the larger box; the other part ("red cube") is more specific and
-    # chooses first, so the large one cannot take it.
+    # "red cube" agrees best with the red cube (2 x 0.9); "large cube" then takes the blue cube
+    # (shape +1 x 0.8) over the sphere (-1 x 0.7).
     boxes, how = match_parts({"subj": "large cube", "obj": "red cube"}, dets, 200, 100)
-    assert boxes["obj"] == [0, 0, 10, 10] and boxes["subj"] == [50, 0, 90, 40]
-    boxes, how = match_parts({"subj": "small cube", "obj": "blue sphere"}, dets, 200, 100)
-    assert boxes["subj"] == [0, 0, 10, 10] and how["subj"] == "by_size"
-    # Nothing fits a green sphere: the whole frame, counted as missing.
-    boxes, how = match_parts({"subj": "green sphere", "obj": "cube"}, dets, 200, 100)
-    assert boxes["subj"] == [0.0, 0.0, 200.0, 100.0] and how["subj"] == "missing"
-    assert boxes["obj"] == [0, 0, 10, 10]  # the most confident cube
+    assert boxes == {"subj": [50, 0, 90, 40], "obj": [0, 0, 10, 10]}
+    # "small cube" / "cube": both assignments agree equally (0.9 + 0.8); the size word decides.
+    boxes, how = match_parts({"subj": "small cube", "obj": "cube"}, dets, 200, 100)
+    assert boxes == {"subj": [0, 0, 10, 10], "obj": [50, 0, 90, 40]} and how["subj"] == "by_size"
+    # A shape the detector got wrong: the red cube detected as "red sphere" still wins on colour.
+    wrong_shape = [{"name": "red sphere", "box": [0, 0, 10, 10], "score": 0.6},
+                   {"name": "blue sphere", "box": [100, 0, 120, 20], "score": 0.9}]
+    boxes, _ = match_parts({"subj": "red cube", "obj": "blue sphere"}, wrong_shape, 200, 100)
+    assert boxes == {"subj": [0, 0, 10, 10], "obj": [100, 0, 120, 20]}
+    # One object under two labels is one instance keeping both; the better label counts.
+    merged = instances([{"name": "red sphere", "box": [0, 0, 10, 10], "score": 0.5},
+                        {"name": "red cube", "box": [0, 0, 10, 11], "score": 0.4},
+                        {"name": "blue sphere", "box": [100, 0, 120, 20], "score": 0.3}])
+    assert len(merged) == 2 and merged[0]["labels"] == [("red sphere", 0.5), ("red cube", 0.4)]
+    # Fewer than two instances: the best-fitting part gets it, the other the whole frame.
+    boxes, how = match_parts({"subj": "green sphere", "obj": "cube"}, dets[:1], 200, 100)
+    assert boxes == {"subj": [0.0, 0.0, 200.0, 100.0], "obj": [0.0, 0.0, 10.0, 10.0]}
+    assert how == {"subj": "missing", "obj": "detected"}
+    boxes, how = match_parts({"subj": "cube", "obj": "sphere"}, [], 200, 100)
+    assert set(how.values()) == {"missing"}
 
 
 def test_scene_detector_labels_and_training_round_trip(tmp_path):
