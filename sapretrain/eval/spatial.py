@@ -376,7 +376,7 @@ def accuracy_plot(report: dict[str, Any], path: str) -> None:
     ax.set_xticks(range(len(rows)), list(rows), rotation=15)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("image prefers its caption over the opposite")
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="boxes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
