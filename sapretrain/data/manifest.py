@@ -7,6 +7,7 @@ from typing import Any
 
 from sapretrain import jsonl, storage
 from sapretrain.shards.schema import MANIFEST_REQUIRED as REQUIRED
+from sapretrain.shards.process import hashed_image_key
 from sapretrain.shards.schema import BadSample, validate_manifest_sample
 
 __all__ = ["REQUIRED", "BadSample", "SkipLog", "check_sample", "read_manifest"]
@@ -69,6 +70,8 @@ def read_manifest(url: str, skips: SkipLog) -> list[dict[str, Any]]:
             skips.add("duplicate_id", f"line {number}: id {sample['id']!r} already used")
             continue
         seen.add(sample["id"])
+        if sample.get("image_key") is None:  # from the reference as written: independent of where it is read
+            sample["image_key"] = hashed_image_key(sample["image"])
         sample["image"] = storage.join(base, sample["image"])
         samples.append(sample)
     return samples

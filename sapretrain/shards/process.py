@@ -77,11 +77,17 @@ def process_sample(sample: dict[str, Any], spec: ImageSpec, tokenizer: SpanToken
 
 def image_key(sample: dict[str, Any]) -> str:
     """The side-car's ``image_key``: the manifest's own (e.g. a COCO image id), else a hash of the
-    resolved image reference, so every caption of one image file shares it. A hash, not the
-    reference itself: a path or a signed URL does not belong in shards that get shared."""
+    image reference (``read_manifest`` fills it from the reference as written, before resolving it,
+    so the same manifest gives the same keys read from disk or from object storage)."""
     if sample.get("image_key") is not None:
         return str(sample["image_key"])
-    return "image-" + hashlib.blake2b(sample["image"].encode("utf-8"), digest_size=8).hexdigest()
+    return hashed_image_key(sample["image"])
+
+
+def hashed_image_key(ref: str) -> str:
+    """Every caption of one image file shares this key. A hash, not the reference itself: a path or
+    a signed URL does not belong in shards that get shared."""
+    return "image-" + hashlib.blake2b(ref.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def tokenize(caption: str, triplet: dict, tokenizer: SpanTokenizer, where: str) -> dict[str, Any]:
