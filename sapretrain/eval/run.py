@@ -319,14 +319,6 @@ def run_shards(models: Sequence[tuple[str, str]], out_dir: str | Path, shard_set
     return report
 
 
-def _overview(report: dict[str, Any], metric: str) -> str:
-    lines = [f"| model | {metric} | n |", "|---|---:|---:|"]
-    for label, r in report["models"].items():
-        value = "-" if r.get(metric) is None else f"{r[metric]:.3f}"
-        lines.append(f"| {label} | {value} | {r.get('n', '-')} |")
-    return "\n".join(lines) + "\n"
-
-
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
