@@ -74,14 +74,14 @@ def run_spatial(models: Sequence[tuple[str, str]], out_dir: str | Path, scenes: 
 
     text_only = spatial.TextOnlyBaseline()
     text_margins = text_only.margins(probe)
+    oracle_margins = {cond: spatial.oracle_margins(probe, boxes) for cond, boxes in conditions.items()}
     baselines = {
         "geometry oracle (no learning)": {"relation_accuracy": {
-            cond: _accuracy_entry(spatial.oracle_margins(probe, boxes)) for cond, boxes in conditions.items()}},
+            cond: _accuracy_entry(margins) for cond, margins in oracle_margins.items()}},
         "text only (no image)": {"relation_accuracy": {cond: _accuracy_entry(text_margins) for cond in conditions}},
     }
     oracle = baselines["geometry oracle (no learning)"]
-    oracle["flip_rate"] = spatial.flip_rate(spatial.oracle_margins(probe, conditions[headline]),
-                                            spatial.oracle_margins(probe, conditions[swapped]))
+    oracle["flip_rate"] = spatial.flip_rate(oracle_margins[headline], oracle_margins[swapped])
     offsets = {name: spatial.box_offsets(conditions[name], probe.samples) for name in (headline, "gold")}
     knn_baselines = {f"box offsets, {name} boxes (no learning)": {"image": spatial.knn_accuracy(x, probe.labels, k)}
                      for name, x in offsets.items()}

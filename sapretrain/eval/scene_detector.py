@@ -225,20 +225,12 @@ def match_parts(texts: dict[str, str], detections: list[dict], width: int, heigh
                 fit += 1 if larger == (size == "large") else -1
         return fit
 
-    best, best_rank = None, None
-    for i, si in enumerate(objs):
-        for j, oj in enumerate(objs):
-            if i == j:
-                continue
-            fit = round(agreement(attrs["subj"], si) + agreement(attrs["obj"], oj), 6)
-            rank = (fit, size_fit(i, j), si["score"] + oj["score"])
-            if best_rank is None or rank > best_rank:
-                best, best_rank = (i, j), rank
-    i, j = best
-    # A size word decided it when the pair with the attributes alone would have been another.
-    tied = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if a != b
-            and round(agreement(attrs["subj"], objs[a]) + agreement(attrs["obj"], objs[b]), 6) == best_rank[0]]
-    by = "by_size" if len(tied) > 1 and best_rank[1] != 0 else "detected"
+    pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
+    fit = {(i, j): round(agreement(attrs["subj"], objs[i]) + agreement(attrs["obj"], objs[j]), 6) for i, j in pairs}
+    i, j = max(pairs, key=lambda p: (fit[p], size_fit(*p), objs[p[0]]["score"] + objs[p[1]]["score"]))
+    # A size word decided it when other pairs agreed as well on the attributes alone.
+    tied = sum(f == fit[i, j] for f in fit.values()) > 1
+    by = "by_size" if tied and size_fit(i, j) != 0 else "detected"
     return {"subj": list(objs[i]["box"]), "obj": list(objs[j]["box"])}, {"subj": by, "obj": by}
 
 
