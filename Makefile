@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/make_shards.py
+	$(PY) tools/make_shards.py --with-manifest tests/fixtures/coco/manifest.jsonl
 	$(PY) tools/check_shards.py --no-progress data/shards/demo
 	$(PY) tools/train_scene_detector.py --out data/detector
 	for c in demo demo_clip demo_clip_partners demo_no_svo; do \

@@ -37,7 +37,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare(work: Path, records: int, size: int) -> Path:
-    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.scenes.synthetic import write_synthetic
     from sapretrain.shards.writer import ShardConfig, make_shards
 
     manifest = write_synthetic(work / "synthetic", "train", 2 * records, workers=1, progress=False)
@@ -70,7 +70,7 @@ def main() -> None:
     from sapretrain.data.loader import build_loader
     from sapretrain.features import cache_features
     from sapretrain.losses import SAClipLoss
-    from sapretrain.model.batch import batch_to, build_preprocess
+    from sapretrain.data.batch import batch_to, build_preprocess
     from sapretrain.train.config import TrainConfig
     from sapretrain.train.trainer import build_model, build_optimizer, split_microbatches, train_step
 

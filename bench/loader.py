@@ -36,7 +36,7 @@ import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from sapretrain.data.loader import LoaderConfig, build_loader  # noqa: E402
-from sapretrain.model.batch import collate_records  # noqa: E402
+from sapretrain.data.batch import collate_records  # noqa: E402
 
 DEMO_SHARDS = PROJECT_ROOT / "data" / "shards" / "demo"
 
@@ -48,7 +48,7 @@ def val_transform(size: int):
 
 
 def synthetic_shards(root: Path, scenes: int) -> Path:
-    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.scenes.synthetic import write_synthetic
     from sapretrain.shards.writer import ShardConfig, make_shards
 
     manifest = write_synthetic(root / "scenes", "train", scenes, workers=os.cpu_count() or 1, progress=False)

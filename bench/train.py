@@ -89,7 +89,7 @@ def child_env() -> dict[str, str]:
 
 def prepare_data(work: Path, scenes: int) -> tuple[Path, Path]:
     """Scenes → our shards and the open_clip shards (4 each); reuses what ``work`` already holds."""
-    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.scenes.synthetic import write_synthetic
     from sapretrain.shards.writer import ShardConfig, make_shards
 
     manifest = write_synthetic(work / "scenes", "train", scenes, workers=2, progress=False)
@@ -305,7 +305,7 @@ def profile_worker(args) -> None:
     from sapretrain.config import load_config
     from sapretrain.data.loader import build_loader
     from sapretrain.losses import SAClipLoss
-    from sapretrain.model.batch import build_preprocess
+    from sapretrain.data.batch import build_preprocess
     from sapretrain.train.config import TrainConfig
     from sapretrain.train.trainer import build_model, build_optimizer
 

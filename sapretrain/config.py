@@ -51,14 +51,18 @@ def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     this file's keys are merged over it, so a variant states only what differs."""
     import fsspec
 
-    path = str(path)
+    from sapretrain.resources import resolve_config
+
+    path = resolve_config(path) if not seen else str(path)
     if path in seen:
         raise ConfigError(f"config files include each other: {' -> '.join(seen + (path,))}")
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        if seen:  # a base: key names a file that is not there
+            raise ConfigError(f"{seen[-1]}: base: {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist (nor is it a config shipped in the package)") from None
     except yaml.YAMLError as e:  # bad syntax, or a tag such as !!python/object that safe_load refuses
         raise ConfigError(f"{path}: not a valid config file: {_one_line(e)}") from None
     except (UnicodeDecodeError, RecursionError, OSError) as e:  # binary garbage, absurd nesting, unreadable

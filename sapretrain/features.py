@@ -38,8 +38,8 @@ import torch
 
 from sapretrain import jsonl, storage
 from sapretrain.data.loader import decode_image, list_shards, open_shard
-from sapretrain.data.manifest import SkipLog
-from sapretrain.model.batch import build_preprocess
+from sapretrain.shards.manifest import SkipLog
+from sapretrain.data.batch import build_preprocess
 from sapretrain.model.saclip import SAClip, SAClipConfig, build_saclip
 from sapretrain.shards import schema
 from sapretrain.shards.check import iter_records

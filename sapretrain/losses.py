@@ -13,7 +13,7 @@ Feature names (first dim ``2n`` local samples, all L2-normalised by the model):
 - ``image_embed`` / ``text_embed``: (2n, E) plain CLIP embeddings, for :class:`ClipLoss`
 - ``logit_scale``: () the model's CLIP *log* scale, open_clip's ``CLIP.logit_scale`` parameter
   itself (``exp()`` is the scale), not the ``exp()``-ed value open_clip's ``forward`` returns
-- ``groups``: (2n,) int64 image/group ids (``sapretrain.model.batch``; the model passes the
+- ``groups``: (2n,) int64 image/group ids (``sapretrain.data.batch``; the model passes the
   batch's through), needed while ``mask_false_negatives`` is on
 
 **False negatives** (``mask_false_negatives``, on by default). A global batch can hold the same
@@ -75,7 +75,7 @@ def _groups(features: dict, samples: int, loss: str) -> torch.Tensor:
     if "groups" not in features:
         raise KeyError(
             f"{loss} masks false negatives and needs the batch's 'groups' (image/group ids, "
-            "sapretrain.model.batch collates them from the shards' image_key); pass them through the "
+            "sapretrain.data.batch collates them from the shards' image_key); pass them through the "
             "features, or set loss.mask_false_negatives=false"
         )
     groups = features["groups"]

@@ -90,7 +90,7 @@ def small_manifest(tmp_path):
 
 def synthetic_shards(root: Path, scenes: int, shard_size: int) -> Path:
     """Shards of ``scenes`` synthetic scenes at 64 px (mutual pairs: scenes / 2 records)."""
-    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.scenes.synthetic import write_synthetic
     from sapretrain.shards.writer import ShardConfig, make_shards
 
     manifest = write_synthetic(root / "synthetic", "train", scenes, workers=1, progress=False)

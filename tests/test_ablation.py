@@ -105,7 +105,7 @@ def vsr_rows():
 
 def test_vsr_rows_become_samples_with_partners_and_counted_skips():
     from sapretrain.curation.vsr_train import vsr_train_manifest
-    from sapretrain.data.manifest import check_sample
+    from sapretrain.shards.manifest import check_sample
     from sapretrain.eval.vsr import load_coco_annotations
 
     rows = vsr_rows()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, synthetic_shards
-from sapretrain.data.synthetic import CONFIGURATIONS, EVAL_SEED_BASE, OPPOSITE, plan_scene, render_scene
+from sapretrain.scenes.synthetic import CONFIGURATIONS, EVAL_SEED_BASE, OPPOSITE, plan_scene, render_scene
 from sapretrain.eval import run, spatial
 from sapretrain.eval.encode import Encoder, EvalSample, load_model
 from sapretrain.model import SAClipConfig, build_saclip, save_saclip
@@ -348,7 +348,7 @@ def test_part_attributes_and_matching_by_colour_shape_and_size():
 
 
 def test_scene_detector_labels_and_training_round_trip(tmp_path):
-    from sapretrain.data.synthetic import write_synthetic
+    from sapretrain.scenes.synthetic import write_synthetic
     from sapretrain.eval.scene_detector import CLASSES, DetectorSettings, train_scene_detector, write_yolo_dataset
 
     synthetic = tmp_path / "synthetic"

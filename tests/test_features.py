@@ -20,7 +20,7 @@ from conftest import PROJECT_ROOT, synthetic_shards
 from sapretrain.data.loader import LoaderConfig, build_loader
 from sapretrain.features import FeatureMismatch, build_frozen_model, cache_features, check_features
 from sapretrain.losses import LossConfig, SAClipLoss
-from sapretrain.model.batch import build_preprocess, decode_features
+from sapretrain.data.batch import build_preprocess, decode_features
 from sapretrain.model.saclip import SAClipConfig
 
 TINY = SAClipConfig(name="sa-tiny", pretrained=None)

@@ -26,7 +26,7 @@ from conftest import make_image, sample_line
 from sapretrain import jsonl
 from sapretrain.curation.stage import parse_lines
 from sapretrain.data.loader import LoaderConfig, build_loader
-from sapretrain.data.manifest import SkipLog, read_manifest
+from sapretrain.shards.manifest import SkipLog, read_manifest
 from sapretrain.shards import schema
 from sapretrain.shards.check import check_shards
 from sapretrain.shards.process import read_image_bytes, to_rgb
@@ -492,7 +492,7 @@ def test_manifest_validator_is_total_and_what_it_accepts_processes(tmp_path):
 
 
 def test_sidecar_validator_is_total_and_what_it_accepts_collates(small_manifest, tmp_path):
-    from sapretrain.model.batch import caption_tensors, group_id
+    from sapretrain.data.batch import caption_tensors, group_id
     from sapretrain.shards.schema import image_key_of
 
     make_shards(str(small_manifest), str(tmp_path / "out"), CFG, progress=False)

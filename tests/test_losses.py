@@ -505,7 +505,7 @@ def test_image_keys_travel_from_manifest_to_batch_groups(tmp_path):
     import webdataset as wds
 
     from conftest import make_image, sample_line, write_manifest
-    from sapretrain.model.batch import collate_records, group_id
+    from sapretrain.data.batch import collate_records, group_id
     from sapretrain.shards.schema import validate_record
     from sapretrain.shards.writer import ShardConfig, make_shards
 
@@ -535,7 +535,7 @@ def test_image_keys_travel_from_manifest_to_batch_groups(tmp_path):
     assert groups[0] == groups[1] == group_id(keys["s0000"]) and len(set(groups)) == 3
 
     # Through the model to the losses: the shared photo changes every contrastive term.
-    from sapretrain.model.batch import build_preprocess
+    from sapretrain.data.batch import build_preprocess
     from sapretrain.model.saclip import SAClipConfig, build_saclip
 
     torch.manual_seed(0)

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sapretrain.data.batch import build_preprocess, collate_records
 from sapretrain.model import (
     SAClip,
     SAClipConfig,
-    build_preprocess,
     build_saclip,
-    collate_records,
     export_open_clip,
     load_saclip,
     masked_mean,

@@ -62,9 +62,10 @@ def test_readme_names_the_two_commands_and_ci_calls_make_test():
 
 
 def test_default_dataset_builds_and_checks(tmp_path):
-    from sapretrain.data.demo import build_demo_manifest
+    from sapretrain.scenes.demo import build_demo_manifest
 
-    manifest = build_demo_manifest(scenes=16, workers=1, progress=False, root=tmp_path / "data")
+    manifest = build_demo_manifest(scenes=16, workers=1, progress=False, root=tmp_path / "data",
+                                   extra=(PROJECT_ROOT / "tests" / "fixtures" / "coco" / "manifest.jsonl",))
     cfg = ShardConfig(image_size=96, roi_size=64, shard_size=10)
     report = make_shards(manifest, str(tmp_path / "shards"), cfg, progress=False)
     summary = report.summary

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PROJECT_ROOT
 from sapretrain.curation.sources import READERS, Split, collect, reader_options
-from sapretrain.data.manifest import SkipLog
+from sapretrain.shards.manifest import SkipLog
 from sapretrain import storage
 from sapretrain.storage import split_tar_ref
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sapretrain.data import synthetic as S
-from sapretrain.data.manifest import check_sample
+from sapretrain.scenes import synthetic as S
+from sapretrain.shards.manifest import check_sample
 
 PLANNED = 160  # scenes whose labels are checked without rendering (planning costs ~1 ms each)
 

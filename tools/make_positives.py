@@ -23,7 +23,7 @@ from sapretrain.config import ConfigError, load_config  # noqa: E402
 from sapretrain.curation.stage import part_output  # noqa: E402
 from sapretrain.curation.positives import STAGES, PositivesConfig, format_summary, make_positives  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "curation" / "positives.yaml"
+DEFAULT_CONFIG = "configs/curation/positives.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", type=int, default=0, help="which part of the shards this process writes")
     parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the shards are split")
     parser.add_argument("--scenes", type=int, default=4000, help="embedded default: synthetic training scenes")
+    parser.add_argument("--with-manifest", action="append", default=[], metavar="JSONL",
+                        help="embedded default: a local manifest added to the scenes (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. image_size=256")
     args = parser.parse_args(argv)
@@ -37,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     manifest, output, config = args.manifest, args.output, args.config
     if manifest is None:
-        from sapretrain.data.demo import PROJECT_ROOT, build_demo_manifest
+        from sapretrain.scenes.demo import build_demo_manifest
 
-        manifest = build_demo_manifest(scenes=args.scenes, workers=args.workers, progress=progress)
-        output = output or str(PROJECT_ROOT / DEFAULT_OUTPUT)
-        config = config or str(PROJECT_ROOT / "configs" / "shards_demo.yaml")
+        manifest = build_demo_manifest(scenes=args.scenes, workers=args.workers, progress=progress,
+                                       extra=tuple(args.with_manifest))
+        output = output or DEFAULT_OUTPUT
+        config = config or "configs/shards_demo.yaml"
     elif output is None:
         parser.error("--output is required with --manifest")
     try:

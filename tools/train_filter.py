@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sapretrain.config import ConfigError, dump_config, load_config  # noqa: E402
 from sapretrain.curation.relation_filter import FilterConfig, load_labels, train_filter  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "curation" / "filter.yaml"
+DEFAULT_CONFIG = "configs/curation/filter.yaml"
 
 
 def _fmt(m: dict) -> str:

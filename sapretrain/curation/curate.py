@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sapretrain import storage
+from sapretrain.resources import PREFIX, resolve_config
 from sapretrain.curation.exclude import BUILTIN_PREFIX, ExcludingStage, load_exclusions
 from sapretrain.curation.samples import SampleConfig, SampleStage
 from sapretrain.curation.stage import StageConfig, dropped_output, run_stage
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = PROJECT_ROOT / "configs" / "curation"
+CONFIGS = "configs/curation"  # shipped with the package (sapretrain.resources)
 
 
 @dataclass
@@ -62,19 +62,19 @@ class FilterSettings:
 @dataclass
 class NegativeSettings:
     mode: str = "rules"  # rules | llm
-    config: str = str(CONFIGS / "negatives.yaml")
-    llm_config: str = str(CONFIGS / "llm.yaml")
+    config: str = f"{CONFIGS}/negatives.yaml"
+    llm_config: str = f"{CONFIGS}/llm.yaml"
 
 
 @dataclass
 class RoiSettings:
-    config: str = str(CONFIGS / "rois.yaml")
+    config: str = f"{CONFIGS}/rois.yaml"
     weights: str | None = None  # detector weights (overrides the config's detector.weights)
 
 
 @dataclass
 class PositiveSettings:
-    config: str = str(CONFIGS / "positives.yaml")
+    config: str = f"{CONFIGS}/positives.yaml"
     min_score: float | None = None  # overrides the config's similarity floor
 
 
@@ -94,26 +94,36 @@ class CurationConfig:
     positives: PositiveSettings = field(default_factory=PositiveSettings)
 
 
-def _resolve(path: str, config_dir: Path) -> str:
-    """A relative path in a config file is relative to that file (then to the project root)."""
+def _resolve(path: str, config_dir: Path | None, key: str) -> str:
+    """A relative path in a config file is relative to that file; ``configs/...`` (and a name in
+    the shipped configs folder) falls back to the configs shipped with the package."""
     if storage.is_url(path) or Path(path).is_absolute():
         return path
-    for base in (config_dir, PROJECT_ROOT):
-        if (base / path).exists():
-            return str(base / path)
-    return path
+    looked = []
+    if config_dir is not None:
+        looked.append(config_dir / path)
+        if looked[-1].exists():
+            return str(looked[-1])
+    shipped = resolve_config(path)
+    if Path(shipped).exists():
+        return shipped
+    from sapretrain.config import ConfigError
+
+    places = [str(p) for p in looked] + [path, f"the package's {PREFIX}"]
+    raise ConfigError(f"{key}={path!r}: no such file (looked in {', '.join(places)})")
 
 
 def load_curation_config(path: str | None, overrides: list[str] | None = None) -> CurationConfig:
     from sapretrain.config import load_config
 
     cfg = load_config(CurationConfig, path, overrides)
-    config_dir = Path(path).resolve().parent if path else PROJECT_ROOT
+    config_dir = Path(resolve_config(path)).resolve().parent if path and not storage.is_url(path) else None
     for section, key in (("negatives", "config"), ("negatives", "llm_config"), ("rois", "config"),
                          ("positives", "config")):
         obj = getattr(cfg, section)
-        setattr(obj, key, _resolve(getattr(obj, key), config_dir))
-    cfg.exclude = [p if p.startswith(BUILTIN_PREFIX) else _resolve(p, config_dir) for p in cfg.exclude]
+        setattr(obj, key, _resolve(getattr(obj, key), config_dir, f"{section}.{key}"))
+    cfg.exclude = [p if p.startswith(BUILTIN_PREFIX) else _resolve(p, config_dir, "exclude")
+                   for p in cfg.exclude]
     return cfg
 
 

@@ -70,7 +70,6 @@ from sapretrain.config import load_config, read_yaml
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FATAL_STATUS = (401, 403, 404)  # wrong key, model or URL: the same for every item
 
 
@@ -88,7 +87,7 @@ class LLMConfig:
     max_tokens: int = 256
     json_mode: bool = True  # send response_format={"type": "json_object"}
     cache_dir: str | None = ".cache/llm"  # local folder; null = no cache
-    prompts: str = "configs/curation/prompts.yaml"  # relative paths are resolved against the project root
+    prompts: str = "configs/curation/prompts.yaml"  # a path, or a configs/ name shipped with the package
     price_per_1k_prompt: float = 0.0  # USD per 1,000 prompt tokens (cost estimate only)
     price_per_1k_completion: float = 0.0
 
@@ -190,10 +189,7 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")  # JSON examples such as {"label": 1
 def load_prompts(prompts: str | Path | dict) -> dict:
     if isinstance(prompts, dict):
         return prompts
-    path = Path(prompts)
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
-    return read_yaml(path)  # bad YAML, tags, garbage: a ConfigError naming the file
+    return read_yaml(prompts)  # a missing configs/ path falls back to the shipped one; bad YAML: a ConfigError
 
 
 def render_prompt(prompts_yaml: str | Path | dict, name: str, **variables: Any) -> list[dict]:

@@ -54,7 +54,7 @@ from typing import Any
 from sapretrain.config import load_config
 from sapretrain.curation.lexicon import QUANTITY_NOUNS
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "negatives.yaml"
+DEFAULT_CONFIG = "configs/curation/negatives.yaml"  # shipped with the package (sapretrain.resources)
 MODES = ("rules", "llm")
 
 

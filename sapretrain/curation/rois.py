@@ -52,7 +52,7 @@ from typing import Any, Protocol
 from sapretrain import storage
 from sapretrain.config import ConfigError, load_config, to_dict
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "rois.yaml"
+DEFAULT_CONFIG = "configs/curation/rois.yaml"  # shipped with the package (sapretrain.resources)
 PARTS = ("subj", "obj")
 
 # Plurals the suffix rules get wrong; words that only look plural stay as they are.

@@ -60,7 +60,7 @@ import fsspec
 from fsspec.utils import infer_compression
 
 from sapretrain import jsonl, storage
-from sapretrain.data.manifest import SkipLog
+from sapretrain.shards.manifest import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("path", "image", "url")  # tried in this order when no image column is named

@@ -29,7 +29,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from sapretrain import storage
-from sapretrain.data.manifest import SkipLog
+from sapretrain.shards.manifest import SkipLog
 from sapretrain.eval.vsr import boxes_from_coco, contrast_caption, locate_svo
 
 SOURCE = "vsr-train"

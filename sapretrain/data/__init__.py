@@ -1,1 +1,1 @@
-"""Datasets: manifests, the synthetic default, streaming loaders."""
+"""Shard records → training batches: the streaming loader and batch collation."""

@@ -124,7 +124,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sapretrain import jsonl, storage
 from sapretrain.config import require
-from sapretrain.model.batch import collate_features, collate_records, decode_features
+from sapretrain.data.batch import collate_features, collate_records, decode_features
 from sapretrain.shards import schema
 
 log = logging.getLogger(__name__)

@@ -64,10 +64,9 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from sapretrain.data.demo import PROJECT_ROOT
 from sapretrain.eval.encode import EvalSample
 
-DEFAULT_DESCRIPTIONS = str(PROJECT_ROOT / "configs" / "eval" / "dota_descriptions.yaml")
+DEFAULT_DESCRIPTIONS = "configs/eval/dota_descriptions.yaml"  # shipped with the package (sapretrain.resources)
 GROUPS = ("VV", "VP", "VO")
 COMMON = "common"
 UNGROUPED = "ungrouped"  # non-ego clips outside VV / VP / VO: only in "overall"
@@ -121,6 +120,9 @@ def load_descriptions(path: str | Path) -> dict[str, list[Description]]:
     a non-string or blank entry, a duplicate, or a group left without normal or abnormal
     descriptions (counting ``common``).
     """
+    from sapretrain.resources import resolve_config
+
+    path = resolve_config(path)
     with open(path) as f:
         tree = yaml.safe_load(f)
     if not isinstance(tree, dict) or not tree:

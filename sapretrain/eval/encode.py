@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from sapretrain import storage
-from sapretrain.model import PARTS, SAClip, SAClipConfig, build_preprocess, build_saclip, load_saclip
-from sapretrain.model.batch import caption_tensors
+from sapretrain.data.batch import build_preprocess
+from sapretrain.model import PARTS, SAClip, SAClipConfig, build_saclip, load_saclip
+from sapretrain.data.batch import caption_tensors
 from sapretrain.shards.process import ImageSpec, normalise, roi_crop
 from sapretrain.shards.tokens import SpanTokenizer
 from sapretrain.shards.writer import ShardConfig

@@ -8,7 +8,7 @@
 these machines) and trained on the synthetic *train* split only (scenes ``0 .. train_scenes-1``,
 validation on the next ``val_scenes``; the evaluation split's seeds are never seen). Its 16 classes
 are CLEVR's colour x shape ("red cube", "blue sphere"): the two objects of a scene always differ
-in colour or shape (sapretrain/data/synthetic.py), so colour + shape names an object. Hue and
+in colour or shape (sapretrain/scenes/synthetic.py), so colour + shape names an object. Hue and
 saturation augmentation are off (they would turn one class into another); flips, mosaic and scale
 stay on. Trained once (3 epochs at 160 px on 1,200 scenes: about 3 minutes on 2 CPU cores) into
 ``OUT/scenes-yolov8n.pt`` with ``OUT/detector.json`` (settings and the validation mAP50 /
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sapretrain.data.synthetic import COLORS, SHAPES, SIZES, plan_scene, scene_id
+from sapretrain.scenes.synthetic import COLORS, SHAPES, SIZES, plan_scene, scene_id
 
 CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
 SHAPE_WORDS = {"cube": "cube", "cubes": "cube", "block": "cube", "blocks": "cube",

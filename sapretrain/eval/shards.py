@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sapretrain.data.loader import LoaderConfig, build_loader
-from sapretrain.model import SAClip, batch_to, build_preprocess
+from sapretrain.data.batch import batch_to, build_preprocess
+from sapretrain.model import SAClip
 
 
 @torch.no_grad()

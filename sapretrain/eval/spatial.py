@@ -1,7 +1,7 @@
 """The demo's evidence on held-apart synthetic scenes: does a model tie the caption's relation to
 the image, with boxes from a detector, measured so that geometry alone cannot pass for learning?
 
-Held-apart scenes: the ``eval`` split of sapretrain/data/synthetic.py (seeds no training scene
+Held-apart scenes: the ``eval`` split of sapretrain/scenes/synthetic.py (seeds no training scene
 uses), one scene per partner pair (even indices). Each scene has a caption ("a red cube is to the
 left of a blue sphere") and its **opposite** (same words, objects and template, inverse relation).
 
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sapretrain.data.synthetic import CONFIGURATIONS, OPPOSITE, plan_scene, render_scene
+from sapretrain.scenes.synthetic import CONFIGURATIONS, OPPOSITE, plan_scene, render_scene
 from sapretrain.eval.encode import Encoder, EvalSample
 
 MODALITIES = ("text", "image")

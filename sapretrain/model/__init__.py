@@ -1,13 +1,13 @@
 """SA-CLIP model: open_clip CLIP + SVO text head + ROI/box vision head (DESIGN.md §1, docs in saclip.py).
 
-    from sapretrain.model import SAClipConfig, build_saclip, collate_records, build_preprocess
+    from sapretrain.data.batch import build_preprocess, collate_records
+    from sapretrain.model import SAClipConfig, build_saclip
     model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False))
     out = model(collate_records(records, build_preprocess(model)))   # u, v, u_neg, ...
 
 Importing this package registers the model configs shipped in ``configs/`` (``sa-tiny``) with
 open_clip, so ``open_clip.create_model("sa-tiny")`` works too.
 """
-from sapretrain.model.batch import batch_to, build_preprocess, caption_tensors, collate_records
 from sapretrain.model.checkpoint import export_open_clip, load_saclip, save_saclip
 from sapretrain.model.saclip import (
     PARTS,
@@ -27,13 +27,9 @@ __all__ = [
     "PARTS",
     "SAClip",
     "SAClipConfig",
-    "batch_to",
     "box_features",
     "build_clip",
-    "build_preprocess",
     "build_saclip",
-    "caption_tensors",
-    "collate_records",
     "export_open_clip",
     "load_saclip",
     "masked_mean",

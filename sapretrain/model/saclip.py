@@ -17,7 +17,7 @@ object ROI crops and their boxes (DESIGN.md §1):
 text_embed / neg_text_embed / image_embed (normalised CLIP features), r_svo, r_roi (raw head
 outputs, before normalisation), and logit_scale () (see below). A batch without ``neg_text``
 (the trainer drops it when no loss term reads it) gives no u_neg / neg_text_embed. The batch's
-``groups`` (image/group ids, see sapretrain/model/batch.py) are passed through unchanged.
+``groups`` (image/group ids, see sapretrain/data/batch.py) are passed through unchanged.
 
 Choices the paper leaves open, made here:
 - The text side *averages* the three part features, as the paper specifies. The vision side
@@ -317,7 +317,7 @@ class SAClip(nn.Module):
     # ----- training forward
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch contract of ``sapretrain.model.batch`` → per-sample features (2N, ·)."""
+        """The batch contract of ``sapretrain.data.batch`` → per-sample features (2N, ·)."""
         n = batch["text"].shape[0]
         negatives = "neg_text" in batch  # a batch without them (no loss reads them) skips their encoding
         # Caption and negative caption in one pass of the text tower.

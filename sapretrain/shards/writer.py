@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sapretrain import storage
 from sapretrain.config import dump_config
-from sapretrain.data.manifest import SkipLog, read_manifest
+from sapretrain.shards.manifest import SkipLog, read_manifest
 from sapretrain.shards import schema
 from sapretrain.shards.schema import BadSample
 from sapretrain.shards.process import ImageSpec, process_sample

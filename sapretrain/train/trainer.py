@@ -19,7 +19,7 @@ from sapretrain import storage
 from sapretrain.config import ConfigError, save_config
 from sapretrain.data.loader import build_loader
 from sapretrain.losses import LossConfig, SAClipLoss
-from sapretrain.model.batch import batch_to, build_preprocess
+from sapretrain.data.batch import batch_to, build_preprocess
 from sapretrain.model.saclip import SAClip, build_saclip
 from sapretrain.train import checkpoint as ckpt
 from sapretrain.train.config import TrainConfig
