@@ -97,3 +97,24 @@ def test_captions_collected_beforehand_are_used(curated, tmp_path):
     cfg = load_curation_config(str(CONFIG), [f"output_dir={tmp_path}", "source.options.captions=/nonexistent.json"])
     again = run_curation(cfg, progress=False, log=lambda line: None)
     assert again["stages"][0]["kept"] == 115 and again["samples"] == report["samples"]
+
+
+def test_sub_configs_resolve_next_to_the_config_then_in_the_package(tmp_path, monkeypatch):
+    """A copied config finds its own sub-configs first, the shipped ones otherwise (from any
+    directory), and a missing one is a ConfigError naming the key and the places looked."""
+    from sapretrain.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # not a checkout: configs/ is not here
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "rois.yaml").write_text("detector:\n  enabled: false\n")
+    copied = tmp_path / "mine" / "curate.yaml"
+    copied.write_text("rois:\n  config: rois.yaml\n")
+    cfg = load_curation_config(str(copied))
+    assert cfg.rois.config == str(tmp_path / "mine" / "rois.yaml")  # next to the copied config
+    shipped = PROJECT_ROOT / "sapretrain" / "configs" / "curation"
+    assert cfg.negatives.config == str(shipped / "negatives.yaml")  # the default, from the package
+    copied.write_text("positives:\n  config: positives_mine.yaml\n")
+    with pytest.raises(ConfigError, match=r"positives\.config='positives_mine\.yaml': no such file") as e:
+        load_curation_config(str(copied))
+    assert str(tmp_path / "mine" / "positives_mine.yaml") in str(e.value)
+    assert "Traceback" not in str(e.value)
