@@ -10,41 +10,12 @@ records go to ``OUT.dropped.jsonl`` with a ``drop_reason`` (``bad_json``; ``bad_
 image or triplet text; ``no_positive``: no other image's sample at or above ``min_score``) and
 are counted in ``OUT.summary.json``.
 
-**Three steps**, all resumable, each split with ``part``/``num_parts`` (input line ``i`` is in
-chunk ``i // embed.chunk_size``; chunk ``c`` belongs to part ``c % num_parts``):
-
-1. ``embed``: the triplet text (``embed.template``, default ``"{subj} {rel} {obj}"``) of every
-   record is embedded with a sentence-transformers model loaded by ``transformers`` (mean
-   pooling over tokens, L2 normalisation: how all-MiniLM-L6-v2 is meant to be used). Identical
-   texts are embedded once (per chunk, and through a bounded cache across chunks: "man riding
-   horse" recurs). Each chunk is committed atomically under ``OUT.work/emb/`` as ``.npy``
-   (fp16 embeddings, the marker, written last) plus image hashes and ids; a re-run skips
-   committed chunks.
-2. ``search``: needs the embeddings of *all* parts. Keys are all valid samples, queries this
-   part's chunks. Below ``search.exact_max`` keys: exact blocked search (query block x key block
-   matrix products, running top-k; memory O(N·d + block²), never N×N). Above: an IVF index
-   (spherical k-means coarse quantiser in torch, ``nprobe`` lists searched per query; faiss is
-   used instead only with ``search.ivf.backend=faiss``). A sample's own image (so the sample
-   itself) is never a candidate. Top-k per query chunk is committed under
-   ``OUT.work/search-<settings hash>/``; the floor is not applied yet, so a new ``min_score``
-   reuses the search.
-3. ``write``: needs the search results of *all* parts; applies the floor and writes this part.
-
-One process with ``num_parts=1`` runs all three. With parts: run ``stage=embed`` on every part,
-then ``stage=search`` on every part, then ``stage=write`` on every part (a step whose inputs from
-other parts are missing stops and names them). ``OUT.work/`` is kept (the embeddings can be
-reused for another floor); delete it when done.
-
-**Every partner is kept.** A sample A is kept iff some sample B of another image has
-``sim(A, B) >= min_score``; its partner is the best such B. Similarity is symmetric and "another
-image" is symmetric, so ``sim(B, A) >= min_score`` with A of another image than B: B has a
-candidate above the floor and is kept too. Hence a sample is dropped only when it has no
-neighbour above the floor, and then no sample can point at it (it would be such a neighbour).
-Two things can break the symmetry in practice: the IVF index is approximate (B's probes may miss
-A's list), and A·B and B·A computed in different blocks can differ in the last float bit at the
-floor. ``write`` therefore *rescues* a sample without a partner that others point at: it takes the
-best of those as its partner (score ``sim(A, B) >= min_score``). The invariant then holds by
-construction; the summary counts rescues (0 or a handful for exact search).
+Three resumable steps, each split with ``part``/``num_parts``: ``embed`` (MiniLM, mean pooling,
+L2 norm, committed per chunk), ``search`` (exact blocked top-k up to ``search.exact_max`` keys,
+an IVF index above; never N×N; a sample's own image is never a candidate) and ``write`` (applies
+the floor). A dropped sample has no neighbour above the floor, so no kept sample points at it;
+``write`` rescues the rare partner an approximate search broke that for. The full reference
+(chunks and parts, the work folder, the symmetry argument): docs/curation.md §8.
 """
 from __future__ import annotations
 
