@@ -23,12 +23,12 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) tools/make_shards.py --with-manifest tests/fixtures/coco/manifest.jsonl
 	$(PY) tools/check_shards.py --no-progress data/shards/demo
-	$(PY) tools/train_scene_detector.py --out data/detector
+	$(PY) tools/train_scene_detector.py --output data/detector
 	for c in demo demo_clip demo_clip_partners demo_no_svo; do \
 		ACCELERATE_USE_CPU=1 $(PY) launch/pretrain.py --config configs/$$c.yaml --resume auto || exit 1; done
 	$(PY) tools/evaluate.py --task spatial --checkpoint SA-CLIP=runs/demo/saclip --checkpoint CLIP=runs/demo/clip \
 		--checkpoint CLIP+partners=runs/demo/clip_partners --checkpoint "SA-CLIP w/o SVO=runs/demo/no_svo" \
-		--baseline CLIP --candidate SA-CLIP --detector-weights data/detector/scenes-yolov8n.pt --workers 2 --out runs/demo
+		--baseline CLIP --candidate SA-CLIP --detector-weights data/detector/scenes-yolov8n.pt --workers 2 --output runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

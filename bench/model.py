@@ -55,7 +55,6 @@ def worker(args) -> dict:
     import open_clip
     import torch
 
-    sys.path.insert(0, str(PROJECT_ROOT))
     from sapretrain.losses import SAClipLoss
     from sapretrain.model import build_saclip
 

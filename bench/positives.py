@@ -20,12 +20,9 @@ import resource
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sapretrain.curation.positives import IVFIndex, SearchConfig, default_nlist, search_exact  # noqa: E402
 

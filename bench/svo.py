@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))
 
 from sapretrain.curation import extract as extract_mod  # noqa: E402
 from sapretrain.curation.extract import ExtractConfig, extract_file  # noqa: E402

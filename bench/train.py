@@ -465,7 +465,6 @@ def main() -> None:
     start = time.perf_counter()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        sys.path.insert(0, str(PROJECT_ROOT))
         scenes = 2 * args.pairs * (args.steps + 1)  # one spare batch
         ours_shards, oc_shards = prepare_data(work / f"data-{scenes}", scenes)
         print(f"data: {scenes} scenes → {ours_shards} and {oc_shards} ({time.perf_counter() - start:.0f} s)",

@@ -571,7 +571,7 @@ def test_evaluate_cli_dota_writes_results_and_roc_plots(tmp_path, metadata, caps
         [sys.executable, str(PROJECT_ROOT / "tools" / "evaluate.py"), "--task", "dota",
          "--checkpoint", "CLIP=openclip:sa-tiny", "--metadata", str(METADATA), "--frames", str(frames),
          "--detector-weights", str(weights), "--bootstrap", "100",
-         "--frame-stride", str(STRIDE), "--max-clips", "3", "--out", str(out), "--no-progress"],
+         "--frame-stride", str(STRIDE), "--max-clips", "3", "--output", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
@@ -594,7 +594,7 @@ def test_evaluate_cli_dota_writes_results_and_roc_plots(tmp_path, metadata, caps
     spec.loader.exec_module(tool)
     code = tool.main(["--task", "dota", "--checkpoint", "openclip:sa-tiny", "--metadata", str(METADATA),
                       "--frames", str(empty), "--max-clips", "2", "--bootstrap", "10",
-                      "--out", str(tmp_path / "out2"), "--no-progress"])
+                      "--output", str(tmp_path / "out2"), "--no-progress"])
     assert code == 2 and "no clip could be scored" in capsys.readouterr().err
     assert json.loads((tmp_path / "out2" / "results.json").read_text())["models"]["openclip:sa-tiny"]["skipped"][
         "missing_folder"] == 2

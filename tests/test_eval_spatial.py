@@ -196,7 +196,7 @@ def test_evaluate_cli_writes_results_and_fails_an_unmet_verdict(tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, EVALUATE, "--task", "spatial", "--checkpoint", f"SA={tmp_path / 'sa.pt'}",
            "--checkpoint", "CLIP=openclip:sa-tiny", "--baseline", "CLIP", "--scenes", "24", "--k", "3",
-           "--out", str(out), "--no-progress"]
+           "--output", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"MPLBACKEND": "Agg", **_env()})
     # Two untrained models: no +0.25 gain in cross-modal relation accuracy, so the verdict fails (exit 1).
     assert done.returncode == 1, done.stderr
@@ -220,7 +220,7 @@ def test_evaluate_cli_writes_results_and_fails_an_unmet_verdict(tmp_path):
     assert ": FAIL**" in done.stdout and "| SA |" in (out / "results.md").read_text()
 
     bad = subprocess.run([sys.executable, EVALUATE, "--task", "vsr", "--checkpoint", "openclip:sa-tiny",
-                          "--out", str(out)], capture_output=True, text=True, timeout=120, env=_env())
+                          "--output", str(out)], capture_output=True, text=True, timeout=120, env=_env())
     assert bad.returncode == 2 and "needs --vsr and --images" in bad.stderr
 
 

@@ -319,7 +319,7 @@ def test_evaluate_tool_writes_one_table_and_fails_when_nothing_is_scored(tmp_pat
         ["A pile of luggage sitting on a floor.", "A man standing in a kitchen.", "Suitcases at an airport."], 1)))
     args = ["--task", "sugarcrepe", "--checkpoint", f"SA={tmp_path / 'sa.pt'}", "--checkpoint", "CLIP=openclip:sa-tiny",
             "--sugarcrepe", str(SUGARCREPE), "--images", str(IMAGES), "--instances", str(ANNOTATIONS),
-            "--lm-corpus", str(corpus), "--out", str(tmp_path / "out"), "--no-progress"]
+            "--lm-corpus", str(corpus), "--output", str(tmp_path / "out"), "--no-progress"]
     tool = load_tool()
     assert tool.main(args) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -337,7 +337,7 @@ def test_evaluate_tool_writes_one_table_and_fails_when_nothing_is_scored(tmp_pat
     empty = tmp_path / "no_images"
     empty.mkdir()
     args = ["--task", "sugarcrepe", "--checkpoint", "CLIP=openclip:sa-tiny", "--sugarcrepe", str(SUGARCREPE),
-            "--images", str(empty), "--out", str(tmp_path / "out2"), "--no-progress"]
+            "--images", str(empty), "--output", str(tmp_path / "out2"), "--no-progress"]
     assert tool.main(args) == 2
     err = capsys.readouterr().err
     assert "no model scored any of the 14 rows" in err and "missing_image" in err

@@ -554,7 +554,7 @@ def test_evaluate_cli_vsr_writes_results_per_model(tmp_path, capsys):
         [sys.executable, tool, "--task", "vsr",
          "--checkpoint", f"SA={tmp_path / 'sa.pt'}", "--checkpoint", "CLIP=openclip:sa-tiny",
          "--vsr", str(path), "--images", str(IMAGES), "--instances", str(ANNOTATIONS), "--dev", str(path),
-         "--detector-weights", str(weights), "--out", str(out), "--no-progress"],
+         "--detector-weights", str(weights), "--output", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
@@ -583,7 +583,7 @@ def test_evaluate_cli_vsr_writes_results_per_model(tmp_path, capsys):
     code = evaluate_tool().main(
         ["--task", "vsr", "--checkpoint", "openclip:sa-tiny",
          "--vsr", str(write_jsonl(tmp_path / "random.jsonl", random_rows)), "--images", str(IMAGES),
-         "--detector-weights", str(weights), "--out", str(tmp_path / "out2"), "--no-progress"])
+         "--detector-weights", str(weights), "--output", str(tmp_path / "out2"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "no row of" in err and "no_box" in err
     report = json.loads((tmp_path / "out2" / "results.json").read_text())

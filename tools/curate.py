@@ -1,46 +1,6 @@
 #!/usr/bin/env python
-"""Run the whole curation, sources to the curated manifest that make_shards reads.
-
-    python tools/curate.py --config configs/curation/coco_fixture.yaml [key=value ...]
-    python tools/make_shards.py --manifest data/curation/coco_fixture/curated.jsonl --output data/shards/coco_fixture
-
-Stages (collect, extract_svo, samples, relation filter, negatives, ROIs, positives), their files
-and resume are described in sapretrain/curation/curate.py and docs/curation.md. A killed run
-re-run with the same config continues where it stopped. The report is OUTPUT_DIR/report.md
-(+ report.json, relations.png, kinds.png).
-"""
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.curate import load_curation_config, run_curation  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="curation config, e.g. configs/curation/coco_fixture.yaml")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. output_dir=/tmp/c")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_curation_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        report = run_curation(cfg, progress=not args.no_progress)
-    except ValueError as e:  # a stage refused its input or output, or kept nothing: the reason, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"\n{report['samples']} curated samples: {report['manifest']}")
-    print(f"report: {cfg.output_dir.rstrip('/')}/report.md")
-    return 0
-
+"""``sapretrain curate`` from a checkout: the command and its help live in sapretrain/cli/curate.py."""
+from sapretrain.cli.curate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,52 +1,6 @@
 #!/usr/bin/env python
-r"""Triplet samples → the same plus subject/object ``boxes`` and ``box_source`` (SA-CLIP §2.1).
-
-    python tools/detect_rois.py --input samples.jsonl --output with_boxes.jsonl \
-        [--config configs/curation/rois.yaml] [--weights yolov8x.pt] [--chunk-size 5000] \
-        [--part 0 --num-parts 16] [--no-progress] [key=value ...]
-
-Ground-truth boxes where the record has ``objects`` (COCO, VG), else an ultralytics YOLO detector
-(``detector.*`` in the config). Samples without both boxes go to OUT.dropped.jsonl, counted by
-reason (no_box, same_box, unreadable_image, bad_triplet). A killed run resumes after its last
-committed chunk when re-run with the same arguments. Details: sapretrain/curation/rois.py.
-"""
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sapretrain.config import ConfigError  # noqa: E402
-from sapretrain.curation.rois import DEFAULT_CONFIG, RoiStage, count_box_sources, load_roi_config  # noqa: E402
-from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="triplet samples JSONL (path or fsspec URL, .gz allowed)")
-    parser.add_argument("--output", required=True, help="output JSONL (path or fsspec URL)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="RoiConfig YAML (default: %(default)s)")
-    parser.add_argument("--weights", help="detector weights (.pt), overrides detector.weights")
-    add_stage_arguments(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. detector.conf=0.3")
-    args = parser.parse_args(argv)
-
-    overrides = list(args.overrides) + ([f"detector.weights={args.weights}"] if args.weights else [])
-    try:
-        cfg = load_roi_config(args.config, overrides)
-        summary = run_stage_from_args(RoiStage(cfg), args)
-    except (ConfigError, ValueError) as e:
-        parser.error(str(e))
-    out = part_output(args.output, args.part, args.num_parts)
-    if not summary.get("already_done"):
-        print(f"wrote {out}")
-    print(format_stage_summary(summary))
-    kept = ", ".join(f"{k} {v}" for k, v in count_box_sources(out).items()) or "none"
-    print(f"kept by box_source: {kept}")
-    return 0
-
+"""``sapretrain detect-rois`` from a checkout: the command and its help live in sapretrain/cli/detect_rois.py."""
+from sapretrain.cli.detect_rois import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

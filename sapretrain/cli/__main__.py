@@ -1,0 +1,4 @@
+"""``python -m sapretrain.cli <command> ...``: the same as the ``sapretrain`` command."""
+from sapretrain.cli import main
+
+raise SystemExit(main())
