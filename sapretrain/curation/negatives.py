@@ -53,25 +53,15 @@ from typing import Any
 
 from sapretrain.config import load_config
 from sapretrain.curation.lexicon import QUANTITY_NOUNS
+from sapretrain.relations import LexiconConfig, Relations, SwapConfig, lexicon_map  # noqa: F401 (re-exported)
+from sapretrain.relations import fix_article as _fix_article
+from sapretrain.relations import norm as _norm
 
 DEFAULT_CONFIG = "configs/curation/negatives.yaml"  # shipped with the package (sapretrain.resources)
 MODES = ("rules", "llm")
 
 
 # --------------------------------------------------------------------------- config
-
-
-@dataclass
-class LexiconConfig:
-    pairs: list[list[str]] = field(default_factory=list)  # [a, b]: a → b and b → a
-    one_way: dict[str, str] = field(default_factory=dict)  # a → b only (wins over pairs)
-    prepositional: dict[str, str] = field(default_factory=dict)  # lemma written as a preposition
-
-
-@dataclass
-class SwapConfig:
-    enabled: bool = True
-    symmetric: list[str] = field(default_factory=list)  # never swapped (lemma, verb or text)
 
 
 @dataclass
@@ -88,25 +78,6 @@ def load_negatives_config(path: str | Path | None = DEFAULT_CONFIG, overrides: l
     lexicon_map(cfg.spatial, "spatial")
     lexicon_map(cfg.action, "action")
     return cfg
-
-
-def lexicon_map(lex: LexiconConfig, where: str) -> dict[str, str]:
-    """Source phrase → inverse phrase (lowercase); a source listed twice in ``pairs`` raises."""
-    out: dict[str, str] = {}
-    for pair in lex.pairs:
-        if len(pair) != 2:
-            raise ValueError(f"{where}.pairs: {pair!r} is not a pair")
-        a, b = (_norm(p) for p in pair)
-        for src, dst in ((a, b), (b, a)):
-            if src in out and out[src] != dst:
-                raise ValueError(f"{where}.pairs: {src!r} has two inverses ({out[src]!r}, {dst!r}); use one_way")
-            out[src] = dst
-    out.update({_norm(k): _norm(v) for k, v in lex.one_way.items()})
-    return out
-
-
-def _norm(text: str) -> str:
-    return " ".join(str(text).lower().split())
 
 
 # --------------------------------------------------------------------------- inflection
@@ -233,23 +204,6 @@ def is_plural(np_text: str, head: str | None = None) -> bool:
     return last.endswith("s") and not last.endswith(("ss", "us", "is"))
 
 
-def _fix_article(text: str, at: int) -> str:
-    """a/an agreement of an article directly before position ``at`` with the word starting there."""
-    m = re.search(r"\b(a|an|A|An)(\s+)$", text[:at])
-    nxt = WORD.match(text, at)
-    if m is None or nxt is None:
-        return text
-    word = nxt.group(0).lower()
-    vowel = word[0] in "aeiou" and not word.startswith(("uni", "use", "usu", "one", "eu"))
-    vowel = vowel or word.startswith(("hour", "honest", "heir"))
-    art = m.group(1)
-    want = ("an" if vowel else "a")
-    if art.lower() == want:
-        return text
-    want = want.capitalize() if art[0].isupper() else want
-    return text[: m.start(1)] + want + text[m.end(1):]
-
-
 # --------------------------------------------------------------------------- rules
 
 
@@ -263,10 +217,9 @@ class Rules:
     """Negative caption candidates from the lexicons of a ``NegativesConfig``."""
 
     def __init__(self, cfg: NegativesConfig):
-        self.spatial = lexicon_map(cfg.spatial, "spatial")
-        self.action = lexicon_map(cfg.action, "action")
-        self.prepositional = {_norm(k): _norm(v) for k, v in cfg.action.prepositional.items()}
-        self.symmetric = frozenset(_norm(s) for s in cfg.swap.symmetric)
+        self.relations = Relations(cfg.spatial, cfg.action, cfg.swap.symmetric)  # the run's lexicon
+        self.spatial, self.action = self.relations.spatial, self.relations.action
+        self.prepositional = self.relations.prepositional
         self.swap_enabled = cfg.swap.enabled
         phrases = sorted(self.spatial, key=len, reverse=True)
         self.spatial_re = re.compile(r"(?<![\w'])(" + "|".join(re.escape(p) for p in phrases) + r")(?![\w'])",
@@ -288,12 +241,7 @@ class Rules:
         return Candidate(text, "swap") if text is not None else "overlapping spans"
 
     def _symmetric(self, rel: dict, lemma: str) -> str | None:
-        words = lemma.split()
-        # The lemma, its verb, its prepositional tails ("sit between" → "between") and the text.
-        keys = [lemma, _norm(rel["text"])] + [" ".join(words[k:]) for k in range(1, len(words))]
-        if rel.get("kind") == "action" and words:
-            keys.append(words[0])
-        return next((k for k in keys if k in self.symmetric), None)
+        return self.relations.symmetric_key(lemma, rel["text"], rel.get("kind") == "action")
 
     # ---- inverse
 

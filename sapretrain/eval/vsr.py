@@ -25,10 +25,11 @@ object (COCO category names; absent in VSR's ``random`` split) and a 0/1 label. 
 
   - ``"contrast"`` (default): true iff ``sim(v, u(caption)) > sim(v, u(contrast caption))``, the
     contrast caption having the relation replaced by its opposite (``INVERSE``: left of -> right
-    of, on -> under, contains -> inside, near -> far from, ...) or, for an asymmetric relation
-    with no opposite (``against``, ``around``, ...), subject and object exchanged. ``v`` is the
-    same for both captions (the boxes of the original caption). Symmetric relations with no
-    opposite (``SYMMETRIC``: touching, with, opposite to, across from) cannot be contrasted:
+    of, on -> under, contains -> inside, near -> far from, with -> without, ...: the project's
+    relations table, sapretrain/relations.py) or, for an asymmetric relation with no opposite
+    (``against``, ``around``, ...), subject and object exchanged. ``v`` is the same for both
+    captions (the boxes of the original caption). Symmetric relations with no opposite
+    (``SYMMETRIC``: touching, opposite to, across from, along, among, between) cannot be contrasted:
     they use the threshold rule, with the threshold tuned on ``dev_rows``; without dev rows they
     are skipped ``no_contrast``.
   - ``"threshold"``: true iff ``sim(v, u(caption)) > t``, one cosine threshold ``t`` tuned on
@@ -56,7 +57,7 @@ from typing import Any, Callable, Iterable, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from sapretrain import storage
+from sapretrain import relations, storage
 from sapretrain.eval.encode import EvalSample
 
 REQUIRED_FIELDS = ("image", "caption", "label", "relation")
@@ -86,32 +87,14 @@ RELATION_CATEGORIES: dict[str, str] = {
 RELATIONS = frozenset(RELATION_CATEGORIES)
 
 # Contrast phrases: a relation that would (mostly) be false where the original is true. Not a
-# bijection and not restricted to VSR's own phrases; only the caption's relation words change.
-INVERSE: dict[str, str] = {
-    "left of": "right of", "right of": "left of",
-    "at the left side of": "at the right side of", "at the right side of": "at the left side of",
-    "above": "below", "below": "above", "over": "under", "under": "on",
-    "on": "under", "on top of": "beneath", "beneath": "on top of", "off": "on",
-    "in front of": "behind", "behind": "in front of", "ahead of": "behind",
-    "at the back of": "in front of", "beyond": "in front of",
-    "inside": "outside", "outside": "inside", "within": "outside", "in": "outside",
-    "into": "out of", "out of": "into", "contains": "inside",
-    "surrounding": "enclosed by", "enclosed by": "surrounding",
-    "has as a part": "part of", "part of": "has as a part", "consists of": "part of",
-    "near": "far from", "close to": "far from", "by": "far from", "next to": "far from",
-    "beside": "far from", "adjacent to": "far from", "alongside": "far from",
-    "at the side of": "far from",
-    "far from": "close to", "far away from": "close to",
-    "toward": "away from", "away from": "toward",
-    "facing": "facing away from", "facing away from": "facing",
-    "parallel to": "perpendicular to", "perpendicular to": "parallel to",
-    "attached to": "detached from", "connected to": "detached from", "detached from": "attached to",
-    "at the edge of": "in the middle of", "in the middle of": "at the edge of",
-}
-# Symmetric and without an opposite: exchanging subject and object says the same thing.
-SYMMETRIC = frozenset(("touching", "with", "opposite to", "across from"))
-# Every other relation (against, past, down, along, around, across, down from, at, among,
-# between) is contrasted by exchanging subject and object.
+# bijection and not restricted to VSR's own phrases; only the caption's relation words change. Both
+# tables are the project's one relations table (sapretrain/relations.py, the shipped
+# configs/curation/negatives.yaml) restricted to VSR's relations.
+INVERSE: dict[str, str] = {r: inv for r in sorted(RELATIONS) if (inv := relations.inverse(r, "spatial"))}
+# Symmetric and without an opposite: exchanging subject and object gives no contrast.
+SYMMETRIC = frozenset(r for r in RELATIONS if r not in INVERSE and relations.is_symmetric(r))
+# Every other relation (against, past, around, across, down from) is contrasted by exchanging
+# subject and object.
 
 # Relations written as a verb ("The bowl contains the apple."), all others follow a copula.
 VERB_RELATIONS = frozenset(("contains", "has as a part", "consists of"))

@@ -33,14 +33,25 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sapretrain import relations
+
 CONFIGURATIONS: tuple[str, ...] = (
     "front", "behind", "left", "right", "front-left", "front-right", "behind-left", "behind-right",
 )
-OPPOSITE: dict[str, str] = {
-    "front": "behind", "behind": "front", "left": "right", "right": "left",
-    "front-left": "behind-right", "behind-right": "front-left",
-    "front-right": "behind-left", "behind-left": "front-right",
-}
+# A configuration's parts as relation phrases: its opposite flips each part through the project's
+# one relations table (sapretrain/relations.py), "front-left" -> "behind-right".
+_PART_PHRASES: dict[str, str] = {"front": "in front of", "behind": "behind", "left": "left of", "right": "right of"}
+
+
+def _opposite(configuration: str) -> str:
+    by_phrase = {phrase: part for part, phrase in _PART_PHRASES.items()}
+    flipped = [by_phrase.get(relations.inverse(_PART_PHRASES[p], "spatial") or "") for p in configuration.split("-")]
+    if None in flipped or "-".join(flipped) not in CONFIGURATIONS:
+        raise ValueError(f"the relations lexicon has no opposite configuration of {configuration!r} ({flipped})")
+    return "-".join(flipped)
+
+
+OPPOSITE: dict[str, str] = {c: _opposite(c) for c in CONFIGURATIONS}
 # Unit offsets of A from B in the camera's ground frame: (+right, +away from the camera).
 _DIRECTIONS: dict[str, tuple[int, int]] = {
     "front": (0, -1), "behind": (0, 1), "left": (-1, 0), "right": (1, 0),
@@ -357,19 +368,14 @@ def _fill(template: str, subj: str, rel: str, obj: str) -> tuple[str, dict[str, 
     for piece in re.split(r"(\{[sro]\})", template):
         if re.fullmatch(r"\{[sro]\}", piece):
             part, text = values[piece[1]]
-            caption = _fix_article(caption, text)
+            fixed = relations.fix_article(caption + text, len(caption))  # "a" -> "an" before a vowel
+            caption = fixed[: len(fixed) - len(text)]
             spans[part] = {"text": text, "start": len(caption), "end": len(caption) + len(text)}
             caption += text
         else:
             caption += piece
     spans["rel"]["kind"] = "spatial"
     return caption, {"subj": spans["subj"], "rel": spans["rel"], "obj": spans["obj"]}
-
-
-def _fix_article(prefix: str, word: str) -> str:
-    if word[:1] in "aeiou" and re.search(r"(^|\s)[aA] $", prefix):
-        return prefix[:-1] + "n "
-    return prefix
 
 
 # --------------------------------------------------------------------------------------------
