@@ -22,8 +22,11 @@ from sapretrain.model import (
     export_open_clip,
     load_saclip,
     masked_mean,
+    register_model_configs,
     save_saclip,
 )
+
+register_model_configs()  # the tests call open_clip.create_model("sa-tiny") directly too
 
 L = 77
 D = 64  # sa-tiny embed_dim

@@ -4,11 +4,12 @@ Every model is evaluated through the same code: an SA-CLIP (``u``, ``v``) or a p
 CLIP is an ``SAClip`` with both heads off (``use_svo=False, use_roi=False``), whose ``u . v`` is
 exactly CLIP's cosine (sapretrain/model/saclip.py), so a baseline never takes a different path.
 
-Model specs (``load_model``):
+Model specs (``load_model``; the weights are read by ``sapretrain.model.checkpoint.load_saclip``):
 
     runs/demo                     a training run: its latest complete checkpoint
     runs/demo/checkpoints/step-00000300    one trainer checkpoint (state.pt)
     model.pt                      a ``save_saclip`` file
+    exports/demo                  an exported Hub folder (config.json + model.safetensors)
     openclip:ViT-B-32:openai      any open_clip model and pretrained tag (or weights path), as plain CLIP
     openclip:sa-tiny              an open_clip model with random weights (tests)
 
@@ -29,10 +30,12 @@ from PIL import Image
 from sapretrain import storage
 from sapretrain.data.batch import build_preprocess
 from sapretrain.model import PARTS, SAClip, SAClipConfig, build_saclip, load_saclip
+from sapretrain.model.checkpoint import CONFIG_FILE
 from sapretrain.data.batch import caption_tensors
 from sapretrain.shards.process import ImageSpec, normalise, roi_crop
 from sapretrain.shards.tokens import SpanTokenizer
 from sapretrain.shards.writer import ShardConfig
+from sapretrain.train.checkpoint import resolve_checkpoint
 
 OPENCLIP_PREFIX = "openclip:"
 
@@ -60,39 +63,9 @@ def load_model(spec: str, device: str = "cpu") -> tuple[SAClip, str]:
     fs, path = storage.url_to_fs(spec)
     if not fs.exists(path):
         raise FileNotFoundError(f"model {spec!r}: no such file or directory (or use openclip:MODEL:TAG)")
-    if fs.isdir(path):
-        return _load_trainer_checkpoint(_checkpoint_of(spec)).to(device).eval(), spec.rstrip("/")
-    return load_saclip(spec, map_location=device), spec
-
-
-def _checkpoint_of(url: str) -> str:
-    """A trainer checkpoint directory: ``url`` itself, or the latest complete one of a run."""
-    from sapretrain.train.checkpoint import latest_checkpoint
-
-    fs, path = storage.url_to_fs(url)
-    if fs.exists(f"{path.rstrip('/')}/state.pt"):
-        if not fs.exists(f"{path.rstrip('/')}/DONE"):
-            raise ValueError(f"{url}: incomplete checkpoint (no DONE marker; the run was killed while saving)")
-        return url.rstrip("/")
-    found = latest_checkpoint(url)
-    if found is None:
-        raise FileNotFoundError(f"{url}: neither a checkpoint (state.pt) nor a run with complete checkpoints")
-    return found
-
-
-def _load_trainer_checkpoint(url: str) -> SAClip:
-    from sapretrain.train.checkpoint import load_tensor_file
-
-    state = load_tensor_file(f"{url}/state.pt")
-    cfg = SAClipConfig.from_dict(state["config"]["model"])
-    model = build_saclip(cfg, load_pretrained=bool(cfg.pretrained))
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers()}
-    if unexpected or set(missing) - frozen - buffers:
-        raise ValueError(f"{url}: checkpoint does not fit its own model config: missing "
-                         f"{sorted(set(missing) - frozen - buffers)[:5]}, unexpected {unexpected[:5]}")
-    return model
+    if fs.isdir(path) and not fs.exists(f"{path.rstrip('/')}/{CONFIG_FILE}"):  # a run or a trainer checkpoint
+        return load_saclip(f"{resolve_checkpoint(spec)}/state.pt", map_location=device), spec.rstrip("/")
+    return load_saclip(spec, map_location=device), spec.rstrip("/")
 
 
 def model_summary(model: SAClip) -> dict[str, Any]:

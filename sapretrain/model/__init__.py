@@ -5,10 +5,19 @@
     model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=False))
     out = model(collate_records(records, build_preprocess(model)))   # u, v, u_neg, ...
 
-Importing this package registers the model configs shipped in ``configs/`` (``sa-tiny``) with
-open_clip, so ``open_clip.create_model("sa-tiny")`` works too.
+Importing this package changes nothing outside it. The model configs shipped in ``configs/``
+(``sa-tiny``) are registered with open_clip when a model is built or a name resolved
+(``register_model_configs``, once); call it yourself before ``open_clip.create_model("sa-tiny")``.
+Weights are saved and loaded through ``sapretrain.model.checkpoint`` only.
 """
-from sapretrain.model.checkpoint import export_open_clip, load_saclip, save_saclip
+from sapretrain.model.checkpoint import (
+    export_open_clip,
+    export_open_clip_dir,
+    load_pretrained,
+    load_saclip,
+    save_pretrained,
+    save_saclip,
+)
 from sapretrain.model.saclip import (
     PARTS,
     SAClip,
@@ -21,8 +30,6 @@ from sapretrain.model.saclip import (
     resolve_model_name,
 )
 
-register_model_configs()
-
 __all__ = [
     "PARTS",
     "SAClip",
@@ -31,9 +38,12 @@ __all__ = [
     "build_clip",
     "build_saclip",
     "export_open_clip",
+    "export_open_clip_dir",
+    "load_pretrained",
     "load_saclip",
     "masked_mean",
     "register_model_configs",
     "resolve_model_name",
+    "save_pretrained",
     "save_saclip",
 ]

@@ -4,7 +4,9 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-00001000/`` holding
 ``state.pt`` (trainable weights, loss parameters, optimizer, scheduler, grad scaler, step, data
 position, config), ``rank-<rank>.pt`` (each rank's RNG states and exact loader position) and,
 written last, ``DONE``. Only a
-directory with ``DONE`` counts, so a run killed while saving resumes from the previous one.
+directory with ``DONE`` counts, so a run killed while saving resumes from the previous one. The
+model's weights in ``state.pt`` are written and read by ``sapretrain.model.checkpoint``
+(``training_weights``; ``load_saclip`` rebuilds the model of a ``state.pt``).
 
 ``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never
 deleted) and removes directories without ``DONE`` that are older than the newest complete one
@@ -52,6 +54,19 @@ def _step_dirs(output_dir: str) -> list[tuple[int, str, bool]]:
 def latest_checkpoint(output_dir: str) -> str | None:
     found = complete_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A complete checkpoint directory: ``url`` itself, or the latest complete one of the run ``url``."""
+    fs, path = storage.url_to_fs(url)
+    if fs.exists(f"{path.rstrip('/')}/state.pt"):
+        if not fs.exists(f"{path.rstrip('/')}/DONE"):
+            raise ValueError(f"{url}: incomplete checkpoint (no DONE marker; the run was killed while saving)")
+        return url.rstrip("/")
+    found = latest_checkpoint(url)
+    if found is None:
+        raise FileNotFoundError(f"{url}: neither a checkpoint (state.pt) nor a run with complete checkpoints")
+    return found
 
 
 def save_tensor_file(obj: Any, url: str) -> None:

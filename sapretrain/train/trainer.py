@@ -20,6 +20,7 @@ from sapretrain.config import ConfigError, save_config
 from sapretrain.data.loader import build_loader
 from sapretrain.losses import LossConfig, SAClipLoss
 from sapretrain.data.batch import batch_to, build_preprocess
+from sapretrain.model import checkpoint as model_ckpt
 from sapretrain.model.saclip import SAClip, build_saclip
 from sapretrain.train import checkpoint as ckpt
 from sapretrain.train.config import TrainConfig
@@ -247,12 +248,11 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     rank_state = {"rng": ckpt.rng_state(), "data": data_state}
     ckpt.save_tensor_file(rank_state, f"{url}/rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        frozen = set() if cfg.run.save_frozen else frozen_parameter_names(unwrapped)
         state = {
             "position": asdict(pos),
             "world_size": accelerator.num_processes,
-            "model": {k: v for k, v in unwrapped.state_dict().items() if k not in frozen},
+            # model, model_excluded, model_cfg: frozen weights are rebuilt from pretrained / run.seed
+            **model_ckpt.training_weights(accelerator.unwrap_model(model), include_frozen=cfg.run.save_frozen),
             "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -268,10 +268,6 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     return url
 
 
-def frozen_parameter_names(model: SAClip) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("clip.visual.")}
-
-
 def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> tuple[Position, dict | None]:
     state = ckpt.load_tensor_file(f"{url}/state.pt")
     if state["world_size"] != accelerator.num_processes:
@@ -279,10 +275,10 @@ def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler)
             f"{url} was written by {state['world_size']} processes, this run has {accelerator.num_processes}: "
             "resume with the same number of processes (the data position is per rank)"
         )
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    frozen = frozen_parameter_names(model)
-    if unexpected or set(missing) - frozen:
-        raise SystemExit(f"{url} does not fit this model: missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model_ckpt.load_training_weights(model, state, url)
+    except model_ckpt.CheckpointError as e:
+        raise SystemExit(f"{e} (it does not fit this run's model config)") from None
     loss_fn.load_state_dict(state["loss"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
