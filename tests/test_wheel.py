@@ -17,7 +17,6 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
