@@ -1,10 +1,12 @@
 """The project's promises outside the library: entry points, Dockerfile, default dataset."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,18 +32,91 @@ def test_shipped_configs_load(name):
     load_config(cls, PROJECT_ROOT / "configs" / f"{name}.yaml")
 
 
-def test_dockerfile_copies_existing_paths_and_runs_a_real_entry_point():
+def _dockerfile_runs(text: str) -> list[str]:
+    """The Dockerfile's RUN commands, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", text)
+    return [line[4:] for line in joined.splitlines() if line.startswith("RUN ")]
+
+
+def _pins(name: str) -> dict[str, str]:
+    lines = (PROJECT_ROOT / name).read_text().splitlines()
+    pairs = (line.split("#")[0].strip().split("==") for line in lines if "==" in line.split("#")[0])
+    return {pkg.strip().lower(): version.strip() for pkg, version in pairs}
+
+
+def test_dockerfile_copies_existing_paths_and_runs_a_real_entry_point(tmp_path, monkeypatch):
+    from sapretrain.config import load_config
+    from sapretrain.resources import config_dir, resolve_config
+    from sapretrain.train.config import TrainConfig
+
     text = (PROJECT_ROOT / "Dockerfile").read_text()
+    copied = []
     for line in text.splitlines():
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (PROJECT_ROOT / src).exists(), f"Dockerfile copies missing {src}"
+                copied.append(src)
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[:2] == ["accelerate", "launch"]
-    paths = [arg for arg in cmd if arg.endswith((".py", ".yaml"))]
-    assert "launch/pretrain.py" in paths and len(paths) == 3
-    for path in paths:
-        assert (PROJECT_ROOT / path).exists(), path
+    accelerate_config = cmd[cmd.index("--config_file") + 1]
+    assert (PROJECT_ROOT / accelerate_config).is_file() and any(accelerate_config.startswith(src) for src in copied)
+    module = cmd[cmd.index("-m") + 1]  # accelerate launch -m: the installed package's command, not a checkout path
+    assert module == "sapretrain.cli.train" and importlib.util.find_spec(module) is not None
+    assert f"-m {module} " in text.split("\nARG ")[0]  # the usage comment at the top shows the same command
+    config = cmd[cmd.index("--config") + 1]
+    monkeypatch.chdir(tmp_path)  # the image's WORKDIR holds no configs/: the path resolves inside the package
+    resolved = Path(resolve_config(config))
+    assert resolved.is_file() and resolved.is_relative_to(config_dir())
+    load_config(TrainConfig, config)
+
+
+def test_dockerfile_installs_the_pinned_torch_from_the_lock_and_the_package_not_editable():
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    pins, lock = _pins("requirements.txt"), _pins("constraints.txt")
+    assert pins["torch"] == lock["torch"] and pins["torchvision"] == lock["torchvision"]
+    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1) == pins["torch"]
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    if base.startswith("pytorch/pytorch:"):  # a torch base image must carry the pinned torch itself
+        assert base.split(":")[1].split("-")[0] == pins["torch"], base
+    else:  # a plain Python image: torch comes from the lock, on the Python the lock was made with
+        assert base.startswith(f"python:{sys.version_info.major}.{sys.version_info.minor}-"), base
+    installs = [run for run in _dockerfile_runs(text) if "pip install" in run]
+    assert any(re.search(r"-c \S*constraints\.txt", run) and re.search(r"-r \S*requirements\.txt", run)
+               for run in installs), installs
+    assert any("TORCH_VERSION" in run and "torch.__version__" in run for run in installs)  # the build checks it
+    package = [run for run in installs if "--no-deps" in run]
+    assert package and not any(re.search(r"(^|\s)(-e|--editable)(\s|$)", run) for run in installs)
+    assert all(not run.split("--no-deps", 1)[1].split()[0].startswith("-") for run in package)
+
+
+def test_console_scripts_tools_and_commands_are_one_list():
+    import configparser
+
+    from sapretrain.cli import ALIASES, COMMANDS
+
+    cfg = configparser.ConfigParser()
+    cfg.read(PROJECT_ROOT / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    expected = {"sapretrain": "sapretrain.cli:main", **{f"sapretrain-{n}": t for n, (t, _) in COMMANDS.items()},
+                **{f"sapretrain-{a}": COMMANDS[n][0] for a, n in ALIASES.items()}}
+    assert scripts == expected
+    shims = {p.stem: p.read_text() for p in (PROJECT_ROOT / "tools").glob("*.py")}
+    shims["train"] = (PROJECT_ROOT / "launch" / "pretrain.py").read_text()
+    for name, (target, _) in COMMANDS.items():
+        module = target.split(":")[0]
+        if module.startswith("sapretrain.cli."):
+            stem = module.rsplit(".", 1)[1]
+            assert f"from {module} import main" in shims.pop(stem), stem
+    assert shims == {}, f"tools without a command: {sorted(shims)}"
+
+
+def test_no_sys_path_edits_or_repository_paths_in_code():
+    offenders = []
+    for folder in ("sapretrain", "tools", "launch", "bench"):
+        for path in (PROJECT_ROOT / folder).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            offenders += [f"{path.relative_to(PROJECT_ROOT)}: {word}" for word in ("sys.path", "parents[2]") if word in text]
+    assert offenders == []
 
 
 def test_launcher_configs_are_valid_accelerate_configs():
