@@ -1,5 +1,7 @@
-"""Loading ultralytics YOLO detectors without running code from the weights file.
+"""The project's one detector wrapper, and loading ultralytics YOLO weights without running code.
 
+    detector = YoloDetector("yolov8n.pt")    # batched; YOLO-World ("world" in the name): set_classes
+    found = detector([image_a, image_b], classes=["man", "horse"])  # per image [Detection(name, box, score)]
     model = load_yolo("yolov8n.pt")          # ~/.cache/sapretrain/weights/yolov8n.pt, never ./yolov8n.pt
     model = load_yolo("./runs/best.pt")      # a path: used as given
     model = load_yolo("yolov8n.yaml")        # random init from ultralytics' packaged model config
@@ -29,14 +31,19 @@ downloaded into that folder (and then scanned like any other file). A bare ``.ya
 ultralytics' packaged model configs (``yolov8n.yaml`` → ``ultralytics/cfg/models/v8/yolov8.yaml``
 at scale n). Other formats (ONNX, TorchScript, engines) are not loaded.
 
-Users: ``curation/rois.py`` (``YoloDetector``), ``eval/vsr.py`` (``YoloBoxes``).
+**Detections** are ``Detection(name, box, score)``: the class name, the box ``(x0, y0, x1, y1)`` in
+pixels of the image given, the confidence. Subject and object boxes among them: ``sapretrain.boxes``.
+Users: ``curation/rois.py``, ``eval/vsr.py`` (``YoloBoxes`` is this class), ``eval/dota.py``,
+``eval/sugarcrepe.py``, ``eval/scene_detector.py``.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 DEFAULT_WEIGHTS = "yolov8n.pt"  # a bare name: looked up in weights_dir()
 WEIGHT_SUFFIXES = (".pt",)
@@ -207,3 +214,42 @@ def load_yolo(weights: str | os.PathLike = DEFAULT_WEIGHTS):
         return YOLO(str(path))
     except Exception as e:  # ultralytics' refusal or a damaged file: one line naming the file
         raise DetectorError(f"cannot load detector {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: class ``name``, ``box`` ``(x0, y0, x1, y1)`` in pixels, ``score``."""
+
+    name: str
+    box: tuple[float, float, float, float]
+    score: float = 1.0
+
+
+class YoloDetector:
+    """An ultralytics YOLO (v8/11, or YOLO-World when "world" is in the weights' name), batched.
+
+    ``detector(images, classes=None)`` -> per image a list of ``Detection``; ``classes`` sets an
+    open-vocabulary model's classes (kept until other classes are asked for), a closed one ignores it.
+    """
+
+    def __init__(self, weights: str | os.PathLike = DEFAULT_WEIGHTS, conf: float = 0.25, imgsz: int = 640,
+                 batch: int = 16, device: str | None = None):
+        self.model = load_yolo(weights)  # checked, restricted unpickling; bare names never from the cwd
+        self.open_vocab = "world" in Path(str(weights)).name.lower()
+        self.conf, self.imgsz, self.batch, self.device = conf, imgsz, batch, device
+        self._classes: list[str] | None = None
+
+    def __call__(self, images: Sequence[Any], classes: Sequence[str] | None = None) -> list[list[Detection]]:
+        if self.open_vocab and classes and list(classes) != self._classes:
+            self.model.set_classes(list(classes))
+            self._classes = list(classes)
+        if not images:
+            return []
+        results = self.model.predict(list(images), batch=self.batch, conf=self.conf, imgsz=self.imgsz,
+                                     device=self.device, verbose=False)
+        out = []
+        for result in results:
+            names, boxes = result.names, result.boxes
+            out.append([Detection(str(names[int(c)]), tuple(float(v) for v in xyxy), float(s))
+                        for xyxy, c, s in zip(boxes.xyxy.tolist(), boxes.cls.tolist(), boxes.conf.tolist())])
+        return out

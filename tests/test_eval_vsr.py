@@ -346,10 +346,10 @@ def test_detector_supplies_boxes_once_per_image(scene):
     root, _ = scene
     calls = []
 
-    def detector(image):
-        calls.append(image.size)
-        return [{"category": "cat", "bbox_xywh": [2, 3, 18, 27], "iscrowd": 0},
-                {"category": "dog", "bbox_xywh": [30, 10, 30, 30], "iscrowd": 0}]
+    def detector(images):  # the project's detector interface (sapretrain.detector.YoloDetector)
+        calls.append(images[0].size)
+        return [[{"name": "cat", "box": [2, 3, 20, 30], "score": 0.9},
+                 {"name": "dog", "box": [30, 10, 60, 40], "score": 0.8}]]
 
     encoder = FakeEncoder(SIMS)
     result = vsr.evaluate_vsr(encoder, rows_of(EVAL_ROWS[:3]), str(root), detector=detector,

@@ -35,7 +35,7 @@ Boxes (SA-CLIP's image embedding needs a subject and an object box; a plain CLIP
 by box source:
 
 - ``DetectorBoxes`` (headline when weights are given): a detector run on every frame; of its
-  detections of ``ROAD_CLASSES``, the subject is the largest vehicle (``VEHICLES``; the largest
+  detections of ``ROAD_CLASSES`` (``sapretrain.boxes.choose_boxes``, rule "largest"), the subject is the largest vehicle (``VEHICLES``; the largest
   detection if there is no vehicle) and the object the largest other detection (whole frame if
   there is none). Largest rather than most confident: the descriptions are about the road users
   closest to the camera, which are the largest.
@@ -64,6 +64,9 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from sapretrain.boxes import area as box_area
+from sapretrain.boxes import choose_boxes, clip_box, clip_detections
+from sapretrain.boxes import iou as box_iou
 from sapretrain.eval.encode import EvalSample
 
 DEFAULT_DESCRIPTIONS = "configs/eval/dota_descriptions.yaml"  # shipped with the package (sapretrain.resources)
@@ -230,22 +233,7 @@ def frame_path(frames_root: str | Path, clip_id: str, frame: int) -> Path:
 
 def _clip_box(box: Sequence[Any], width: float, height: float) -> list[float] | None:
     """``box`` clipped to the image, or None when it is malformed or under ``MIN_BOX`` px a side."""
-    try:
-        x0, y0, x1, y1 = (float(c) for c in box)
-    except (TypeError, ValueError):
-        return None
-    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
-    return [x0, y0, x1, y1] if x1 - x0 >= MIN_BOX and y1 - y0 >= MIN_BOX else None  # also rejects NaN
-
-
-def box_area(box: Sequence[float]) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    inter = box_area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
+    return clip_box(list(box) if isinstance(box, tuple) else box, width, height, MIN_BOX, decimals=None)
 
 
 def annotated_boxes(objects: Sequence[Mapping[str, Any]], width: int, height: int) -> list[list[float]]:
@@ -254,23 +242,16 @@ def annotated_boxes(objects: Sequence[Mapping[str, Any]], width: int, height: in
     return sorted(boxes, key=box_area, reverse=True)[:2]
 
 
-def pick_detections(detections: Sequence[Mapping[str, Any]], width: int, height: int) -> list[list[float]]:
-    """Subject and object among a frame's detections (``[{"name", "box"}]``), largest first.
+def pick_detections(detections: Sequence, width: int, height: int) -> list[list[float]]:
+    """Subject and object among a frame's detections (``Detection`` or ``{"name", "box"}``).
 
-    Only ``ROAD_CLASSES`` count. Subject: the largest vehicle, else the largest detection; object:
-    the largest other detection. Returns 0, 1 or 2 boxes.
+    The project's box choice, rule "largest" (``sapretrain.boxes``): only ``ROAD_CLASSES`` count;
+    subject: the largest vehicle, else the largest detection; object: the largest other. Returns
+    0, 1 or 2 boxes (clipped; under ``MIN_BOX`` px dropped).
     """
-    kept = []
-    for d in detections:
-        box = _clip_box(d["box"], width, height) if d.get("name") in ROAD_CLASSES else None
-        if box is not None:
-            kept.append((d["name"] in VEHICLES, box))
-    kept.sort(key=lambda nb: box_area(nb[1]), reverse=True)
-    if not kept:
-        return []
-    subject = next((i for i, (vehicle, _) in enumerate(kept) if vehicle), 0)
-    rest = [box for i, (_, box) in enumerate(kept) if i != subject]
-    return [kept[subject][1], *rest[:1]]
+    kept = clip_detections(detections, width, height, MIN_BOX, decimals=None)
+    choice = choose_boxes(kept, rule="largest", classes=ROAD_CLASSES, subject_classes=VEHICLES, width=width, height=height)
+    return [choice.boxes[p] for p in ("subj", "obj") if choice.how[p] == "detected"]
 
 
 def box_pair(found: Sequence[Sequence[float]], width: int, height: int) -> dict[str, list[float]]:
@@ -336,8 +317,7 @@ class AnnotationBoxes:
 class DetectorBoxes:
     """A detector run on every frame, subject and object by ``pick_detections``.
 
-    ``detector(images) -> [[{"name", "box": [x0, y0, x1, y1], "score"}]]`` per image
-    (``sapretrain.eval.detect.load_detector``). Picks are cached per (clip, frame), so several
+    ``detector(images) -> [[Detection]]`` per image (``sapretrain.detector.YoloDetector``). Picks are cached per (clip, frame), so several
     models (and the baselines) share one detection pass.
     """
 

@@ -1,8 +1,8 @@
 """A real detector for the synthetic scenes, so the demo's boxes are not the generator's.
 
     weights = train_scene_detector("data/detector")          # cached: a second call only checks it
-    finder = SceneBoxes(weights)                              # caption parts -> detected boxes
-    boxes, status = finder.boxes(image, caption, triplet)
+    finder = SceneBoxes(weights)                              # detections per image, batched
+    boxes, status = match_parts({"subj": "red cube", "obj": "large sphere"}, finder.detect([image])[0], w, h)
 
 **Detector.** An ultralytics YOLOv8n built from ``yolov8n.yaml`` (random init: no weights exist on
 these machines) and trained on the synthetic *train* split only (scenes ``0 .. train_scenes-1``,
@@ -14,7 +14,8 @@ stay on. Trained once (3 epochs at 160 px on 1,200 scenes: about 3 minutes on 2 
 ``OUT/scenes-yolov8n.pt`` with ``OUT/detector.json`` (settings and the validation mAP50 /
 mAP50-95 on 200 further train-split scenes); later calls with the same settings reuse it.
 
-**From caption parts to boxes** (``match_parts``). A part ("large red metal cube") names its shape
+**From caption parts to boxes** (``match_parts``: ``sapretrain.boxes.choose_boxes``, rule
+"attributes"). A part ("large red metal cube") names its shape
 by its noun (cube / block, sphere / ball) and maybe its colour. Detections (kept from a low
 confidence, 0.05) are merged into instances when their boxes overlap (one object is often
 detected under two labels), and the two parts take the two distinct instances whose labels agree
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sapretrain.boxes import choose_boxes, instances  # noqa: F401 (instances re-exported)
 from sapretrain.scenes.synthetic import COLORS, SHAPES, SIZES, plan_scene, scene_id
 
 CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
@@ -162,90 +164,33 @@ def part_attributes(text: str) -> dict[str, str | None]:
             "size": next((w for w in words if w in SIZES), None)}
 
 
-def instances(detections: list[dict], same_iou: float = 0.7) -> list[dict]:
-    """Detections merged into objects: one object is often detected under two labels ("red cube"
-    and "red sphere") with different scores; boxes overlapping by ``same_iou`` are one instance
-    that keeps every label with its score. Most confident first."""
-    from sapretrain.curation.rois import iou
-
-    merged: list[dict] = []
-    for d in sorted(detections, key=lambda d: -d["score"]):
-        box = [float(v) for v in d["box"]]
-        for inst in merged:
-            if iou(inst["box"], box) >= same_iou:
-                inst["labels"].append((d["name"], d["score"]))
-                break
-        else:
-            merged.append({"box": box, "score": d["score"], "labels": [(d["name"], d["score"])]})
-    return merged
-
-
-def agreement(attrs: dict[str, str | None], inst: dict) -> float:
-    """How well an instance's labels fit a part: per label, +1 for each named attribute it shares
-    (shape, colour), -1 for each it contradicts, times the label's score; the best label counts."""
-    best = -float("inf")
-    for name, score in inst["labels"]:
-        color, _, shape = name.partition(" ")
-        fit = sum(0 if want is None else (1 if want == have else -1)
-                  for want, have in ((attrs["shape"], shape), (attrs["color"], color)))
-        best = max(best, fit * score)
-    return best
-
-
-def _area(box: Sequence[float]) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def match_parts(texts: dict[str, str], detections: list[dict], width: int, height: int
+def match_parts(texts: dict[str, str], detections: list, width: int, height: int
                 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Subject and object boxes for the parts' ``texts`` ({"subj", "obj"}) among ``detections``
-    (``{"name", "box", "score"}``), and per part how: "detected", "by_size" (a size word broke a
-    tie) or "missing" (no instance left: the whole frame).
+    (``Detection`` or ``{"name", "box", "score"}``), and per part how: "detected", "by_size" (a
+    size word broke a tie) or "missing" (no instance left: the whole frame).
 
-    The two parts take two distinct instances, the pair with the largest summed ``agreement``; ties
-    go to the pair whose boxes fit the parts' size words ("large" / "small": the larger / smaller
-    of the two), then to the more confident pair. Only the parts' own words are read."""
-    attrs = {part: part_attributes(text) for part, text in texts.items()}
-    objs = instances(detections)
-    whole = [0.0, 0.0, float(width), float(height)]
-    if len(objs) < 2:
-        boxes, how = {}, {}
-        ranked = sorted(attrs, key=lambda p: -agreement(attrs[p], objs[0])) if objs else list(attrs)
-        for i, part in enumerate(ranked):
-            found = objs and i == 0
-            boxes[part], how[part] = (list(objs[0]["box"]), "detected") if found else (whole, "missing")
-        return boxes, how
-
-    def size_fit(i: int, j: int) -> int:
-        fit = 0
-        for part, mine, other in (("subj", i, j), ("obj", j, i)):
-            size = attrs[part]["size"]
-            if size is not None:
-                larger = _area(objs[mine]["box"]) > _area(objs[other]["box"])
-                fit += 1 if larger == (size == "large") else -1
-        return fit
-
-    pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
-    fit = {(i, j): round(agreement(attrs["subj"], objs[i]) + agreement(attrs["obj"], objs[j]), 6) for i, j in pairs}
-    i, j = max(pairs, key=lambda p: (fit[p], size_fit(*p), objs[p[0]]["score"] + objs[p[1]]["score"]))
-    # A size word decided it when other pairs agreed as well on the attributes alone.
-    tied = sum(f == fit[i, j] for f in fit.values()) > 1
-    by = "by_size" if tied and size_fit(i, j) != 0 else "detected"
-    return {"subj": list(objs[i]["box"]), "obj": list(objs[j]["box"])}, {"subj": by, "obj": by}
+    The project's box choice, rule "attributes" (``sapretrain.boxes``), with the scenes' words
+    (``part_attributes``): the pair of distinct instances with the largest summed agreement on
+    shape and colour; ties to the pair whose boxes fit the size words, then the more confident.
+    Only the parts' own words are read."""
+    choice = choose_boxes(detections, texts["subj"], texts["obj"], rule="attributes", attributes=part_attributes,
+                          width=width, height=height)
+    return choice.boxes, choice.how
 
 
 class SceneBoxes:
     """Detections per image (batched) and the subject/object boxes a caption's parts name."""
 
     def __init__(self, weights: str | Path, conf: float = 0.05, imgsz: int | None = None, batch: int = 32):
-        from sapretrain.curation.rois import YoloDetector
+        from sapretrain.detector import YoloDetector
 
         if imgsz is None:
             meta = Path(weights).with_name("detector.json")
             imgsz = json.loads(meta.read_text())["settings"]["imgsz"] if meta.exists() else DetectorSettings.imgsz
         self.detector = YoloDetector(str(weights), conf=conf, imgsz=imgsz, batch=batch, device="cpu")
 
-    def detect(self, images: Sequence[Any], progress: bool = True) -> list[list[dict]]:
+    def detect(self, images: Sequence[Any], progress: bool = True) -> list[list]:
         from tqdm import tqdm
 
         out = []

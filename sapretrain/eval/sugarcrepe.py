@@ -26,9 +26,9 @@ and, with the ROI branch, subject and object boxes:
   positive and the negative separately. Of a caption's triplets the first (in caption order) whose
   subject and object both find a box is used, else the first.
 - **boxes**: from ground truth (COCO instances by file name, ``vsr.load_coco_annotations``'
-  formats) or a YOLO detector (``curation.rois.YoloDetector``, weights by path), matched to the
-  triplet's nouns by the curation's ROI rule (``curation.rois.choose_boxes``: same noun, synonym,
-  hypernym; the largest instance). ``v`` is computed per caption, with that caption's boxes
+  formats) or a YOLO detector (``sapretrain.detector.YoloDetector``, weights by path), matched to
+  the triplet's nouns by the curation's ROI rule (``sapretrain.boxes.choose_boxes`` rule "nouns":
+  same noun, synonym, hypernym; the largest instance). ``v`` is computed per caption, with that caption's boxes
   (which caption is the positive is never used).
 - **fallback**: when either caption of a row has no triplet (``no_triplet``), none whose nouns both
   find a box (``no_box``), or a span beyond the context length (``span_beyond_context``), SA-CLIP
@@ -144,7 +144,7 @@ class Grounding:
 
     @classmethod
     def from_detector(cls, weights: str, device: str | None = None) -> "Grounding":
-        from sapretrain.curation.rois import YoloDetector
+        from sapretrain.detector import YoloDetector
 
         return cls("detector", detector=YoloDetector(weights, device=device))
 
@@ -157,15 +157,16 @@ class Grounding:
 
     def matcher(self):
         if self._matcher is None:
-            from sapretrain.curation.rois import NounMatcher
+            from sapretrain.boxes import NounMatcher
 
             cfg = self.config()
             self._matcher = NounMatcher(cfg.synonyms, cfg.hypernyms)
         return self._matcher
 
     def instances(self, filenames: Sequence[str], images: Sequence[Image.Image]) -> list[list[dict]]:
-        """Per image ``[{"name", "box": [x0, y0, x1, y1]}]``, clipped and crowd-free."""
-        from sapretrain.curation.rois import clip_box, gt_instances
+        """Per image ``[{"name", "box": [x0, y0, x1, y1]}]`` (or ``Detection``), clipped and crowd-free."""
+        from sapretrain.boxes import clip_detections
+        from sapretrain.curation.rois import gt_instances
 
         cfg = self.config()
         if self.source == "gt":
@@ -179,9 +180,7 @@ class Grounding:
                 out.append(gt_instances(objects, image.width, image.height, cfg.min_box_size))
             return out
         found = self.detector(list(images)) if images else []
-        return [[{"name": d["name"], "box": box} for d in dets
-                 if (box := clip_box(d["box"], image.width, image.height, cfg.min_box_size)) is not None]
-                for dets, image in zip(found, images)]
+        return [clip_detections(dets, image.width, image.height, cfg.min_box_size) for dets, image in zip(found, images)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,15 +214,16 @@ def _ground(triplets: list[dict], instances: list[dict] | None, grounding: Groun
     out = {"triplet": triplets[0] if triplets else None, "boxes": None, "nouns_found": None}
     if grounding is None or instances is None:
         return out
-    from sapretrain.curation.rois import choose_boxes
+    from sapretrain.boxes import as_detection
+    from sapretrain.curation.rois import choose
 
     cfg, matcher = grounding.config(), grounding.matcher()
-    names = [matcher.noun(i["name"]) for i in instances]
+    names = [matcher.noun(as_detection(i).name) for i in instances]
     nouns = {n for t in triplets for n in _nouns(t, matcher).values() if n}
     found = sum(any(matcher.level(n, name) is not None for name in names) for n in nouns)
     out["nouns_found"] = found / len(nouns) if nouns else 0.0
     for t in triplets:
-        choice = choose_boxes(matcher, _nouns(t, matcher), instances, cfg)
+        choice = choose(matcher, _nouns(t, matcher), instances, cfg)
         if choice.boxes is not None:
             return {**out, "triplet": t, "boxes": choice.boxes}
     return out

@@ -16,7 +16,7 @@ object (COCO category names; absent in VSR's ``random`` split) and a 0/1 label. 
 - **boxes**, from one source per evaluation: a detector (``YoloBoxes``, mode ``detector``, the
   headline) or the COCO instance annotations (``boxes_from_coco``, mode ``gold``, a labelled
   secondary number); either way the largest instance of each category (if both are the same
-  category, the larger of the two largest is the subject). No instance: skipped ``no_box``.
+  category, the larger of the two largest is the subject): ``sapretrain.boxes.choose_boxes``. No instance: skipped ``no_box``.
 - **spans**: the caption's subject/relation/object character spans, from the training extractor
   (``caption_triplet``), else by string search (VSR captions are templated). None: ``no_svo``.
   If the extractor reads the caption with subject and object exchanged (passives: "X is enclosed
@@ -58,6 +58,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from sapretrain import relations, storage
+from sapretrain.boxes import as_detection, choose_boxes
+from sapretrain.detector import YoloDetector
 from sapretrain.eval.encode import EvalSample
 
 REQUIRED_FIELDS = ("image", "caption", "label", "relation")
@@ -198,45 +200,27 @@ def boxes_from_coco(annotations: dict[str, list[dict]], file_name: str, subj: st
     return select_boxes(annotations.get(file_name, []), subj, obj)
 
 
-def select_boxes(objects: Iterable[dict], subj: str, obj: str) -> dict[str, list[float]] | None:
-    """The ``boxes_from_coco`` rule over one image's instances."""
-    by_category: dict[str, list[list[float]]] = defaultdict(list)
+def select_boxes(objects: Iterable, subj: str, obj: str) -> dict[str, list[float]] | None:
+    """The ``boxes_from_coco`` rule over one image's instances: COCO ``{"category", "bbox_xywh",
+    "iscrowd"}`` or detections (``Detection``, ``{"name", "box"}``). The project's box choice
+    (``sapretrain.boxes.choose_boxes``, rule "nouns") with exact category names and no overlap
+    rule (two instances of one category may overlap)."""
+    found = []
     for o in objects:
-        if not o.get("iscrowd"):
+        if isinstance(o, dict) and "bbox_xywh" in o:
+            if o.get("iscrowd"):
+                continue
             x, y, w, h = (float(v) for v in o["bbox_xywh"])
-            if w > 0 and h > 0:
-                by_category[o["category"].lower()].append([x, y, x + w, y + h])
-    for boxes in by_category.values():
-        boxes.sort(key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
-    subj_boxes, obj_boxes = by_category.get(subj.lower(), []), by_category.get(obj.lower(), [])
-    if subj.lower() == obj.lower():
-        return {"subj": subj_boxes[0], "obj": subj_boxes[1]} if len(subj_boxes) >= 2 else None
-    if not subj_boxes or not obj_boxes:
-        return None
-    return {"subj": subj_boxes[0], "obj": obj_boxes[0]}
+            o = {"name": o["category"], "box": [x, y, x + w, y + h]}
+        d = as_detection(o)
+        if d.box[2] > d.box[0] and d.box[3] > d.box[1]:
+            found.append(d)
+    return choose_boxes(found, subj.lower(), obj.lower(), matcher=None, same_instance_iou=None).boxes
 
 
-class YoloBoxes:
-    """Instances found by an ultralytics YOLO detector, for images without COCO annotations.
-
-    A COCO-trained YOLO's class names are COCO's category names, which VSR's subj/obj use.
-    ``YoloBoxes("yolov8n.pt")(image)`` -> ``[{"category", "bbox_xywh", "iscrowd": 0}]``.
-    """
-
-    def __init__(self, weights: str = "yolov8n.pt", conf: float = 0.25, device: str | None = None):
-        from sapretrain.detector import load_yolo
-
-        self.model = load_yolo(weights)  # checked, restricted unpickling; bare names never from the cwd
-        self.conf = conf
-        self.device = device
-
-    def __call__(self, image: Image.Image) -> list[dict]:
-        result = self.model.predict(image, conf=self.conf, device=self.device, verbose=False)[0]
-        names = result.names
-        found = []
-        for (x0, y0, x1, y1), cls in zip(result.boxes.xyxy.tolist(), result.boxes.cls.tolist()):
-            found.append({"category": names[int(cls)], "bbox_xywh": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
-        return found
+# The project's one detector wrapper: ``YoloBoxes("yolov8n.pt")([image])`` -> ``[[Detection]]``.
+# A COCO-trained YOLO's class names are COCO's category names, which VSR's subj/obj use.
+YoloBoxes = YoloDetector
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +425,7 @@ def _locate(row: dict, images_root: str, annotations, detector, detected: dict, 
         boxes = boxes_from_coco(annotations, row["image"], subj, obj)
     else:
         if row["image"] not in detected:
-            detected[row["image"]] = detector(image)
+            detected[row["image"]] = detector([image])[0]
         boxes = select_boxes(detected[row["image"]], subj, obj)
     if boxes is None or not all(_inside(b, image) for b in boxes.values()):
         return "no_box"
@@ -567,13 +551,14 @@ def _summarise(rows: Sequence[dict], scored: Sequence[dict], skipped: Sequence[t
 
 
 def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: dict | None = None,
-                 detector: Callable[[Image.Image], list[dict]] | None = None, rule: str = "contrast",
+                 detector: Callable[[list], list[list]] | None = None, rule: str = "contrast",
                  dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (), progress: bool = True,
                  nlp: Any = "default", detections: dict | None = None) -> dict[str, Any]:
     """Accuracy of ``encoder`` (``encode.Encoder`` or anything with ``texts``/``images``) on VSR rows.
 
     Boxes from exactly one source: ``annotations`` (``load_coco_annotations``' index: ``gold``)
-    or ``detector`` (``YoloBoxes``: ``detector``). ``dev_rows`` (same images root and boxes) tune
+    or ``detector`` (``YoloBoxes``, i.e. ``sapretrain.detector.YoloDetector``, or any
+    ``detector(images) -> [[Detection]]``: ``detector``). ``dev_rows`` (same images root and boxes) tune
     the threshold: required by ``rule="threshold"``, used by ``"contrast"`` for its symmetric
     relations. ``bad_lines``: ``read_vsr``'s unusable lines, counted as rows of the file. ``nlp``:
     a spaCy pipeline for the spans and for rows without subj/obj ("default": ``load_nlp()`` if a
@@ -706,7 +691,7 @@ def majority_labels(dev_rows: Sequence[dict] | None) -> tuple[dict[str, int], in
 
 
 def evaluate_geometry(rows: Sequence[dict], images_root: str, annotations: dict | None = None,
-                      detector: Callable[[Image.Image], list[dict]] | None = None,
+                      detector: Callable[[list], list[list]] | None = None,
                       dev_rows: Sequence[dict] | None = None, bad_lines: Sequence[dict] = (),
                       nlp: Any = "default", detections: dict | None = None) -> dict[str, Any]:
     """The no-model baseline: ``GEOMETRY_RULES`` on the subject/object boxes of each row, the dev
