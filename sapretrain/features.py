@@ -36,13 +36,12 @@ import numpy as np
 import open_clip
 import torch
 
-from sapretrain import jsonl, storage
+from sapretrain import jsonl, storage, tars
 from sapretrain.data.loader import decode_image, list_shards, open_shard
 from sapretrain.shards.manifest import SkipLog
 from sapretrain.data.batch import build_preprocess
 from sapretrain.model.saclip import SAClip, SAClipConfig, build_saclip
 from sapretrain.shards import schema
-from sapretrain.shards.check import iter_records
 from sapretrain.shards.writer import add_file, HashingWriter
 
 FORMAT = "sapretrain-features"
@@ -246,17 +245,18 @@ def _read_source(url: str, skips: SkipLog):
         return
     try:
         with stream:
-            for key, members in iter_records(stream):
-                missing = [ext for ext in schema.EXTENSIONS if ext not in members]
+            for record in tars.records(stream, url):
+                key = record["__key__"]
+                missing = [ext for ext in schema.EXTENSIONS if ext not in record]
                 if missing:
                     skips.add("incomplete_record", f"{url}/{key}: lacks {missing}")
                     continue
                 try:
-                    schema.validate_record(key, jsonl.parse_record(members["json"]))  # never raises past ValueError
+                    schema.validate_record(key, jsonl.parse_record(record["json"]))  # never raises past ValueError
                 except (ValueError, schema.SchemaError) as e:
                     skips.add("bad_json", f"{url}/{key}: {e}")
                     continue
-                yield key, members
+                yield key, record
     except (tarfile.TarError, EOFError, OSError) as e:
         skips.add("truncated_shard", f"{url}: {type(e).__name__}: {e}")
 

@@ -17,11 +17,8 @@ import errno
 import logging
 import os
 import random
-import tarfile
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -29,9 +26,6 @@ import fsspec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
 
 def url_to_fs(url: str):
     """``(filesystem, path)`` for a local path or fsspec URL."""
@@ -278,10 +272,13 @@ def open_retrying(url: str, seconds: float = RETRY_SECONDS) -> RetryingReader:
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole file; ``<tar>#<member>`` (web-tar images, see ``split_tar_ref``) reads one member."""
-    tar_ref = split_tar_ref(url)
-    if tar_ref is not None:
-        return read_tar_member(*tar_ref)
+    """The whole file; ``<tar>#<member>`` (web-tar images, see ``tars.split_ref``) reads one member."""
+    if "#" in url:
+        from sapretrain import tars  # tars reads through this module, so it is imported here, not above
+
+        tar_ref = tars.split_ref(url)
+        if tar_ref is not None:
+            return tars.read_member(*tar_ref)
     if not is_url(url):  # plain files skip fsspec's per-call set-up (hot path: one call per image)
         with open(url, "rb") as f:
             return f.read()
@@ -291,75 +288,6 @@ def read_bytes(url: str) -> bytes:
             return f.read()
 
     return retry_transient(read, url)
-
-
-# --------------------------------------------------------------------------------------------
-# Members of tar files (img2dataset shards: ``s3://bucket/cc3m/00012.tar#000120034.jpg``)
-
-
-def split_tar_ref(ref: str) -> tuple[str, str] | None:
-    """``(tar url, member)`` for a tar-member reference ``<tar>#<member>``, else None."""
-    tar, sep, member = str(ref).rpartition("#")
-    if sep and member and tar.lower().endswith(TAR_SUFFIXES):
-        return tar, member
-    return None
-
-
-_TAR_INDEXES: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-_TAR_INDEXES_MAX = 64  # tars whose member offsets a process keeps (~100 bytes a member)
-_TAR_LOCK = threading.Lock()
-
-
-def tar_index(tar_url: str) -> dict[str, tuple[int, int]]:
-    """``member -> (data offset, size)`` of an uncompressed tar, read once per process.
-
-    One streaming pass over the headers (the whole file for a remote tar); a truncated tar
-    gives the members before the damage. Cached for the ``_TAR_INDEXES_MAX`` latest tars, so
-    a curated manifest (consecutive samples from the same web shard) reads each tar once.
-    """
-    with _TAR_LOCK:
-        if tar_url in _TAR_INDEXES:
-            _TAR_INDEXES.move_to_end(tar_url)
-            return _TAR_INDEXES[tar_url]
-    index = {}
-    with open_retrying(tar_url) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    if info.isfile():
-                        index[info.name] = (info.offset_data, info.size)
-        except (tarfile.ReadError, EOFError):
-            pass  # truncated: keep what was indexed
-    with _TAR_LOCK:
-        _TAR_INDEXES[tar_url] = index
-        while len(_TAR_INDEXES) > _TAR_INDEXES_MAX:
-            _TAR_INDEXES.popitem(last=False)
-    return index
-
-
-def read_tar_member(tar_url: str, member: str) -> bytes:
-    """One member of a tar: a ranged read via the cached index (uncompressed tars), or a
-    streaming scan (compressed tars: no random access). FileNotFoundError when absent."""
-    if not tar_url.lower().endswith(".tar"):
-        with fsspec.open(tar_url, "rb", compression="infer") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if info.name == member and info.isfile():
-                    return tar.extractfile(info).read()
-        raise FileNotFoundError(f"{member} not in {tar_url}")
-    entry = tar_index(tar_url).get(member)
-    if entry is None:
-        raise FileNotFoundError(f"{member} not in {tar_url} (or the tar is truncated before it)")
-    offset, size = entry
-    if not is_url(tar_url):
-        with open(tar_url, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-    else:
-        fs, path = url_to_fs(tar_url)
-        data = retry_transient(lambda: fs.cat_file(path, start=offset, end=offset + size), f"{tar_url}#{member}")
-    if len(data) != size:
-        raise OSError(f"{tar_url}#{member}: {len(data)} of {size} bytes (truncated tar)")
-    return data
 
 
 def exists(url: str) -> bool:

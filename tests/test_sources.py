@@ -17,7 +17,7 @@ from conftest import PROJECT_ROOT
 from sapretrain.curation.sources import READERS, Split, collect, reader_options
 from sapretrain.shards.manifest import SkipLog
 from sapretrain import storage
-from sapretrain.storage import split_tar_ref
+from sapretrain.tars import split_ref as split_tar_ref
 
 SCRIPT = PROJECT_ROOT / "tools" / "collect_captions.py"
 

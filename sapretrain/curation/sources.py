@@ -16,7 +16,7 @@ A caption record (one JSON object per line of the output)::
   (or the sanitised ``id`` column/field) for CSV/TSV/JSONL.
 - ``image`` is a local path (made absolute), an fsspec URL, or for an image inside a tar a
   **tar-member reference** ``<tar path or URL>#<member name>``, e.g.
-  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``storage.split_tar_ref``).
+  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``tars.split_ref``).
 - ``caption`` is the source text with runs of whitespace collapsed to one space.
 - ``width``/``height`` (pixels of the referenced image) are present only when the source states
   them; ``objects`` only when the source has ground-truth boxes (COCO instances, VG objects); an
@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-from sapretrain import jsonl, storage
+from sapretrain import jsonl, storage, tars
 from sapretrain.shards.manifest import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -411,66 +411,41 @@ def read_wds(
             yield from read_tar(absolute(url), skips, source_name)
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key runs to the first dot of the file name; the rest is the extension."""
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Remembers why the archive ended: tarfile treats a cut-off header like the end marker."""
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as e:
-            tar.end_reason = e
-            raise
-
-
 def read_tar(url: str, skips: SkipLog, source_name: str) -> Iterator[Record]:
-    key, group, records, members = None, {}, 0, 0
+    """The caption records of one tar (``tars.records``: webdataset's key rule)."""
+    kept, seen, key = 0, 0, None
+
+    def value(member: tars.Member) -> bytes | str | None:
+        nonlocal seen, key
+        seen, key = seen + 1, member.key
+        if member.ext in ("txt", "json"):
+            return member.read()
+        if member.ext in IMAGE_EXTS:
+            member.read()  # reading the data (not skipping it) is what detects an image cut short
+            return member.name
+        return None
+
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
-            for member in tar:
-                members += 1
-                if not member.isfile():
-                    continue
-                k, ext = split_member(member.name)
-                if k != key:
-                    if key is not None:
-                        record = _tar_record(url, key, group, skips, source_name)
-                        if record is not None:
-                            records += 1
-                            yield record
-                    key, group = k, {}
-                if ext in ("txt", "json"):
-                    group[ext] = tar.extractfile(member).read()
-                elif ext in IMAGE_EXTS:
-                    # Reading the data (not skipping it) is what detects an image cut short.
-                    tar.extractfile(member).read()
-                    group.setdefault("image", member.name)
-            end = getattr(tar, "end_reason", None)
-            if members and not isinstance(end, tarfile.EOFHeaderError):
-                # No end-of-archive zero block: the file stops early, the last key may be incomplete.
-                raise tarfile.ReadError(f"no end-of-archive marker ({type(end).__name__})")
-        if key is not None:
-            record = _tar_record(url, key, group, skips, source_name)
-            if record is not None:
-                yield record
+        with fsspec.open(url, "rb") as f:
+            for group in tars.records(f, url, read=value):
+                record = _tar_record(url, group, skips, source_name)
+                if record is not None:
+                    kept += 1
+                    yield record
     except FileNotFoundError as e:
         skips.add("missing_input", f"{url}: {e}")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if members == 0:
+        if (e.members if isinstance(e, tars.BadTar) else seen) == 0:
             skips.add("unreadable_tar", f"{url}: {e}")
         else:
-            skips.add("truncated_tar", f"{url}: {e} ({records} records kept, key {key!r} dropped)")
+            skips.add("truncated_tar", f"{url}: {e} ({kept} records kept, key {key!r} dropped)")
 
 
-def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: str) -> Record | None:
+def _tar_record(url: str, group: dict, skips: SkipLog, source_name: str) -> Record | None:
+    """One caption record from a tar record (``txt``/``json`` bytes, image extensions -> member name)."""
+    key = group["__key__"]
     where = f"{url}#{key}"
+    image = next((group[ext] for ext in group if ext in IMAGE_EXTS), None)
     meta: dict = {}
     if "json" in group:
         try:
@@ -478,7 +453,7 @@ def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: st
         except jsonl.BadLine as e:
             skips.add("sidecar_bad_json", f"{where}.json: {e}")
             meta = {}
-    if "image" not in group:
+    if image is None:
         skips.add("missing_image", f"{where}: no image member")
         return None
     if "txt" in group:
@@ -495,7 +470,7 @@ def _tar_record(url: str, key: str, group: dict, skips: SkipLog, source_name: st
     url_meta = meta.get("url")
     return make_record(
         f"{safe_id(source_name)}-{safe_id(key)}",
-        f"{url}#{group['image']}",
+        f"{url}#{image}",
         caption,
         source_name,
         positive_int(meta.get("width")),

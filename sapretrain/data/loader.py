@@ -7,108 +7,30 @@
     loader.load_state_dict(ckpt["data"])        # before iterating: continue exactly there
     loader.stats()                  # skipped records / shards by reason, so far
 
-**Sizes.** Every rank yields ``len(loader) = floor(total_records / batch_pairs)`` batches per
-epoch, each of ``batch_pairs / world_size`` records (pairs), so no rank ever waits on another in a
-collective. Exact record counts come from ``sizes.json`` (written by ``make_shards``); it is
-required in both modes (counting by reading every shard would mean a full pass over object storage
-at start-up).
+The contract (the specification is docs/loader.md):
 
-**Epoch mode** (``resampled=False``). The epoch's shard order (shuffled with ``(seed, epoch)``
-when ``shuffle_shards``) is read as one stream of records, and that stream is cut into R×W
-contiguous *slices*, one per (rank, worker) reader, each exactly as long as that reader's share of
-the rank's batches: the DataLoader takes batch ``b`` from worker ``b % W``, so worker ``w`` makes
-``ceil((B - w) / W)`` batches. A slice is a list of ``(shard, first record, stop record)``: a shard
-may be split between two readers (one reads its head, the other skips it without reading the image
-bytes). So the readers of all ranks together read every record at most once, every reader has
-exactly its share, and the ``total - B * batch_pairs`` records left over are the tail of the
-shuffled order (different records each epoch when shards are shuffled, always the same tail when
-not). There must be at least R×W shards (checked at build time, with what to change), so each
-reader's share is about a shard or more, not a fragment of one that several readers re-open.
-Within a reader, a shuffle buffer of ``shuffle_buffer`` records (seeded per seed, epoch, rank,
-worker) mixes records across its shards.
-
-**Resampled mode** (``resampled=True``). Each reader draws shards with replacement (weighted by
-record count), seeded per (seed, epoch, rank, worker); the stream never ends. ``epoch`` still
-exists: it is a chunk of ``len(loader)`` batches after which the readers are reseeded, so a
-resume re-reads at most one chunk's worth of records to find its place.
-
-**Stages.** Each DataLoader worker runs one flat ``wds.DataPipeline``::
-
-    source (plan_epoch's slices of this rank and reader | seeded shard draws)
-    → read_records (tar → records, by key) → check_records (members, json side-car)
-    → shuffle_records (raw bytes) → skip_records (resume) → decode_records (PIL)
-    → islice (the reader's quota) → collate_batches (collate_records, batch_pairs / world_size)
-
-The shuffle buffer holds raw (undecoded) records: less memory than decoded images, and it lets a
-resume skip records *before* decoding them (cheap), since the skip lands on exactly the records
-the interrupted run consumed. ``wds``' own ``.with_epoch`` is not used: it restarts the whole
-pipeline (and with it the resume skip) when a worker runs short; the quota stage below does the
-same job on records.
-
-**Bad data** never crashes or hangs a run: a shard that is missing or forbidden, a truncated tar, a
-shard shorter than ``sizes.json`` says, a record with missing members, a side-car that does not
-parse (``bad_json``) or fails the shard schema (``bad_sidecar``: ``schema.validate_record``, token
-ids within the vocabulary included), an image that does not decode are skipped, counted by
-reason, and logged once per shard (``logging``,
-logger ``sapretrain.data.loader``, from the worker process). A reader that lost records this way
-tops its quota up from a second pass over its own slices (those records are then seen twice this
-epoch, counted as ``reread_records``), so ranks still get equal batch counts. A reader that cannot
-make progress at all (a whole pass without one usable record; resampled mode: ``MAX_EMPTY_DRAWS``
-shard draws in a row without a valid record, or ``BAD_STREAK_SHARDS`` shards' worth of
-undecodable records in a row) raises with the reason, which ends the run (torchrun then stops the
-other ranks) instead of hanging it. Data written for another reader (schema version, longer
-context length) is an error at once, not a skip, when a shard's first record read shows it; the
-same mismatch after a valid record of that shard is one damaged side-car (``bad_sidecar``).
-
-**Stats.** Every batch leaves its worker together with that worker's cumulative counters, so
-``loader.stats()`` in the main process is exact for the batches delivered so far (no shared
-memory); problems are re-counted when a restarted iteration re-reads the same shards.
-
-**Exact resume.** ``state_dict()`` is the position after the batches already yielded (the state
-advances *before* a batch is handed out, so a checkpoint written after a training step resumes
-with the next batch). ``build_loader(..., epoch=e, start_batch=k)`` or ``load_state_dict`` gives
-exactly the batches an uninterrupted run would give next: reader ``w`` skips the raw records its
-first ``k`` batches consumed, and DataLoader worker ``d`` plays reader ``(d + k) % W`` so that
-the next batch comes from the right reader. ``epoch`` and ``batch`` are the same on every rank.
-``raw`` (records each reader consumed, per rank) only matters when records failed to *decode* in
-the part skipped; without it the resumed order is exact on intact data and shifts by the number of
-such records otherwise. The state is exact for the same shards, world size, workers,
-``batch_pairs``, seed and buffer (``layout``); loading another layout's state warns.
-
-**Feature shards** (``data.features``, docs/features.md). Feature shards written by
-``tools/cache_features.py`` are the same records with the six images replaced by one
-``feat.npy`` member (the frozen tower's outputs); with ``features`` set, that directory is streamed
-instead of ``shards`` through the same planning, resume and bad-data handling, ``feat.npy`` is
-decoded instead of the JPEGs (an invalid array is skipped and counted as ``bad_features``), and
-batches come from ``collate_features`` (``image_features``/``roi_features`` instead of
-``image``/``rois``; ``preprocess`` is not used).
-
-Determinism covers the order of records; a random augmentation inside ``preprocess`` would not be
-reproduced (the project's ``build_preprocess`` has none).
-
-**Storage.** Local paths, or any fsspec URL (``s3://`` through s3fs, credentials and endpoint
-from the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``).
-Importing this module also registers an fsspec opener in ``webdataset.gopen`` for the schemes it
-lacks (``s3://`` …), so plain ``wds.WebDataset("s3://...")`` works too.
-
-**Outages are not bad data.** A shard that cannot be *reached* (connection refused or reset,
-timeout, HTTP 5xx: ``storage.is_transient``) is opened and read through
-``storage.open_retrying``: a failed read re-opens the shard at the byte it reached, with
-exponential backoff, for ``storage_retry_seconds`` per outage. If the storage stays away,
-``storage.StorageUnavailable`` ends the iteration (the trainer then stops, exit 1) instead of
-the shard being skipped and the quota topped up from re-reads, which would silently change the
-data stream; ``--resume auto`` afterwards gives exactly the batches of a run without the outage.
+- every rank yields ``len(loader) = floor(total_records / batch_pairs)`` batches per epoch, each of
+  ``batch_pairs / world_size`` pairs; record counts come from ``sizes.json``, which is required;
+- epoch mode reads every record at most once per epoch (R×W contiguous slices of the shuffled
+  shard order, at least one shard per reader); resampled mode draws shards with replacement;
+- a checkpointed ``state_dict`` resumes with exactly the batches an uninterrupted run gives next;
+- bad data (missing shard, damaged tar, short shard, bad member, side-car or image) is skipped,
+  counted by reason, logged once per shard and topped up from re-reads; no progress at all raises;
+- storage outages are waited out (``data.storage_retry_seconds``), then end the run with
+  ``storage.StorageUnavailable``: never skipped;
+- ``data.features`` streams feature shards (docs/features.md) through the same stages;
+- tars are read by ``sapretrain.tars`` (webdataset's key rule); importing this module patches
+  nothing (``register_fsspec_gopen`` is opt-in, for plain ``wds.WebDataset`` on ``s3://``).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import itertools
 import logging
 import math
 import random
-import re
-import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,11 +40,10 @@ import braceexpand
 import fsspec
 import torch
 import webdataset as wds
-import webdataset.gopen  # noqa: F401  (the module; the package re-exports a function of the same name)
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sapretrain import jsonl, storage
+from sapretrain import jsonl, storage, tars
 from sapretrain.config import require
 from sapretrain.data.batch import collate_features, collate_records, decode_features
 from sapretrain.shards import schema
@@ -260,12 +181,13 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 
 def register_fsspec_gopen(schemes: Iterable[str] = FSSPEC_GOPEN_SCHEMES) -> None:
-    """Let ``wds.WebDataset`` open these URL schemes through fsspec (existing handlers are kept)."""
+    """Let plain ``wds.WebDataset`` open these URL schemes through fsspec; existing handlers are
+    kept, so calling it again changes nothing. Opt-in: importing this module patches nothing, and
+    ``build_loader`` does not need it (it opens shards itself, through ``open_shard``)."""
+    table = importlib.import_module("webdataset.gopen").gopen_schemes  # the package re-exports a function of that name
     for scheme in schemes:
-        sys.modules["webdataset.gopen"].gopen_schemes.setdefault(scheme, gopen_fsspec)
+        table.setdefault(scheme, gopen_fsspec)
 
-
-register_fsspec_gopen()
 
 
 # ---------------------------------------------------------------- planning
@@ -378,9 +300,6 @@ def resampled_source(shards: list[Shard], rng: random.Random, counters: Counters
                                f"gave no valid record; bad shards so far: {counters.bad_shards}")
 
 
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
-
-
 def read_records(src: Iterable, counters: Counters, opener: Callable = open_shard) -> Iterator[dict | PassEnd]:
     """Slices → raw records ``{"__key__", "__url__", ext: bytes}`` (tar members grouped by key).
 
@@ -405,29 +324,14 @@ def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dic
     except Exception as e:  # missing object, no permission
         counters.problem(sl.url, "unreadable_shard", f"{type(e).__name__}: {e}", expected)
         return
-    index, current = -1, None
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                tar.members = []  # stream mode: do not keep every header in memory
-                match = _KEY_RE.match(member.name)
-                if not member.isreg() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if current is None or key != current["__key__"]:
-                    if current is not None and index >= sl.start:
-                        got += 1
-                        yield current
-                    index += 1
-                    current = None
-                    if index >= sl.stop:
-                        return
-                    current = {"__key__": key, "__url__": sl.url}
-                if index >= sl.start:  # records before the slice are stepped over unread
-                    current[ext] = tar.extractfile(member).read()
-        if current is not None and index >= sl.start:
-            got += 1
-            yield current
+        with stream:
+            # Records before the slice are stepped over unread; the one after it is never read.
+            for record in tars.records(stream, sl.url, skip=sl.start):
+                got += 1
+                yield record
+                if got == expected:
+                    return
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # The record being read when the tar broke is dropped: it may lack members.
         counters.problem(sl.url, "truncated_shard", f"{type(e).__name__}: {e}, after {got} of the "
@@ -630,7 +534,7 @@ class _RankStream(IterableDataset):
 
 
 class Loader:
-    """One rank's batches, epoch by epoch; see the module docs. Build with :func:`build_loader`."""
+    """One rank's batches, epoch by epoch; see docs/loader.md. Build with :func:`build_loader`."""
 
     def __init__(self, cfg: LoaderConfig, preprocess: Callable, rank: int, world_size: int,
                  shards: list[Shard], context_length: int = 77, vocab_size: int | None = None):

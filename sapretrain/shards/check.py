@@ -6,11 +6,11 @@ import io
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import Image
 
-from sapretrain import jsonl, storage
+from sapretrain import jsonl, storage, tars
 from sapretrain.shards import schema
 
 MAX_PROBLEMS_SHOWN = 20
@@ -116,9 +116,15 @@ def check_shard_bytes(name: str, data: bytes, report: CheckReport, vocab_size: i
     count = 0
     if len(data) % tarfile.BLOCKSIZE:
         report.problems.append(f"{name}: {len(data)} bytes is not a whole number of tar blocks: truncated")
+
+    def stray(member: str) -> None:
+        report.problems.append(f"{name}: member {member!r} belongs to no record (not KEY.ext)")
+
     try:
-        for key, members in iter_records(io.BytesIO(data)):
-            problem = check_record(key, members, report, vocab_size)
+        for record in tars.records(io.BytesIO(data), name, stray=stray):
+            key = record.pop("__key__")
+            del record["__url__"]
+            problem = check_record(key, record, report, vocab_size)
             if problem:
                 report.problems.append(f"{name}/{key}: {problem}")
             else:
@@ -127,27 +133,6 @@ def check_shard_bytes(name: str, data: bytes, report: CheckReport, vocab_size: i
         report.problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e}) after {count} records")
     report.records += count
     return count
-
-
-def iter_records(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key, WebDataset style (key = name up to the first dot)."""
-    key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            data = tar.extractfile(info).read()
-            if len(data) != info.size:
-                raise tarfile.ReadError(f"member {info.name} truncated: {len(data)} of {info.size} bytes")
-            members[ext] = data
-    if key is not None:
-        yield key, members
 
 
 def check_record(key: str, members: dict[str, bytes], report: CheckReport, vocab_size: int | None = None) -> str | None:

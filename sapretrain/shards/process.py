@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sapretrain import storage
+from sapretrain import storage, tars
 from sapretrain.shards.schema import PARTS, BadSample
 from sapretrain.shards.tokens import SpanTokenizer
 
@@ -159,14 +159,14 @@ def read_image_bytes(ref: str, max_bytes: int) -> bytes:
     bounded by ``max_bytes`` whatever a size field claimed.
     """
     try:
-        tar_ref = storage.split_tar_ref(ref)
+        tar_ref = tars.split_ref(ref)
         if tar_ref is not None:
             tar, member = tar_ref
             if tar.lower().endswith(".tar"):  # indexed: the member's size is known before reading
-                entry = storage.tar_index(tar).get(member)
+                entry = tars.index(tar).get(member)
                 if entry is not None and entry[1] > max_bytes:
                     raise BadSample("image_too_large", f"{ref}: {entry[1]} bytes > {max_bytes}")
-            data = storage.read_tar_member(tar, member)
+            data = tars.read_member(tar, member)
         elif not storage.is_url(ref) or ref.startswith("file://"):
             data = _read_local(ref.removeprefix("file://"), max_bytes)
         else:
