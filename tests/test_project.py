@@ -152,3 +152,32 @@ def test_default_dataset_builds_and_checks(tmp_path):
     assert check.ok, check.problems
     assert check.samples_by_source["clevr-synthetic"] == 16
     assert check.samples_by_source["coco"] == 2 * (summary["records"] - 8)
+
+
+def test_command_lines_in_readme_and_docs_use_options_the_commands_have(capsys):
+    """Every ``--option`` written after a command (tools/X.py, launch/pretrain.py, sapretrain X,
+    -m sapretrain.cli.X) in README.md and docs/*.md is in that command's --help."""
+    from sapretrain.cli import ALIASES, COMMANDS, load_command
+
+    by_module = {t.split(":")[0].rsplit(".", 1)[1]: n for n, (t, _) in COMMANDS.items() if t.startswith("sapretrain.cli.")}
+    command_line = re.compile(r"(?:tools/(\w+)\.py|launch/(pretrain)\.py|-m sapretrain\.cli\.(\w+)|\bsapretrain ([a-z][a-z-]+))"
+                              r"((?:[^`|;&#]|#(?!\s))*)")  # up to the end of the command: a pipe, `, ; or a comment
+    helps: dict[str, str] = {}
+    wrong, checked = [], 0
+    for doc in [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n", " ", doc.read_text(encoding="utf-8"))
+        for line in text.splitlines():
+            for m in command_line.finditer(line):
+                module = m.group(1) or m.group(3)
+                name = by_module.get(module) if module else ("train" if m.group(2) else ALIASES.get(m.group(4), m.group(4)))
+                if name not in COMMANDS or not COMMANDS[name][0].startswith("sapretrain.cli."):
+                    continue
+                if name not in helps:
+                    with pytest.raises(SystemExit):
+                        load_command(name)(["--help"])
+                    helps[name] = capsys.readouterr().out
+                for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group(5)):
+                    checked += 1
+                    if option not in helps[name]:
+                        wrong.append(f"{doc.name}: {name} has no {option}: {line.strip()[:100]}")
+    assert wrong == [] and checked > 50
