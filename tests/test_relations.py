@@ -53,6 +53,16 @@ def test_curation_rules_use_the_same_maps_as_the_shipped_table():
     assert rules.relations.symmetric == shipped.symmetric
 
 
+def test_curation_negative_for_a_resolved_relation():
+    """"off" now inverts to "on" in curation negatives too (it was "onto")."""
+    caption = "a cat off the table"
+    triplet = {"subj": {"text": "cat", "start": 2, "end": 5},
+               "rel": {"text": "off", "start": 6, "end": 9, "kind": "spatial", "lemma": "off"},
+               "obj": {"text": "table", "start": 14, "end": 19}}
+    cand = Rules(load_negatives_config()).candidate(caption, triplet)
+    assert (cand.caption, cand.method) == ("a cat on the table", "inverse")
+
+
 def test_synthetic_opposites_come_from_the_table():
     assert synthetic.OPPOSITE["front-left"] == "behind-right" and synthetic.OPPOSITE["left"] == "right"
     for configuration, phrases in synthetic._PHRASES.items():

@@ -11,7 +11,8 @@ is the extractor's, with spans into the negative caption) and ``negative_method`
 
 **Rules** (``mode="rules"``), tried in this order:
 
-1. *Inverse* from the lexicon (``configs/curation/negatives.yaml``). An **action** relation looks
+1. *Inverse* from the lexicon (``configs/curation/negatives.yaml``, the project's one relations
+   table: maps and symmetry matching are ``sapretrain.relations``'). An **action** relation looks
    up its lemma, longest key first: the full lemma ("attach to"), verb + particle ("pick up"),
    the verb ("hold"). The verb word is re-inflected in the caption's form (``-ing``, ``-s``,
    past, base; :func:`inflect`), the other key words are replaced in place and a target's extra

@@ -233,7 +233,7 @@ def frame_path(frames_root: str | Path, clip_id: str, frame: int) -> Path:
 
 def _clip_box(box: Sequence[Any], width: float, height: float) -> list[float] | None:
     """``box`` clipped to the image, or None when it is malformed or under ``MIN_BOX`` px a side."""
-    return clip_box(list(box) if isinstance(box, tuple) else box, width, height, MIN_BOX, decimals=None)
+    return clip_box(box, width, height, MIN_BOX, decimals=None)
 
 
 def annotated_boxes(objects: Sequence[Mapping[str, Any]], width: int, height: int) -> list[list[float]]:
