@@ -58,6 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sapretrain import relations, storage
+from sapretrain.boxes import area as _area
 from sapretrain.boxes import as_detection, choose_boxes
 from sapretrain.detector import YoloDetector
 from sapretrain.eval.encode import EvalSample
@@ -620,10 +621,6 @@ def evaluate_vsr(encoder, rows: Sequence[dict], images_root: str, annotations: d
 
 def _centre(b: Sequence[float]) -> tuple[float, float]:
     return (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-
-
-def _area(b: Sequence[float]) -> float:
-    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
 
 
 def _intersection(a: Sequence[float], b: Sequence[float]) -> float:
