@@ -134,7 +134,7 @@ def test_every_console_script_answers_help_from_another_directory(installed):
     assert sorted(answers) == sorted(set(scripts) - set(skip))
     assert {s: a for s, a in answers.items() if a[0] != 0 or not a[1].startswith("usage:")} == {}
     # The script files themselves, as a user types them (the umbrella's list, a shard tool, the trainer).
-    for script in ("sapretrain", "sapretrain-shards", "sapretrain-check", "sapretrain-train", "sapretrain-curate"):
+    for script in ("sapretrain", "sapretrain-shards", "sapretrain-check", "sapretrain-train"):
         run = installed.run(script, "--help", timeout=120)
         assert run.returncode == 0 and run.stdout.startswith(f"usage: {script}"), (script, run.stderr[-1000:])
         if script == "sapretrain":

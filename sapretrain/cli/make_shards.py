@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from sapretrain.config import ConfigError, load_config
 from sapretrain.jsonl import UnreadableInput
-from sapretrain.shards.writer import ShardConfig, ShardReport, make_shards
+
+if TYPE_CHECKING:
+    from sapretrain.shards.writer import ShardReport
 
 DEFAULT_OUTPUT = "data/shards/demo"
 
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. image_size=256")
     args = parser.parse_args(argv)
+    from sapretrain.shards.writer import ShardConfig, make_shards  # imports open_clip: not for --help
 
     progress = not args.no_progress
     manifest, output, config = args.manifest, args.output, args.config

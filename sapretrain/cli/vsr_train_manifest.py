@@ -14,10 +14,6 @@ import argparse
 import json
 import sys
 
-from sapretrain import storage
-from sapretrain.curation.vsr_train import vsr_train_manifest
-from sapretrain.eval.vsr import load_coco_annotations, read_vsr
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", required=True, help="directory (or URL prefix) holding the COCO images")
     parser.add_argument("--output", required=True, help="manifest JSONL to write (path or fsspec URL)")
     args = parser.parse_args(argv)
+    from sapretrain import storage
+    from sapretrain.curation.vsr_train import vsr_train_manifest
+    from sapretrain.eval.vsr import load_coco_annotations, read_vsr  # imports torch: not for --help
 
     if any(word in args.vsr.rsplit("/", 1)[-1] for word in ("test", "dev")):
         parser.error(f"{args.vsr} looks like an evaluation split: only training rows may train a model")
