@@ -20,8 +20,8 @@ What each call does (docs/api.md has the full contract):
 - ``encode_image`` needs the subject and object boxes of each image for SA-CLIP's ROI half:
   ``boxes`` given ([x0, y0, x1, y1] pixels per part) are used as they are (``given``); else the
   caption's subject and object are looked for with the pipeline's detector and the curation
-  box-choice rule (``sapretrain.curation.rois.choose_boxes``: best noun match, then larger boxes,
-  never one instance for both) (``detector``); when there is no detector, no caption, or no
+  box-choice rule (``sapretrain.boxes.find_boxes``, rule "nouns": best noun match, then the
+  larger boxes, never one instance for both) (``detector``); when there is no detector, no caption, or no
   match, both ROIs are the whole frame (``whole_frame``, with the reason in ``box_detail``).
   ``box_source`` says which, per image. A plain CLIP ignores boxes (``not_used``).
 - ``score(image, caption)`` is the cosine of the image's ``v`` (boxes for that caption) and the
@@ -86,8 +86,8 @@ class SAClipPipeline:
 
     ``detector``: None (no detection: whole-frame ROIs unless boxes are given), ultralytics
     weights (``"yolov8n.pt"``, looked up as ``sapretrain.detector`` does), or any callable
-    ``detector(images, classes) -> [[{"name", "box": [x0, y0, x1, y1], "score"}, ...], ...]``
-    (``sapretrain.curation.rois.Detector``). ``shard_config``: the tokenizer and ROI crop settings
+    ``detector(images, classes) -> [[Detection or {"name", "box": [x0, y0, x1, y1], "score"}, ...], ...]``
+    (as ``sapretrain.detector.YoloDetector``). ``shard_config``: the tokenizer and ROI crop settings
     (the model's training shards'; exported folders carry theirs).
     """
 
@@ -101,7 +101,6 @@ class SAClipPipeline:
         self.encoder = Encoder(self.model, self.shard_config, batch_size=batch_size)
         self._detector = detector
         self._nlp = nlp
-        self._boxes_rule = None
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, device: str = "cpu", detector: Any = None,
@@ -197,21 +196,23 @@ class SAClipPipeline:
         captions = _per_image(captions, len(images), "captions", str)
         boxes = _per_image(boxes, len(images), "boxes", dict)
         triplets = _per_image(triplets, len(images), "triplets", dict)
-        used, sources, details = [], [], []
-        for i, image in enumerate(images):
-            if not self.uses_boxes:
-                used.append(None), sources.append("not_used"), details.append(None)
-                continue
-            if boxes[i] is not None:
-                used.append(_check_boxes(boxes[i], image, i)), sources.append("given"), details.append(None)
-                continue
-            found, detail = self._find_boxes(image, captions[i], triplets[i], i)
-            if found is None:
-                found = {p: [0.0, 0.0, float(image.width), float(image.height)] for p in BOX_PARTS}
-                sources.append("whole_frame")
-            else:
-                sources.append("detector")
-            used.append(found), details.append(detail)
+        used, sources, details = [None] * len(images), ["not_used"] * len(images), [None] * len(images)
+        if self.uses_boxes:
+            pending = []  # images whose boxes are to be found
+            for i, image in enumerate(images):
+                if boxes[i] is not None:
+                    used[i], sources[i] = _check_boxes(boxes[i], image, i), "given"
+                else:
+                    pending.append(i)
+            found = self._find_boxes([images[i] for i in pending], [captions[i] for i in pending],
+                                     [triplets[i] for i in pending], pending)
+            for i, (box, detail) in zip(pending, found):
+                if box is None:
+                    box, sources[i] = {p: [0.0, 0.0, float(images[i].width), float(images[i].height)]
+                                       for p in BOX_PARTS}, "whole_frame"
+                else:
+                    sources[i] = "detector"
+                used[i], details[i] = box, detail
         samples = [EvalSample(image=im, boxes=b) for im, b in zip(images, used)]
         feats = self.encoder.images(samples, parts=True)
         return ImageEmbeddings(feats["v"], feats["image_embed"], feats["r_roi"], used, sources, details)
@@ -219,39 +220,41 @@ class SAClipPipeline:
     @property
     def detector(self) -> Callable | None:
         if isinstance(self._detector, (str, os.PathLike)):
-            from sapretrain.curation.rois import YoloDetector
+            from sapretrain.detector import YoloDetector
 
             self._detector = YoloDetector(str(self._detector))
         return self._detector
 
-    def _find_boxes(self, image: Image.Image, caption: str | None, triplet: dict | None, i: int
-                    ) -> tuple[dict | None, str | None]:
-        """The subject and object boxes of the caption in ``image``, or None and why not.
+    def _find_boxes(self, images: list[Image.Image], captions: list[str | None], triplets: list[dict | None],
+                    index: list[int]) -> list[tuple[dict | None, str | None]]:
+        """Per image the subject and object boxes of its caption, or None and why not.
 
-        The one place that calls the detector and the box-choice rule (curation's), so a change
-        of either is made here."""
-        if self.detector is None:
-            return None, "no detector configured"
-        if triplet is None:
-            if caption is None:
-                return None, "no caption to find the subject and object of"
-            triplet = self.triplet_of(_check_caption(caption, i))
+        The one place that calls the detector and the box-choice rule (``sapretrain.boxes``), so
+        a change of either is made here. The detector runs once over all images that need it."""
+        out: list[tuple[dict | None, str | None]] = [(None, "no detector configured")] * len(images)
+        if self.detector is None or not images:
+            return out
+        parts = []  # (position, subject text, object text)
+        for k, (caption, triplet) in enumerate(zip(captions, triplets)):
             if triplet is None:
-                return None, f"no triplet in {caption!r}"
-        from sapretrain.curation.rois import NounMatcher, choose_boxes, clip_box, load_roi_config
+                if caption is None:
+                    out[k] = (None, "no caption to find the subject and object of")
+                    continue
+                triplet = self.triplet_of(_check_caption(caption, index[k]))
+                if triplet is None:
+                    out[k] = (None, f"no triplet in {caption!r}")
+                    continue
+            parts.append((k, triplet["subj"]["text"], triplet["obj"]["text"]))
+        if not parts:
+            return out
+        from sapretrain.boxes import find_boxes
 
-        if self._boxes_rule is None:
-            cfg = load_roi_config()
-            self._boxes_rule = (cfg, NounMatcher(cfg.synonyms, cfg.hypernyms))
-        cfg, matcher = self._boxes_rule
-        nouns = {p: matcher.noun(triplet[p]["text"], triplet[p].get("head")) for p in BOX_PARTS}
-        detections = self.detector([image], sorted(set(nouns.values())))[0]
-        instances = [{"name": d["name"], "box": box} for d in detections
-                     if (box := clip_box(d["box"], image.width, image.height, cfg.min_box_size)) is not None]
-        choice = choose_boxes(matcher, nouns, instances, cfg)
-        if choice.boxes is None:
-            return None, f"detector: {choice.reason} ({choice.detail})"
-        return choice.boxes, None
+        choices = find_boxes(self.detector, [images[k] for k, _, _ in parts], [s for _, s, _ in parts],
+                             [o for _, _, o in parts])
+        for (k, _, _), choice in zip(parts, choices):
+            out[k] = (choice.boxes, None) if choice.boxes is not None else \
+                (None, f"detector: {choice.reason} ({choice.detail})")
+        return out
 
     # ----- scores
 

@@ -179,7 +179,9 @@ def load_saclip(path: str, map_location="cpu") -> SAClip:
 def _load_file(path: str) -> SAClip:
     try:
         payload = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError) as e:
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, struct.error, EOFError... for junk
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         if payload.get("version") != VERSION:
