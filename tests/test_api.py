@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import sapretrain
 from sapretrain.api import NoTripletError, SAClipPipeline

@@ -370,6 +370,54 @@ def test_checkpoint_of_json_config_model_loads_without_the_file(tmp_path):
         assert_outputs_equal(model(b), loaded(b))
 
 
+def test_trainer_state_rebuilds_a_random_init_frozen_tower_from_the_run_seed(tmp_path):
+    from sapretrain.model.checkpoint import frozen_keys, training_weights
+
+    model = tiny(seed=7, lock_image=True).eval()  # as the trainer builds it: set_seed(run.seed) first
+    entries = training_weights(model, include_frozen=False)
+    assert entries["model_excluded"] == frozen_keys(model)
+    assert not any(k.startswith("clip.visual.") for k in entries["model"])  # the tower is not stored
+    state = {"config": {"model": {"name": "sa-tiny", "pretrained": None, "lock_image": True}, "run": {"seed": 7}},
+             **entries}
+    torch.save(state, tmp_path / "state.pt")
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    loaded = load_saclip(tmp_path / "state.pt")
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
+    b = random_batch(2)
+    with torch.no_grad():
+        assert_outputs_equal(model(b), loaded(b))
+    # Another seed re-draws the tower: the seed is what rebuilds it.
+    state["config"]["run"]["seed"] = 8
+    torch.save(state, tmp_path / "other.pt")
+    with torch.no_grad():
+        assert not torch.equal(load_saclip(tmp_path / "other.pt")(b)["image_embed"], model(b)["image_embed"])
+    # A key the model lacks, or a missing one that was not excluded, is an error naming the file.
+    del entries["model"]["svo_proj.weight"]
+    torch.save({**state, **entries, "config": {**state["config"], "run": {"seed": 7}}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: checkpoint does not match the model: missing \\['svo_proj.weight'\\]"):
+        load_saclip(tmp_path / "bad.pt")
+
+
+def test_save_pretrained_round_trip_is_exact(tmp_path):
+    from sapretrain.model import load_pretrained, save_pretrained
+
+    model = tiny(seed=2, lock_image=True).eval()
+    config = save_pretrained(model, tmp_path / "hub", extra={"note": "x"})
+    assert config["note"] == "x" and (tmp_path / "hub" / "model.safetensors").is_file()
+    for loaded in (load_pretrained(tmp_path / "hub"), load_saclip(tmp_path / "hub")):
+        assert loaded.cfg == model.cfg and not loaded.training
+        b = random_batch(2)
+        with torch.no_grad():
+            assert_outputs_equal(model(b), loaded(b))
+    (tmp_path / "hub" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_pretrained(tmp_path / "hub")
+    with pytest.raises(ValueError, match="not an exported SA-CLIP folder"):
+        load_saclip(tmp_path)
+
+
 def test_export_open_clip_loads_in_create_model(tmp_path):
     model = tiny().eval()
     path = tmp_path / "open_clip.pt"
