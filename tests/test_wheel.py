@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig
@@ -66,7 +65,7 @@ def installed(tmp_path_factory) -> Installed:
     env_python = env / "bin" / "python"
     purelib = subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    pinned = sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else site.getsitepackages()[0]
+    pinned = sysconfig.get_paths()["purelib"]  # the site-packages of the interpreter running the tests
     Path(purelib, "pinned-site-packages.pth").write_text(pinned + "\n")
     # --ignore-installed: never touch the editable install that the pinned directory also shows.
     subprocess.run(pip + ["--python", str(env_python), "install", "--no-deps", "--no-index", "--ignore-installed",
