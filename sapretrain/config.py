@@ -47,8 +47,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config file as a mapping; ``base: other.yaml`` (relative to this file) is loaded first and
-    this file's keys are merged over it, so a variant states only what differs."""
+    """A config file as a mapping; ``base: other.yaml`` (relative to this file, else a ``configs/``
+    path of the working directory or the package) is loaded first and this file's keys are merged
+    over it, so a variant states only what differs."""
     import fsspec
 
     from sapretrain.resources import resolve_config
@@ -75,6 +76,9 @@ def read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if base is None:
         return loaded
     base_path = base if "://" in base or Path(base).is_absolute() else str(Path(path).parent / base)
+    if "://" not in base_path and not Path(base_path).exists():
+        shipped = resolve_config(base)  # configs/... : the working directory's, else the package's
+        base_path = shipped if Path(shipped).exists() else base_path
     return _deep_merge(read_yaml(base_path, seen + (path,)), loaded)
 
 
