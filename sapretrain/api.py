@@ -258,20 +258,22 @@ class SAClipPipeline:
 
     # ----- scores
 
-    def score(self, image, caption: str, boxes: dict | None = None) -> float:
+    def score(self, image, caption: str, boxes: dict | None = None, triplet: dict | None = None,
+              missing_triplet: str = "error") -> float:
         """Cosine similarity of ``image`` (boxes for ``caption``) and ``caption``."""
-        return float(self.score_batch([image], [caption], None if boxes is None else [boxes])[0])
+        return float(self.score_batch([image], [caption], None if boxes is None else [boxes], missing_triplet,
+                                      None if triplet is None else [triplet])[0])
 
     def score_batch(self, images, captions: Sequence[str], boxes: Sequence[dict | None] | None = None,
-                    missing_triplet: str = "error") -> torch.Tensor:
-        """(B,) cosine similarity of image i and caption i."""
+                    missing_triplet: str = "error", triplets: Sequence[dict | None] | None = None) -> torch.Tensor:
+        """(B,) cosine similarity of image i and caption i (``triplets``: known spans, skip the extractor)."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         single = isinstance(images, (str, os.PathLike, Image.Image))
         images = [images] if single else list(images)
         if len(images) != len(captions):
             raise ValueError(f"score_batch: {len(images)} images for {len(captions)} captions (pair i is "
                              "image i with caption i; repeat an image to score it against several captions)")
-        text = self.encode_text(captions, missing_triplet=missing_triplet)
+        text = self.encode_text(captions, triplets=triplets, missing_triplet=missing_triplet)
         image = self.encode_image(images, captions=captions, boxes=boxes, triplets=text.triplets)
         return (torch.nn.functional.normalize(image.v, dim=-1) * torch.nn.functional.normalize(text.u, dim=-1)).sum(-1)
 

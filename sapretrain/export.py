@@ -160,12 +160,13 @@ def model_card(config: dict[str, Any], cfg: ExportConfig, output: str, summary: 
     if cfg.base_model:
         front["base_model"] = cfg.base_model
     kind = "plain CLIP" if not (model["use_svo"] or model["use_roi"]) else "SA-CLIP"
+    article = "A" if kind == "plain CLIP" else "An"
     d = config["embed_dim"]
     lines = [_front_matter(front), f"# {name}", ""]
     if cfg.description:
         lines += [cfg.description, ""]
     lines += [
-        f"A {kind} model (SA-CLIP: Li, Shao, Rajapaksha, Crespi, *Language Guided Image Spatial and Action "
+        f"{article} {kind} model (SA-CLIP: Li, Shao, Rajapaksha, Crespi, *Language Guided Image Spatial and Action "
         "Feature Learning*, Findings of EMNLP 2025) trained with "
         "`sapretrain`. Text embedding `u = concat(normalize(pooled caption), "
         f"normalize(r_svo)) / sqrt(2)` ({2 * d} dims), image embedding `v = concat(normalize(f_v(image)), "
