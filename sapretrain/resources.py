@@ -41,3 +41,19 @@ def resolve_config(path: str | Path) -> str:
         relative = PurePosixPath(*parts[1:]) if len(parts) > 1 else PurePosixPath(".")
     shipped = config_dir() / str(relative)
     return str(shipped) if shipped.is_file() else text
+
+
+def model_config_dir() -> Path:
+    """The open_clip model JSONs shipped with the package (``sa-tiny``)."""
+    return Path(str(resources.files("sapretrain") / "model" / "configs"))
+
+
+def register_model_configs() -> None:
+    """Make the shipped model JSONs known to open_clip (``create_model``, ``get_tokenizer``), once.
+
+    Called where a model name is resolved (the model builder, the shard tokenizer), never at
+    import time."""
+    import open_clip
+
+    if open_clip.get_model_config("sa-tiny") is None:
+        open_clip.add_model_config(model_config_dir())

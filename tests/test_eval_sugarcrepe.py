@@ -11,9 +11,6 @@ from PIL import Image
 
 from conftest import PROJECT_ROOT
 from sapretrain.eval import sugarcrepe as sc
-from sapretrain.model import register_model_configs
-
-register_model_configs()  # SpanTokenizer("sa-tiny") below; importing sapretrain.model no longer registers it
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
 SUGARCREPE = FIXTURES / "sugarcrepe"

@@ -48,8 +48,10 @@ def _imports(path: Path, root: Path = PROJECT_ROOT) -> list[tuple[int, str]]:
                 target = node.module or ""
             if target.split(".")[0] != "sapretrain":
                 continue
-            if target == "sapretrain":  # from sapretrain import storage, jsonl
-                found += [(node.lineno, f"sapretrain.{a.name}") for a in node.names]
+            if target == "sapretrain":  # from sapretrain import storage, jsonl (or __version__: a name)
+                pkg = root / "sapretrain"
+                found += [(node.lineno, f"sapretrain.{a.name}" if (pkg / a.name).is_dir()
+                           or (pkg / f"{a.name}.py").is_file() else "sapretrain") for a in node.names]
             else:
                 found.append((node.lineno, target))
     return found

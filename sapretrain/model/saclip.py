@@ -58,14 +58,12 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from sapretrain import resources
+
 PARTS = ("subj", "rel", "obj")  # order of the span masks' second axis
 
 
-def register_model_configs() -> None:
-    """Make the model JSONs shipped here (``sa-tiny``) known to ``open_clip.create_model``."""
-    if open_clip.get_model_config("sa-tiny") is None:
-        open_clip.add_model_config(CONFIG_DIR)
+register_model_configs = resources.register_model_configs  # the model JSONs in configs/ (sa-tiny)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 import open_clip
 from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
 
+from sapretrain.resources import register_model_configs
 from sapretrain.shards.schema import TokenizerSpec, tokenizer_spec
 
 _WORD = re.compile(r"\S+")  # the runs `" ".join(text.split())` keeps
@@ -67,6 +68,7 @@ class SpanTokenizer:
 
     def __init__(self, model_name: str = "ViT-B-32", context_length: int | None = None, *, tokenizer=None):
         if tokenizer is None:
+            register_model_configs()  # sa-tiny and the other shipped model JSONs
             if ":" not in model_name and model_name not in open_clip.list_models():
                 # get_tokenizer would silently fall back to the default tokenizer on a typo.
                 raise ValueError(f"unknown open_clip model {model_name!r} (typo?); see open_clip.list_models()")
