@@ -207,7 +207,7 @@ def run_dota(models: Sequence[tuple[str, str]], out_dir: str | Path, metadata: s
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if detector_weights:
-        from sapretrain.curation.rois import YoloDetector
+        from sapretrain.detector import YoloDetector
 
         boxes = dota.DetectorBoxes(YoloDetector(detector_weights, device=device), name=str(detector_weights))
     else:
@@ -330,7 +330,7 @@ def _accuracy_entry(margins) -> dict[str, float]:
 
 def _detect_scene_boxes(probe: spatial.ProbeSet, weights: str, progress: bool):
     """Detector boxes matched to every probe caption's subject and object, and how well it went."""
-    from sapretrain.curation.rois import iou
+    from sapretrain.boxes import iou
     from sapretrain.eval.scene_detector import SceneBoxes, match_parts
 
     finder = SceneBoxes(weights)
