@@ -209,8 +209,8 @@ def test_llm_key_never_recorded(tmp_path, monkeypatch, caplog, capsys):
     assert {d["id"]: d["drop_reason"] for d in dropped} == {"r0-t1": "llm_bad_json", "r1-t0": "llm_http_400",
                                                             "r2-t0": "llm_bad_response"}
     texts = {"log": caplog.text, "stdout": printed.out, "stderr": printed.err}
-    for path in [out, Path(dropped_output(str(out))), Path(f"{out}.summary.json"), *tmp_path.glob("cache/*/*.json")]:
-        texts[str(path)] = path.read_text()
+    for path in [out, Path(dropped_output(str(out))), Path(f"{out}.summary.json"), *tmp_path.glob("cache/*")]:
+        texts[str(path)] = path.read_bytes().decode("utf-8", "replace")  # the SQLite cache (and its WAL) too
     assert any("cache" in name for name in texts)
     for name, text in texts.items():
         assert KEY not in text and KEY[:12] not in text, name  # neither whole nor cut in half
