@@ -646,3 +646,24 @@ def test_label_seeds_end_to_end_with_resume(server, tmp_path, capsys):
     assert out.read_bytes() == ref
     assert len(server.requests) - mid == 8 - 3 + 1  # the first chunk is not asked again; dog5 retried once
     assert mid - before <= 6
+
+
+def test_label_seeds_in_batch_mode_matches_online(server, tmp_path, capsys):
+    from tools.label_seeds import main
+
+    src = write_triplets(tmp_path / "triplets.jsonl")
+    (tmp_path / "llm.yaml").write_text(
+        f"base_url: {server.url}\nmodel: test-model\napi_key_env: SAPRETRAIN_TEST_KEY\nmax_retries: 1\n"
+        f"backoff_base_s: 0.001\nbackoff_max_s: 0.01\ncache_dir: {tmp_path / 'cache'}\nbatch_poll_s: 0.01\n")
+    server.answer = lambda user: json.dumps({"label": 0 if 'subject "dog' in user else 1, "reason": "r"})
+
+    def run(out, *overrides):
+        return main(["--input", src, "--output", str(out), "--config", str(tmp_path / "llm.yaml"), "--sample", "8",
+                     "--chunk-size", "3", "--no-progress", *overrides])
+
+    assert run(tmp_path / "online" / "labels.jsonl", "cache_dir=null") == 0
+    assert len(server.requests) == 8 and not server.uploads
+    assert run(tmp_path / "batch" / "labels.jsonl", "mode=batch") == 0
+    assert len(server.requests) == 8 and len(server.uploads) == 3  # one batch per chunk, nothing online
+    assert "in 3 batches" in capsys.readouterr().out
+    assert (tmp_path / "batch" / "labels.jsonl").read_bytes() == (tmp_path / "online" / "labels.jsonl").read_bytes()

@@ -92,7 +92,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import httpx
+try:
+    import httpx
+except ImportError as e:  # part of the curation extra
+    raise ImportError("the LLM client needs httpx: pip install 'sapretrain[curation]' (or httpx)") from e
 
 from sapretrain.config import load_config, read_yaml
 
