@@ -1,4 +1,5 @@
-"""Positive partners: exact blocked search vs brute force, IVF, the whole tool with MiniLM, resume."""
+"""Positive partners: exact blocked search vs brute force, IVF, faiss (one index per run), the
+whole tool with MiniLM, resume, sentence-transformers pooling."""
 from __future__ import annotations
 
 import json
@@ -165,7 +166,7 @@ def test_end_to_end_with_minilm(tmp_path, embedder, monkeypatch):
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["score_percentiles"]["p50"] > 0.7
     assert list(kept) == [r["id"] for r in read(out)]  # input order
     # same result with IVF over all lists, and through two parts (embed, search, write per part)
-    ivf = small_cfg("search.exact_max=1", "search.ivf.nlist=3", "search.ivf.nprobe=3")
+    ivf = small_cfg("search.exact_max=1", "search.ivf.backend=torch", "search.ivf.nlist=3", "search.ivf.nprobe=3")
     for step in ("embed", "search", "write"):
         for part in (0, 1):
             make_positives(src, str(tmp_path / "p.jsonl"), ivf, part, 2, step, progress=False)
@@ -220,3 +221,181 @@ def test_config_file_and_typo():
     assert cfg.embed.model == "minilm" and cfg.search.top_k >= 1
     with pytest.raises(ValueError, match="min_score"):
         load_config(PositivesConfig, CONFIG, ["min_scor=0.5"])
+
+
+def test_config_defaults_search_with_faiss_above_exact_max():
+    s = load_config(PositivesConfig, CONFIG).search
+    assert s.exact_max == 0 and s.ivf.backend == "auto" and s.ivf.nprobe == 0  # auto size, auto probe
+    assert P.choose_method(100_000, s)["method"] == "exact"  # CPU: exact up to 100K keys
+    meta = P.choose_method(1_000_000, s)
+    assert meta == {"method": "faiss", "kind": "flat", "nlist": 4000, "train_size": 256_000, "keys": 1_000_000}
+    assert P.choose_method(10_000_000, s)["kind"] == "pq"  # above flat_max: compressed codes
+
+
+def test_without_faiss_clear_error_or_measured_torch_fallback(monkeypatch):
+    monkeypatch.setattr(P, "faiss_available", lambda: False)
+    s = load_config(PositivesConfig, CONFIG, ["search.exact_max=10"]).search
+    with pytest.warns(UserWarning, match="faiss is not installed"):
+        assert P.choose_method(1000, s)["method"] == "torch-ivf"
+    s.ivf.backend = "faiss"
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        P.choose_method(1000, s)
+
+
+# ----------------------------------------------------------------------------- faiss, one index per run
+
+N_CLUSTERED, DIM = 3000, 32
+
+
+@pytest.fixture(scope="module")
+def clustered_vectors():
+    x, _ = clustered(n=N_CLUSTERED, centres=60, d=DIM, noise=0.3, seed=3)
+    return x.half()
+
+
+class VectorEmbedder:
+    """Stands in for the model: the text "x<j> r o" embeds as vector j (so the tool runs fast)."""
+
+    def __init__(self, vectors):
+        self.vectors, self.dim, self.embedded = vectors, vectors.shape[1], 0
+
+    def embed(self, texts):
+        self.embedded += len(texts)
+        return self.vectors[[int(t.split()[0][1:]) for t in texts]].numpy()
+
+
+def vector_samples(path, n):
+    with open(path, "w") as f:
+        for j in range(n):
+            f.write(json.dumps({"id": f"v{j}", "image": f"img{j}.jpg", "caption": "c",
+                                "triplet": {"subj": {"text": f"x{j}"}, "rel": {"text": "r"}, "obj": {"text": "o"}}}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def faiss_run(tmp_path, monkeypatch, clustered_vectors):
+    """Run steps through the tool on the clustered vectors, counting faiss index builds."""
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(P, "TextEmbedder", lambda *a, **k: VectorEmbedder(clustered_vectors))
+    builds = []
+    real = P.build_faiss_index
+
+    def counting(*a, **k):
+        builds.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "build_faiss_index", counting)
+    src = vector_samples(tmp_path / "in.jsonl", N_CLUSTERED)
+
+    def run(name, *overrides, part=0, parts=1, stage="all"):
+        cfg = load_config(PositivesConfig, CONFIG, ["embed.chunk_size=500", "search.exact_max=100",
+                                                    "search.ivf.recall_sample=500", "min_score=0", *overrides])
+        return make_positives(src, str(tmp_path / name), cfg, part, parts, stage, progress=False), cfg
+
+    run.builds, run.tmp = builds, tmp_path
+    return run
+
+
+def top1(tmp, name, cfg, chunks=6):
+    work = P.Work(str(tmp / name), cfg)
+    return P._load_results(work, chunks)
+
+
+def test_faiss_index_built_once_across_chunks_and_parts(faiss_run):
+    for stage in ("embed", "search", "write"):
+        for part in (0, 1):
+            result, cfg = faiss_run("f.jsonl", part=part, parts=2, stage=stage)
+    assert len(faiss_run.builds) == 1  # 6 chunks, 2 parts, one build: part 1 loaded part 0's index
+    work = P.Work(str(faiss_run.tmp / "f.jsonl"), cfg)
+    assert P.storage.exists(f"{work.search}/index.faiss")
+    meta = result["search"]
+    assert meta["method"] == "faiss" and meta["kind"] == "flat" and meta["nlist"] == P.default_nlist(N_CLUSTERED)
+    assert meta["recall_at_1"] >= 0.97 and meta["recall_sample"] == 500  # tuned to the target, reported
+    assert "recall@1 vs exact" in P.format_summary(result)
+    # against exact search over every query: as good as it says, scores are exact cosines
+    exact, ecfg = faiss_run("e.jsonl", "search.exact_max=100000")
+    assert exact["search"]["method"] == "exact"
+    s, i = top1(faiss_run.tmp, "f.jsonl", cfg)
+    es, ei = top1(faiss_run.tmp, "e.jsonl", ecfg)
+    recall = float(((i == ei) | (s >= es - 1e-4)).mean())
+    assert recall >= 0.97 and abs(recall - meta["recall_at_1"]) < 0.03
+    same = i == ei
+    np.testing.assert_allclose(s[same], es[same], atol=1e-5)
+    kept = {r["id"]: r["positive"] for r in read(faiss_run.tmp / "f-part00000-of00002.jsonl")}
+    kept.update({r["id"]: r["positive"] for r in read(faiss_run.tmp / "f-part00001-of00002.jsonl")})
+    assert len(kept) == N_CLUSTERED and all(p in kept for p in kept.values())  # every partner kept
+
+
+def test_faiss_all_lists_gives_the_exact_partners(faiss_run):
+    nlist = 20
+    approx, cfg = faiss_run("f.jsonl", f"search.ivf.nlist={nlist}", f"search.ivf.nprobe={nlist}")
+    exact, ecfg = faiss_run("e.jsonl", "search.exact_max=100000")
+    assert approx["search"]["nprobe"] == nlist and approx["search"]["recall_at_1"] == 1.0
+    assert (top1(faiss_run.tmp, "f.jsonl", cfg)[1] == top1(faiss_run.tmp, "e.jsonl", ecfg)[1]).all()
+    assert read(faiss_run.tmp / "f.jsonl") == read(faiss_run.tmp / "e.jsonl")
+
+
+def test_faiss_search_resumes_after_a_kill_with_the_saved_index(faiss_run, monkeypatch):
+    faiss_run("f.jsonl", stage="embed")
+    real, calls = P.FaissSearcher.search, []
+
+    def killed_on_second_chunk(self, q, qi, k):
+        if len(q) == 500 and k > 1:  # a chunk's queries (the recall sample is searched with k=1)
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed")
+        return real(self, q, qi, k)
+
+    monkeypatch.setattr(P.FaissSearcher, "search", killed_on_second_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        faiss_run("f.jsonl", stage="search")
+    _, cfg = faiss_run("f.jsonl", stage="embed")
+    work = P.Work(str(faiss_run.tmp / "f.jsonl"), cfg)
+    assert P.committed_chunks(work.search, ".topk.npz") == {0}
+    monkeypatch.setattr(P.FaissSearcher, "search", real)
+    result, _ = faiss_run("f.jsonl", stage="search")
+    assert result["search"]["searched"] == 5 and len(faiss_run.builds) == 1  # the saved index, not a new one
+    summary, _ = faiss_run("f.jsonl", stage="write")
+    assert summary["kept"] == N_CLUSTERED and summary["search"]["recall_at_1"] >= 0.97
+
+
+@pytest.mark.parametrize("kind", ["pq", "hnsw"])
+def test_faiss_pq_and_hnsw_tuned_to_the_target(kind, clustered_vectors, tmp_path):
+    pytest.importorskip("faiss")
+    cfg = load_config(PositivesConfig, CONFIG, ["search.exact_max=100", f"search.ivf.kind={kind}",
+                                                "search.ivf.recall_sample=300", "search.ivf.recall_target=0.9"])
+    keys, images = clustered_vectors, torch.arange(N_CLUSTERED)
+    searcher, meta = P.open_index(P.Work(str(tmp_path / "o.jsonl"), cfg), keys, images, cfg)
+    assert meta["kind"] == kind and meta["recall_at_1"] >= 0.9
+    s, i = searcher.search(keys[:200], images[:200], 4)
+    assert (i[:, 0] != np.arange(200)).all()  # never the query's own image
+    exact = (keys[:200].float()[:, None, :] * keys[torch.from_numpy(i)].float()).sum(-1).numpy()
+    np.testing.assert_allclose(s, exact, atol=1e-5)  # re-scored exactly, even from PQ codes
+
+
+def test_sentence_transformers_pooling_is_the_models_own(tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "man", "riding", "horse", "cat", "under", "table"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    bert_dir, st_dir = tmp_path / "bert", tmp_path / "st"
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=32)).eval()
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    bert.save_pretrained(bert_dir)
+    tok.save_pretrained(bert_dir)
+    transformer = models.Transformer(str(bert_dir), max_seq_length=16)
+    SentenceTransformer(modules=[transformer, models.Pooling(16, pooling_mode="cls")]).save(str(st_dir))
+
+    texts = ["man riding horse", "cat under table", "man under horse table"]
+    got = P.TextEmbedder(str(st_dir), device="cpu", max_length=16).embed(texts).astype(np.float32)
+    with torch.no_grad():
+        batch = tok(texts, padding=True, return_tensors="pt")
+        hidden = bert(**batch).last_hidden_state  # (B, T, 16)
+    cls = torch.nn.functional.normalize(hidden[:, 0], dim=1).numpy()
+    mask = batch["attention_mask"][:, :, None].float()
+    mean = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(got, cls, atol=2e-3)  # fp16 storage
+    assert np.abs(got - mean).max() > 0.05  # and not what mean pooling gives

