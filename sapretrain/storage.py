@@ -272,13 +272,14 @@ def open_retrying(url: str, seconds: float = RETRY_SECONDS) -> RetryingReader:
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole file; ``<tar>#<member>`` (web-tar images, see ``tars.split_ref``) reads one member."""
+    """The whole file; ``<tar>#<member>[@<offset>:<size>]`` (web-tar images, see ``tars.parse_ref``)
+    reads one member: one ranged read when the reference has the member's location."""
     if "#" in url:
         from sapretrain import tars  # tars reads through this module, so it is imported here, not above
 
-        tar_ref = tars.split_ref(url)
+        tar_ref = tars.parse_ref(url)
         if tar_ref is not None:
-            return tars.read_member(*tar_ref)
+            return tars.read_ref(tar_ref)
     if not is_url(url):  # plain files skip fsspec's per-call set-up (hot path: one call per image)
         with open(url, "rb") as f:
             return f.read()

@@ -26,17 +26,20 @@ they are: they are not the tar's content. Callers decide what damage costs (docs
 """
 from __future__ import annotations
 
+import logging
 import re
 import tarfile
 import threading
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import fsspec
 
 from sapretrain import storage
 
+log = logging.getLogger(__name__)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
@@ -161,15 +164,74 @@ def list_keys(url: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Members by name: tar-member references (img2dataset tars: ``s3://bucket/cc3m/00012.tar#000120034.jpg``)
+# Members by reference: ``<tar>#<member>`` or, located, ``<tar>#<member>@<offset>:<size>``
+#
+# (img2dataset tars: ``s3://bucket/cc3m/00012.tar#000120034.jpg@1536:48213``). ``offset`` is the byte
+# offset of the member's data in the (uncompressed) tar, ``size`` its length: what a sequential
+# reader knows for free (``Member.offset``/``size``). A located reference is read with ONE ranged
+# read of ``[offset - 512, offset + size)``: the member's own 512-byte header and its data, so the
+# header can vouch that the offset still points at this member (a tar rewritten since the
+# reference was made). A reference without a location (or one whose header does not match: a
+# stale offset, counted in ``STALE_OFFSETS``) is read through the tar's index, built by one
+# streaming pass over the tar (once per process for the ``_INDEXES_MAX`` latest tars).
+
+BLOCK = tarfile.BLOCKSIZE
+LOCATION_RE = re.compile(r"@(\d+):(\d+)$")  # the tail of a located member; image names end in .ext, never so
+STALE_OFFSETS: Counter[str] = Counter()  # tar url -> located reads whose header did not match (then scanned)
+_STALE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TarRef:
+    """A parsed tar-member reference; ``offset``/``size`` are None when the reference has no location."""
+
+    tar: str
+    member: str
+    offset: int | None = None
+    size: int | None = None
+
+    def __str__(self) -> str:
+        return make_ref(self.tar, self.member, self.offset, self.size)
+
+
+def make_ref(tar_url: str, member: str, offset: int | None = None, size: int | None = None) -> str:
+    """``tar#member``, with ``@offset:size`` when both are given (uncompressed tars only: the offset
+    of a member of a compressed tar is in the decompressed stream, no use for a ranged read)."""
+    if offset is None or size is None or not str(tar_url).lower().endswith(".tar"):
+        return f"{tar_url}#{member}"
+    return f"{tar_url}#{member}@{offset}:{size}"
+
+
+def parse_ref(ref: str) -> TarRef | None:
+    """The ``TarRef`` of ``<tar>#<member>[@<offset>:<size>]``, else None (not a tar-member reference).
+
+    ValueError for a location that cannot be a tar member's (data starts after a header, on a
+    512-byte block)."""
+    tar, sep, member = str(ref).rpartition("#")
+    if not (sep and member and tar.lower().endswith(TAR_SUFFIXES)):
+        return None
+    match = LOCATION_RE.search(member)
+    if match is None:
+        return TarRef(tar, member)
+    offset, size = int(match.group(1)), int(match.group(2))
+    if offset < BLOCK or offset % BLOCK:
+        raise ValueError(f"{ref}: offset {offset} is not where a tar member's data can start "
+                         f"(a multiple of {BLOCK} bytes, after a header)")
+    return TarRef(tar, member[: match.start()], offset, size)
 
 
 def split_ref(ref: str) -> tuple[str, str] | None:
-    """``(tar url, member name)`` for a tar-member reference ``<tar>#<member>``, else None."""
-    tar, sep, member = str(ref).rpartition("#")
-    if sep and member and tar.lower().endswith(TAR_SUFFIXES):
-        return tar, member
-    return None
+    """``(tar url, member name)`` for a tar-member reference, location dropped; else None."""
+    parsed = parse_ref(ref)
+    return (parsed.tar, parsed.member) if parsed is not None else None
+
+
+def read_ref(ref: str | TarRef) -> bytes:
+    """The bytes of the member ``ref`` names: one ranged read when it is located, else ``read_member``."""
+    parsed = ref if isinstance(ref, TarRef) else parse_ref(ref)
+    if parsed is None:
+        raise ValueError(f"{ref}: not a tar-member reference (<tar>#<member>)")
+    return read_member(parsed.tar, parsed.member, parsed.offset, parsed.size)
 
 
 _INDEXES: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
@@ -201,10 +263,12 @@ def index(tar_url: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def read_member(tar_url: str, name: str) -> bytes:
-    """One member of a tar by name: a ranged read via the cached ``index`` (uncompressed tars), or
-    a streaming scan (compressed tars: no random access). FileNotFoundError when absent, OSError
-    when the tar is damaged before or in the member."""
+def read_member(tar_url: str, name: str, offset: int | None = None, size: int | None = None) -> bytes:
+    """One member of a tar by name. With its location (``offset``/``size``, uncompressed tars): one
+    ranged read, checked against the member's header; a mismatch (stale offset) is counted in
+    ``STALE_OFFSETS`` and read by name instead. Without: a ranged read via the cached ``index``
+    (uncompressed tars), or a streaming scan (compressed tars: no random access).
+    FileNotFoundError when absent, OSError when the tar is damaged before or in the member."""
     if not tar_url.lower().endswith(".tar"):
         with fsspec.open(tar_url, "rb") as f:
             try:
@@ -214,18 +278,58 @@ def read_member(tar_url: str, name: str) -> bytes:
             except BadTar as e:
                 raise OSError(f"{tar_url}#{name}: the tar is damaged before the member: {e}") from e
         raise FileNotFoundError(f"{name} not in {tar_url}")
+    if offset is not None and size is not None:
+        data = _read_range(tar_url, offset - BLOCK, offset + size, f"{tar_url}#{name}")
+        problem = _header_problem(data, name, size)
+        if problem is None:
+            if len(data) != BLOCK + size:
+                raise OSError(f"{tar_url}#{name}: {len(data) - BLOCK} of {size} bytes (truncated tar)")
+            return data[BLOCK:]
+        with _STALE_LOCK:
+            STALE_OFFSETS[tar_url] += 1
+            first = STALE_OFFSETS[tar_url] == 1
+        if first:
+            log.warning("%s#%s@%d:%d: %s; reading it by name (a scan of the tar) instead. Was the tar rewritten "
+                        "after the references were made?", tar_url, name, offset, size, problem)
     entry = index(tar_url).get(name)
     if entry is None:
         raise FileNotFoundError(f"{name} not in {tar_url} (or the tar is truncated before it)")
     offset, size = entry
-    if not storage.is_url(tar_url):
-        with open(tar_url, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-    else:
-        fs, path = storage.url_to_fs(tar_url)
-        data = storage.retry_transient(lambda: fs.cat_file(path, start=offset, end=offset + size),
-                                       f"{tar_url}#{name}")
+    data = _read_range(tar_url, offset, offset + size, f"{tar_url}#{name}")
     if len(data) != size:
         raise OSError(f"{tar_url}#{name}: {len(data)} of {size} bytes (truncated tar)")
     return data
+
+
+def _read_range(url: str, start: int, end: int, what: str) -> bytes:
+    """Bytes ``[start, end)`` of a file (fewer at its end): one seek + read, or one ranged GET."""
+    if not storage.is_url(url) or url.startswith("file://"):
+        with open(url.removeprefix("file://"), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs, path = storage.url_to_fs(url)
+    return storage.retry_transient(lambda: fs.cat_file(path, start=start, end=end), what)
+
+
+def _header_problem(data: bytes, name: str, size: int) -> str | None:
+    """Why ``data`` (what a located read returns: 512 bytes of header, then the data) is not the
+    header of the member ``name`` of ``size`` bytes, or None when it is.
+
+    The header's checksum, type and size must hold, and its name must be ``name``, except for a
+    name too long or not ASCII for the ustar field: tarfile and GNU tar then keep the full name in
+    a pax or ``././@LongLink`` header before this one and a shortened one here (cut at 100 bytes,
+    ``?`` for each non-ASCII character), which is checked as a prefix."""
+    try:
+        info = tarfile.TarInfo.frombuf(data[:BLOCK], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"no tar header before the offset ({type(e).__name__}: {e})"
+    if not info.isreg() or info.size != size:
+        return f"the header before the offset is {info.name!r} ({info.size} bytes), not a {size}-byte file"
+    if info.name == name:
+        return None
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 100 or not name.isascii():
+        shown = info.name.encode("utf-8", "surrogateescape").split(b"?", 1)[0]
+        if encoded.startswith(shown):
+            return None
+    return f"the header before the offset names {info.name!r}"

@@ -246,13 +246,16 @@ def test_vg_records_regions_and_objects(tmp_path):
 def test_wds_tars_missing_txt_and_truncation(tmp_path):
     records, skips = read("wds", {**wds_files(tmp_path), "source_name": "cc3m"})
     folder = tmp_path / "wds"
+    # Image references carry the member's data offset and size (one 512-byte header per member here).
     assert records == [
-        {"id": "cc3m-000000", "image": f"{folder}/00000.tar#000000.jpg", "caption": "a bird on a wire", "source": "cc3m",
-         "width": 256, "height": 192, "url": "http://e.com/0.jpg"},
-        {"id": "cc3m-000001", "image": f"{folder}/00000.tar#000001.jpg", "caption": "a boat under a bridge",
+        {"id": "cc3m-000000", "image": f"{folder}/00000.tar#000000.jpg@512:7", "caption": "a bird on a wire",
+         "source": "cc3m", "width": 256, "height": 192, "url": "http://e.com/0.jpg"},
+        {"id": "cc3m-000001", "image": f"{folder}/00000.tar#000001.jpg@3584:7", "caption": "a boat under a bridge",
          "source": "cc3m", "width": 64, "height": 64},
-        {"id": "cc3m-000004", "image": f"{folder}/00000.tar#000004.png", "caption": "a png image", "source": "cc3m"},
-        {"id": "cc3m-000010", "image": f"{folder}/00001.tar#000010.jpg", "caption": "a cup on a table", "source": "cc3m"},
+        {"id": "cc3m-000004", "image": f"{folder}/00000.tar#000004.png@8704:3", "caption": "a png image",
+         "source": "cc3m"},
+        {"id": "cc3m-000010", "image": f"{folder}/00001.tar#000010.jpg@512:2002", "caption": "a cup on a table",
+         "source": "cc3m"},
     ]  # fmt: skip
     assert skips.counts == Counter(missing_caption=1, missing_image=1, sidecar_bad_json=1, truncated_tar=1, missing_input=1)
     assert split_tar_ref(records[0]["image"]) == (f"{folder}/00000.tar", "000000.jpg")
@@ -279,19 +282,184 @@ def test_tar_member_references_are_read(tmp_path, s3_env):
 
 def test_make_shards_reads_images_inside_tars(tmp_path):
     from conftest import make_image, sample_line, write_manifest
+    from sapretrain import tars
     from sapretrain.shards.writer import ShardConfig, make_shards
 
     with tarfile.open(tmp_path / "web-00000.tar", "w") as tar:
         for i in range(4):
             make_image(tmp_path / f"{i}.jpg", seed=i)
             tar.add(tmp_path / f"{i}.jpg", arcname=f"{i:06d}.jpg")
-    lines = [sample_line(i, f"web-00000.tar#{i:06d}.jpg", i ^ 1) for i in range(4)]
+    with open(tmp_path / "web-00000.tar", "rb") as f:  # 0 and 1 located (as collect_captions writes them)
+        located = {m.name: tars.make_ref("web-00000.tar", m.name, m.offset, m.size) for m in tars.files(f)}
+    lines = [sample_line(i, located[f"{i:06d}.jpg"] if i < 2 else f"web-00000.tar#{i:06d}.jpg", i ^ 1)
+             for i in range(4)]
     lines.append(sample_line(4, "web-00000.tar#000099.jpg", 0))  # not in the tar
     manifest = write_manifest(tmp_path / "manifest.jsonl", lines)
     report = make_shards(str(manifest), str(tmp_path / "shards"), ShardConfig(image_size=64, roi_size=64),
                          progress=False)
     assert report.summary["records"] == 2  # two mutual pairs
     assert report.summary["skipped"]["counts"] == {"missing_image": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# img2dataset shards: the parquet beside the tar, _stats.json, located references over S3
+
+SHARD_ROWS = [  # key, status, caption, error_message
+    ("000000000", "success", "a dog on a bench", None),
+    ("000000001", "failed_to_download", "never here", "<urlopen error timed out>"),
+    ("000000002", "success", "  a cat   under a table ", None),
+    ("000000003", "failed_to_resize", "too small", "image size is too small"),
+    ("000000004", "failed_to_download", "gone", "HTTP Error 404: Not Found"),
+    ("000000005", "success", None, None),  # img2dataset keeps a sample whose caption is null
+]
+
+
+def img2dataset_shard(folder: Path, parquet: bool = True, stats: bool = True) -> str:
+    """One shard as img2dataset writes it: 00000.tar (successes), 00000.parquet (every row),
+    00000_stats.json; returns the tar's path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for n, (key, status, caption, error) in enumerate(SHARD_ROWS):
+            meta = {"url": f"http://e.com/{n}.jpg", "caption": caption, "key": key, "status": status,
+                    "error_message": error, "width": 64 if status == "success" else None,
+                    "height": 48 if status == "success" else None, "original_width": 640, "exif": "{}"}
+            rows.append(meta)
+            if status == "success":
+                add_member(tar, f"{key}.jpg", b"\xff\xd8" + key.encode())
+                if caption is not None:
+                    add_member(tar, f"{key}.txt", caption.encode())
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+    if parquet:
+        pq.write_table(pa.Table.from_pylist(rows), folder / "00000.parquet")
+    if stats:
+        counts = Counter(status for _, status, _, _ in SHARD_ROWS)
+        write_json(folder / "00000_stats.json", {
+            "count": len(SHARD_ROWS), "successes": counts["success"], "failed_to_download": counts["failed_to_download"],
+            "failed_to_resize": counts["failed_to_resize"], "duration": 1.5, "start_time": 0.0, "end_time": 1.5,
+            "status_dict": {"success": 3, "<urlopen error timed out>": 1, "HTTP Error 404: Not Found": 1}})
+    return str(folder / "00000.tar")
+
+
+def test_img2dataset_parquet_gives_the_captions_without_opening_the_tar(tmp_path, monkeypatch):
+    import fsspec
+
+    from sapretrain import tars
+
+    tar = img2dataset_shard(tmp_path / "web")
+    opened, real_open = [], fsspec.open
+    monkeypatch.setattr(fsspec, "open", lambda url, *a, **k: opened.append(str(url)) or real_open(url, *a, **k))
+    monkeypatch.setattr(tars, "files", lambda *a, **k: pytest.fail("the tar was read"))
+    records, skips = read("wds", {"inputs": tar, "source_name": "cc12m"})
+    assert [url for url in opened if ".tar" in url] == [] and opened == [str(tmp_path / "web" / "00000.parquet")]
+    assert records == [
+        {"id": "cc12m-000000000", "image": f"{tar}#000000000.jpg", "caption": "a dog on a bench", "source": "cc12m",
+         "width": 64, "height": 48, "url": "http://e.com/0.jpg"},
+        {"id": "cc12m-000000002", "image": f"{tar}#000000002.jpg", "caption": "a cat under a table",
+         "source": "cc12m", "width": 64, "height": 48, "url": "http://e.com/2.jpg"},
+    ]  # fmt: skip
+    assert skips.counts == Counter(failed_to_download=2, failed_to_resize=1, missing_caption=1)
+    assert "HTTP Error 404" in skips.examples["failed_to_download"][1]
+    monkeypatch.undo()
+    assert storage.read_bytes(records[1]["image"]) == b"\xff\xd8000000002"  # KEY.jpg is in the tar
+    png, _ = read("wds", {"inputs": tar, "image_ext": "PNG"})
+    assert png[0]["image"] == f"{tar}#000000000.png"  # img2dataset --encode_format png
+    with pytest.raises(ValueError, match="an extension such as jpg"):
+        read("wds", {"inputs": tar, "image_ext": ".jpg"})
+    with pytest.raises(ValueError, match="--image-ext does not apply to --source csv"):
+        reader_options("csv", {"inputs": "a.csv", "image_ext": "png"})
+
+
+def test_without_a_parquet_the_tar_scan_and_stats_give_the_same_records_and_counts(tmp_path):
+    with_parquet, parquet_skips = read("wds", {"inputs": img2dataset_shard(tmp_path / "a")})
+    scanned, scan_skips = read("wds", {"inputs": img2dataset_shard(tmp_path / "b", parquet=False)})
+    strip = lambda r: {k: v for k, v in r.items() if k != "image"}  # noqa: E731
+    assert [strip(r) for r in scanned] == [strip(r) for r in with_parquet]
+    assert scan_skips.counts == parquet_skips.counts == Counter(failed_to_download=2, failed_to_resize=1,
+                                                                missing_caption=1)
+    assert scanned[0]["image"].endswith("00000.tar#000000000.jpg@512:11")  # the scan locates the members
+    no_stats, skips = read("wds", {"inputs": img2dataset_shard(tmp_path / "c", parquet=False, stats=False)})
+    assert len(no_stats) == 2 and skips.counts == Counter(missing_caption=1)  # the failures are not in the tar
+
+
+def test_an_unreadable_parquet_is_counted_and_the_tar_scanned(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tar = img2dataset_shard(tmp_path / "web", stats=False)
+    parquet = tmp_path / "web" / "00000.parquet"
+    parquet.write_bytes(b"PAR1 not really")
+    records, skips = read("wds", {"inputs": tar})
+    assert [r["id"] for r in records] == ["wds-000000000", "wds-000000002"] and "@" in records[0]["image"]
+    assert skips.counts == Counter(unreadable_parquet=1, missing_caption=1)
+    pq.write_table(pa.table({"key": ["000000000"], "caption": ["x"]}), parquet)  # no status column
+    records, skips = read("wds", {"inputs": tar})
+    assert len(records) == 2 and "no 'key'/'status' column" in skips.examples["unreadable_parquet"][0]
+    (tmp_path / "web" / "00000.tar").unlink()
+    pq.write_table(pa.Table.from_pylist([{"key": "1", "status": "success", "caption": "x"}]), parquet)
+    assert read("wds", {"inputs": tar})[1].counts == Counter(missing_input=1)
+
+
+class CountingFS:
+    """A filesystem proxy that records each call (name, keyword arguments, bytes returned)."""
+
+    def __init__(self, fs, calls: list):
+        self._fs, self._calls = fs, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            result = attr(*args, **kwargs)
+            self._calls.append((name, kwargs, len(result) if isinstance(result, bytes) else None))
+            return result
+
+        return call
+
+
+def test_located_refs_over_s3_are_one_ranged_read_and_a_stale_one_is_caught(tmp_path, s3_env, monkeypatch):
+    from sapretrain import tars
+
+    fs = s3_env
+    fs.mkdir("web-tars")
+    tar = img2dataset_shard(tmp_path / "web")
+    fs.put_file(tar, "web-tars/cc12m/00000.tar")
+    fs.put_file(str(tmp_path / "web" / "00000_stats.json"), "web-tars/cc12m/00000_stats.json")
+    records, skips = read("wds", {"inputs": "s3://web-tars/cc12m/*.tar"})
+    assert skips.counts == Counter(failed_to_download=2, failed_to_resize=1, missing_caption=1)
+    ref = records[1]["image"]
+    assert ref == "s3://web-tars/cc12m/00000.tar#000000002.jpg@3584:11"
+
+    calls, real = [], storage.url_to_fs
+    monkeypatch.setattr(storage, "url_to_fs", lambda url: (CountingFS(real(url)[0], calls), real(url)[1]))
+    monkeypatch.setattr(storage, "open_retrying", lambda *a, **k: pytest.fail("the tar was scanned"))
+    tars._INDEXES.pop("s3://web-tars/cc12m/00000.tar", None)
+    assert storage.read_bytes(ref) == b"\xff\xd8000000002"
+    assert calls == [("cat_file", {"start": 3584 - 512, "end": 3584 + 11}, 512 + 11)]  # one ranged GET
+    assert "s3://web-tars/cc12m/00000.tar" not in tars._INDEXES
+    monkeypatch.undo()
+
+    with tarfile.open(tmp_path / "rewritten.tar", "w") as rewritten:  # the shard re-made: one more member first
+        add_member(rewritten, "000000000.extra", b"x" * 700)
+        with tarfile.open(tar) as original:
+            for info in original:
+                rewritten.addfile(info, original.extractfile(info))
+    fs.put_file(str(tmp_path / "rewritten.tar"), "web-tars/cc12m/00000.tar")
+    storage.url_to_fs("s3://web-tars")[0].invalidate_cache()  # the glob above listed the old object
+    tars.STALE_OFFSETS.pop("s3://web-tars/cc12m/00000.tar", None)
+    assert storage.read_bytes(ref) == b"\xff\xd8000000002"  # found by name (index over S3)
+    assert tars.STALE_OFFSETS["s3://web-tars/cc12m/00000.tar"] == 1
+
+    fs.put_file(str(tmp_path / "web" / "00000.parquet"), "web-tars/cc12m/00000.parquet")
+    storage.url_to_fs("s3://web-tars")[0].invalidate_cache()
+    from_parquet, _ = read("wds", {"inputs": "s3://web-tars/cc12m/00000.tar"})
+    assert [r["image"] for r in from_parquet] == ["s3://web-tars/cc12m/00000.tar#000000000.jpg",
+                                                  "s3://web-tars/cc12m/00000.tar#000000002.jpg"]
 
 
 def test_csv_rows(tmp_path):
@@ -412,7 +580,7 @@ def test_s3_inputs_and_output(tmp_path, s3_env):
     options = {"inputs": ["s3://sources-test/wds/*.tar"], "source_name": "cc3m"}
     report = collect("wds", "s3://sources-test/out/cc3m.jsonl", options, progress=False)
     lines = [json.loads(x) for x in fs.cat_file("sources-test/out/cc3m.jsonl").decode().splitlines()]
-    assert report.records == 4 and lines[0]["image"] == "s3://sources-test/wds/00000.tar#000000.jpg"
+    assert report.records == 4 and lines[0]["image"] == "s3://sources-test/wds/00000.tar#000000.jpg@512:7"
     assert report.skips.counts == Counter(missing_caption=1, missing_image=1, sidecar_bad_json=1, truncated_tar=1)
     assert not [p for p in fs.find("sources-test/out") if ".tmp" in p]
 

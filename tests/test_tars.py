@@ -15,7 +15,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from conftest import PROJECT_ROOT
-from sapretrain import tars
+from sapretrain import storage, tars
 from sapretrain.curation.sources import read_tar
 from sapretrain.shards.manifest import SkipLog
 
@@ -161,6 +161,131 @@ def test_members_by_name_of_a_damaged_tar(tmp_path):
     with pytest.raises(OSError, match="damaged"):
         tars.read_member(str(gz), "c.jpg")
     assert tars.split_ref(f"{gz}#c.jpg") == (str(gz), "c.jpg") and tars.split_ref("a.jpg#b") is None
+
+
+# ---------------------------------------------------------------- located references: TAR#member@offset:size
+
+LONG = "deep/" * 25 + "000007.jpg"  # 135 bytes: the full name is in a pax or ././@LongLink header
+
+
+def located_tar(path, fmt=tarfile.PAX_FORMAT, order=None) -> dict[str, bytes]:
+    """A tar of short, long and non-ASCII names; returns name -> data (written in ``order``)."""
+    members = {"000001.jpg": b"\xff\xd8one", LONG: b"\xff\xd8long" * 50, "café/000002.jpg": b"\xff\xd8two" * 99,
+               "000003.jpg": b"\xff\xd8six", "000004.jpg": b"\xff\xd8ten"}  # 3 and 4: the same size
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name in order or members:
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    return members
+
+
+def located_refs(path) -> dict[str, str]:
+    """name -> located reference, from a sequential read (what collect_captions does)."""
+    with open(path, "rb") as f:
+        return {m.name: tars.make_ref(str(path), m.name, m.offset, m.size) for m in tars.files(f, str(path))}
+
+
+class CountingOpen:
+    """``open`` for tars.py that counts the files opened and the bytes each read returns."""
+
+    def __init__(self):
+        self.opened, self.reads = [], []
+
+    def __call__(self, path, *args, **kwargs):
+        self.opened.append(str(path))
+        return CountedFile(open(path, *args, **kwargs), self.reads)
+
+
+class CountedFile:
+    def __init__(self, f, reads: list):
+        self.f, self.reads = f, reads
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.reads.append(len(data))
+        return data
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_ref_format_round_trip():
+    ref = tars.make_ref("s3://b/cc3m/00012.tar", "000120034.jpg", 1536, 48213)
+    assert ref == "s3://b/cc3m/00012.tar#000120034.jpg@1536:48213"
+    assert tars.parse_ref(ref) == tars.TarRef("s3://b/cc3m/00012.tar", "000120034.jpg", 1536, 48213)
+    assert str(tars.parse_ref(ref)) == ref
+    assert tars.split_ref(ref) == ("s3://b/cc3m/00012.tar", "000120034.jpg")  # location dropped
+    assert tars.parse_ref("a.tar#x.jpg") == tars.TarRef("a.tar", "x.jpg")
+    assert tars.make_ref("a.tar.gz", "x.jpg", 1536, 10) == "a.tar.gz#x.jpg"  # no random access: no location
+    assert tars.parse_ref("/data/a#b.jpg@512:3") is None
+    for bad in ("a.tar#x.jpg@100:3", "a.tar#x.jpg@0:3"):  # not on a block, or where a header must be
+        with pytest.raises(ValueError, match="not where a tar member's data can start"):
+            tars.parse_ref(bad)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_located_ref_is_one_ranged_read_and_builds_no_index(tmp_path, monkeypatch, fmt):
+    path = tmp_path / "00000.tar"
+    members = located_tar(path, fmt)
+    refs = located_refs(path)
+    counting = CountingOpen()
+    monkeypatch.setattr(tars, "open", counting, raising=False)
+    monkeypatch.setattr(tars.storage, "open_retrying", lambda *a, **k: pytest.fail("the tar was scanned"))
+    tars._INDEXES.pop(str(path), None)
+    for name, data in members.items():
+        counting.opened.clear(), counting.reads.clear()
+        assert storage.read_bytes(refs[name]) == data
+        assert counting.opened == [str(path)] and counting.reads == [512 + len(data)]  # header + data
+    assert str(path) not in tars._INDEXES and not tars.STALE_OFFSETS[str(path)]
+
+
+def test_a_stale_offset_is_detected_and_read_by_name(tmp_path, caplog):
+    path = tmp_path / "00000.tar"
+    members = located_tar(path)
+    refs = located_refs(path)
+    names = list(members)
+    located_tar(path, order=names[::-1])  # the shard rewritten: every offset moves
+    tars._INDEXES.pop(str(path), None)
+    tars.STALE_OFFSETS.pop(str(path), None)
+    with caplog.at_level("WARNING", logger="sapretrain.tars"):
+        for name, data in members.items():
+            assert storage.read_bytes(refs[name]) == data  # found by name after all
+    assert tars.STALE_OFFSETS[str(path)] == len(members)
+    assert sum("Was the tar rewritten" in r.getMessage() for r in caplog.records) == 1  # once per tar
+    # 000003/000004 swapped: same size, so only the header's name tells them apart
+    located_tar(path, order=names[:3] + ["000004.jpg", "000003.jpg"])
+    tars._INDEXES.pop(str(path), None)
+    assert storage.read_bytes(refs["000003.jpg"]) == members["000003.jpg"]
+    assert tars.STALE_OFFSETS[str(path)] == len(members) + 1
+    problem = tars._header_problem(path.read_bytes()[:2048], "000001.jpg", 999)
+    assert "not a 999-byte file" in problem
+    assert "no tar header" in tars._header_problem(b"\xff" * 1024, "000001.jpg", 512)
+
+
+def test_a_located_ref_into_a_truncated_tar_says_truncated(tmp_path):
+    path = tmp_path / "cut.tar"
+    members = located_tar(path)
+    refs = located_refs(path)
+    data = path.read_bytes()
+    ref = refs["café/000002.jpg"]
+    offset = tars.parse_ref(ref).offset
+    path.write_bytes(data[: offset + 10])  # its header whole, its data cut
+    tars._INDEXES.pop(str(path), None)
+    tars.STALE_OFFSETS.pop(str(path), None)
+    with pytest.raises(OSError, match=r"10 of 495 bytes \(truncated tar\)"):
+        storage.read_bytes(ref)
+    assert not tars.STALE_OFFSETS[str(path)]  # the header matched: damage, not a stale offset
+    assert storage.read_bytes(refs["000001.jpg"]) == members["000001.jpg"]
+    with pytest.raises(FileNotFoundError):  # past the end: stale, and not in what is left of the tar
+        storage.read_bytes(refs["000004.jpg"])
+    assert tars.STALE_OFFSETS[str(path)] == 1
 
 
 # ---------------------------------------------------------------- what each caller counts

@@ -10,7 +10,7 @@ r"""Image–caption sources → one captions JSONL (the input of sapretrain extr
         --source-name cc3m --output cc3m.jsonl
     sapretrain collect-captions --source csv|jsonl --input FILE [FILE ...] --output out.jsonl
 
-Record format, image references (``tar#member`` for tars), splitting and skip reasons are
+Record format, image references (``tar#member@offset:size`` for tars), splitting and skip reasons are
 documented in sapretrain/curation/sources.py. An existing output is left alone (re-running a
 finished part does nothing) unless --overwrite.
 """
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs.add_argument(
         "--image-root", help="coco/vg (required), csv/tsv/jsonl: folder relative image names resolve against"
     )
+    inputs.add_argument(
+        "--image-ext", help="wds with img2dataset parquet: the images' extension (--encode_format; default jpg)"
+    )
     columns = parser.add_argument_group("csv / tsv / jsonl")
     columns.add_argument("--caption-column", help="caption column or field (default: caption)")
     columns.add_argument("--image-column", help="image column or field (default: first of path, image, url)")
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in (
             "captions", "instances", "regions", "objects", "image_data", "inputs", "image_root",
             "caption_column", "image_column", "id_column", "columns", "min_object_overlap", "source_name",
+            "image_ext",
         )
     }  # fmt: skip
     try:

@@ -15,8 +15,11 @@ A caption record (one JSON object per line of the output)::
   ``vg-<image_id>-<region_id>``, ``<source>-<tar key>`` for tars, ``<source>-<file stem>-<row>``
   (or the sanitised ``id`` column/field) for CSV/TSV/JSONL.
 - ``image`` is a local path (made absolute), an fsspec URL, or for an image inside a tar a
-  **tar-member reference** ``<tar path or URL>#<member name>``, e.g.
-  ``s3://bucket/cc3m/00012.tar#000120034.jpg`` (see ``tars.split_ref``).
+  **tar-member reference** ``<tar path or URL>#<member name>[@<offset>:<size>]``, e.g.
+  ``s3://bucket/cc3m/00012.tar#000120034.jpg@1536:48213`` (see ``tars.parse_ref``): ``offset`` is
+  where the member's data starts in the (uncompressed) tar, ``size`` its length, so a later read
+  is one ranged read. Tars read here give located references; references made from img2dataset's
+  parquet (below) and from compressed tars have none (read through the tar's index or a scan).
 - ``caption`` is the source text with runs of whitespace collapsed to one space.
 - ``width``/``height`` (pixels of the referenced image) are present only when the source states
   them; ``objects`` only when the source has ground-truth boxes (COCO instances, VG objects); an
@@ -24,6 +27,11 @@ A caption record (one JSON object per line of the output)::
   ``[x0, y0, x1, y1]`` pixels, clipped to the image when its size is known. COCO crowd boxes carry
   ``"crowd": true``. VG records also carry their region's ``region`` box, and only the objects at
   least ``min_object_overlap`` inside that region.
+
+``wds`` (img2dataset output): for ``SHARD.tar``, the ``SHARD.parquet`` beside it gives the
+captions without opening the tar (its ``success`` rows; ``KEY.<--image-ext>`` images, default jpg,
+img2dataset's ``--encode_format``); without a parquet the tar is scanned and ``SHARD_stats.json``
+gives the count of samples that never reached it.
 
 Splitting (``--part/--num-parts``): COCO and VG by image (all captions of an image in one part),
 tars by input file, CSV/TSV/JSONL by row. Skips are counted by the part that owns the input, so
@@ -34,7 +42,10 @@ text), ``empty_caption``, ``bad_encoding``, ``missing_image``, ``unknown_image``
 image id not in the file), ``bad_image_entry``, ``bad_annotation``, ``bad_row`` (CSV/TSV field
 count or syntax), ``bad_json``, ``bad_encoding``, ``too_deep``, ``bad_number``, ``line_too_long``
 (a JSONL line the shared reader ``sapretrain.jsonl`` refuses). Whole inputs: ``missing_input``, ``unreadable_tar``,
-``truncated_tar`` (the records before the damage are kept, the incomplete last key is dropped).
+``truncated_tar`` (the records before the damage are kept, the incomplete last key is dropped),
+``unreadable_parquet`` (the tar is scanned instead), ``unreadable_stats``. img2dataset samples that
+are not in the tar: ``failed_to_download``, ``failed_to_resize`` (parquet rows or ``_stats.json``
+counts), ``bad_status`` (a parquet status img2dataset does not write).
 Only part of a record is dropped for: ``object_bad_box``, ``object_no_name``,
 ``object_unknown_category``, ``region_bad_box``, ``sidecar_bad_json`` (tar json side-car).
 """
@@ -400,19 +411,134 @@ def _vg_objects(raw: list, width, height, skips: SkipLog, image_id) -> list[dict
 
 
 def read_wds(
-    inputs: str | list[str], *, skips: SkipLog, split: Split = Split(), source_name: str = "wds"
+    inputs: str | list[str],
+    image_ext: str = "jpg",
+    *,
+    skips: SkipLog,
+    split: Split = Split(),
+    source_name: str = "wds",
 ) -> Iterator[Record]:
-    """One record per key of img2dataset tars (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``).
+    """One record per sample of img2dataset tars (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``).
 
-    The tars are streamed (no seeking: works the same on object storage). Split by input file.
+    Split by input file. For each tar, img2dataset's ``SHARD.parquet`` beside it is read when it
+    exists (``read_shard_parquet``: captions without opening the tar; images named
+    ``KEY.<image_ext>``, img2dataset's ``--encode_format``); else the tar is streamed
+    (``read_tar``: no seeking, works the same on object storage; refs carry member locations) and
+    ``SHARD_stats.json`` (when present) counts the downloads that never reached the tar.
     """
+    if not re.fullmatch(r"[A-Za-z0-9]+", image_ext):
+        raise ValueError(f"--image-ext {image_ext!r}: an extension such as jpg, png or webp")
     for index, url in enumerate(expand_inputs(inputs)):
-        if split.mine(index):
-            yield from read_tar(absolute(url), skips, source_name)
+        if not split.mine(index):
+            continue
+        url = absolute(url)
+        parquet = shard_sidecar(url, ".parquet")
+        if parquet is not None and storage.exists(parquet):
+            if not storage.exists(url):
+                skips.add("missing_input", f"{url}: no such tar (its parquet {parquet} lists it)")
+                continue
+            rows = _parquet_rows(parquet, skips)
+            if rows is not None:
+                yield from read_shard_parquet(url, rows, image_ext.lower(), skips, source_name, parquet)
+                continue
+        yield from read_tar(url, skips, source_name)
+        stats = shard_sidecar(url, "_stats.json")
+        if stats is not None and storage.exists(stats):
+            _count_failed_downloads(stats, skips)
+
+
+# img2dataset's per-shard parquet: every sample of the shard's input, downloaded or not. ``status``
+# is "success" (the sample is in the tar as KEY.<encode_format>), "failed_to_download" or
+# "failed_to_resize" (not in the tar); ``error_message`` says why.
+PARQUET_COLUMNS = ("key", "caption", "status", "error_message", "url", "width", "height")
+FAILED_STATUSES = ("failed_to_download", "failed_to_resize")  # also the keys of SHARD_stats.json
+
+
+def shard_sidecar(tar_url: str, suffix: str) -> str | None:
+    """``00000.parquet`` / ``00000_stats.json`` beside ``00000.tar`` (img2dataset's names)."""
+    for tar_suffix in tars.TAR_SUFFIXES:
+        if tar_url.lower().endswith(tar_suffix):
+            return tar_url[: -len(tar_suffix)] + suffix
+    return None
+
+
+def _parquet_rows(url: str, skips: SkipLog) -> list[dict] | None:
+    """The rows of a shard's parquet (the columns a record needs), or None (counted
+    ``unreadable_parquet``: the tar is scanned instead). A shard's parquet is small (~1 MB for
+    10,000 samples), so it is read whole: nothing is yielded from a file that fails half-way."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{url}: reading img2dataset parquet needs pyarrow "
+                          "(pip install 'sapretrain[curation]')") from None
+    try:
+        with storage.retry_transient(lambda: fsspec.open(url, "rb").open(), url) as f:
+            table = pq.ParquetFile(f)
+            columns = [c for c in PARQUET_COLUMNS if c in table.schema_arrow.names]
+            if "key" not in columns or "status" not in columns:
+                raise ValueError(f"no 'key'/'status' column (columns: {table.schema_arrow.names})")
+            return table.read(columns=columns).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        skips.add("unreadable_parquet", f"{url}: {type(e).__name__}: {e}; the tar is scanned instead")
+        return None
+
+
+def read_shard_parquet(tar_url: str, rows: list[dict], image_ext: str, skips: SkipLog, source_name: str,
+                       where: str = "") -> Iterator[Record]:
+    """The caption records of one img2dataset shard from its parquet ``rows``; the tar is not opened.
+
+    Only ``status == "success"`` rows are in the tar; the others are counted by status
+    (``failed_to_download``, ``failed_to_resize``; ``bad_status`` for any other value) with their
+    ``error_message``. Image references have no location (``tar#KEY.jpg``): finding the members'
+    offsets would mean reading the tar's headers, and on object storage a header-only pass costs
+    one request per member, about what the whole-tar scan this path avoids costs. The first later
+    read of a member builds the tar's index instead (once per tar per process), for the tars whose
+    images are read at all."""
+    where = where or tar_url
+    for number, row in enumerate(rows):
+        key, status = row.get("key"), row.get("status")
+        if status != "success":
+            reason = status if status in FAILED_STATUSES else "bad_status"
+            skips.add(reason, f"{where} row {number} (key {key!r}): {row.get('error_message') or status!r}")
+            continue
+        if not isinstance(key, str) or not key.strip():
+            skips.add("missing_image", f"{where} row {number}: no key")
+            continue
+        caption = clean_caption(row.get("caption"), skips, f"{where} row {number} (key {key})")
+        if caption is None:
+            continue
+        url = row.get("url")
+        yield make_record(
+            f"{safe_id(source_name)}-{safe_id(key)}",
+            tars.make_ref(tar_url, f"{key}.{image_ext}"),
+            caption,
+            source_name,
+            positive_int(row.get("width")),
+            positive_int(row.get("height")),
+            url=url if isinstance(url, str) else None,
+        )
+
+
+def _count_failed_downloads(url: str, skips: SkipLog) -> None:
+    """The samples img2dataset could not download or resize (not in the tar), from ``_stats.json``."""
+    try:
+        stats = json.loads(storage.read_bytes(url))
+    except (OSError, ValueError) as e:
+        skips.add("unreadable_stats", f"{url}: {type(e).__name__}: {e}")
+        return
+    if not isinstance(stats, dict):
+        skips.add("unreadable_stats", f"{url}: not a JSON object")
+        return
+    for reason in FAILED_STATUSES:
+        count = stats.get(reason)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            skips.add(reason, f"{url}: {reason} {count} of {stats.get('count')} samples")
+            skips.counts[reason] += count - 1  # one count per sample, one example per shard
 
 
 def read_tar(url: str, skips: SkipLog, source_name: str) -> Iterator[Record]:
-    """The caption records of one tar (``tars.records``: webdataset's key rule)."""
+    """The caption records of one tar (``tars.records``: webdataset's key rule); image references
+    carry the member's location (``tar#member@offset:size``, uncompressed tars)."""
     kept, seen, key = 0, 0, None
 
     def value(member: tars.Member) -> bytes | str | None:
@@ -422,7 +548,7 @@ def read_tar(url: str, skips: SkipLog, source_name: str) -> Iterator[Record]:
             return member.read()
         if member.ext in IMAGE_EXTS:
             member.read()  # reading the data (not skipping it) is what detects an image cut short
-            return member.name
+            return tars.make_ref(url, member.name, member.offset, member.size)
         return None
 
     try:
@@ -442,7 +568,7 @@ def read_tar(url: str, skips: SkipLog, source_name: str) -> Iterator[Record]:
 
 
 def _tar_record(url: str, group: dict, skips: SkipLog, source_name: str) -> Record | None:
-    """One caption record from a tar record (``txt``/``json`` bytes, image extensions -> member name)."""
+    """One caption record from a tar record (``txt``/``json`` bytes, image extensions -> reference)."""
     key = group["__key__"]
     where = f"{url}#{key}"
     image = next((group[ext] for ext in group if ext in IMAGE_EXTS), None)
@@ -470,7 +596,7 @@ def _tar_record(url: str, group: dict, skips: SkipLog, source_name: str) -> Reco
     url_meta = meta.get("url")
     return make_record(
         f"{safe_id(source_name)}-{safe_id(key)}",
-        f"{url}#{image}",
+        image,
         caption,
         source_name,
         positive_int(meta.get("width")),
