@@ -1,6 +1,8 @@
-"""Manifest → shards → read back; bad inputs; resume after SIGKILL; parts; S3."""
+"""Manifest → shards → read back; bad inputs; resume after SIGKILL; parts; S3; the on-disk plan
+against the in-memory one."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -15,8 +17,11 @@ import webdataset as wds
 
 from conftest import OBJ_COLOR, PROJECT_ROOT, SUBJ_COLOR, make_image, png_bomb, sample_line, write_manifest
 from sapretrain.shards import schema
+from sapretrain.shards import manifest as manifest_module
 from sapretrain.shards.check import check_shards
-from sapretrain.shards.writer import ShardConfig, make_shards
+from sapretrain.shards.manifest import SkipLog, read_manifest
+from sapretrain.shards.process import hashed_image_key
+from sapretrain.shards.writer import ShardConfig, claim_output, finalize, make_shards, plan_shards, write_shard
 
 CFG = ShardConfig(image_size=64, roi_size=32, shard_size=3)
 
@@ -262,3 +267,127 @@ def test_s3_input_and_output(small_manifest, tmp_path, s3_env):
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "sizes.json"):
         assert fs.cat_file(f"shards-test/out/{name}") == (local / name).read_bytes(), name
     assert not [p for p in fs.find("shards-test/out") if ".tmp" in p]
+
+
+# ---------------------------------------------------------------- the on-disk plan vs the in-memory one
+
+
+def in_memory_plan(manifest: str):
+    """The planner make_shards used before the on-disk plan, verbatim: the test oracle.
+    Returns (records, merged, skips, samples read)."""
+    skips = SkipLog()
+    samples = read_manifest(manifest, skips)
+    by_id = {s["id"]: s for s in samples}
+    order = {s["id"]: i for i, s in enumerate(samples)}
+    records, merged = [], 0
+    for i, anchor in enumerate(samples):
+        partner = by_id.get(anchor["positive"])
+        if partner is None:
+            skips.add("missing_partner", f"{anchor['id']}: positive {anchor['positive']!r} is not a valid sample")
+            continue
+        same_key = anchor.get("image_key") is not None and anchor.get("image_key") == partner.get("image_key")
+        if partner["id"] == anchor["id"] or partner["image"] == anchor["image"] or same_key:
+            skips.add("partner_same_image", f"{anchor['id']}: positive {partner['id']!r} is the same image")
+            continue
+        if partner["positive"] == anchor["id"] and order[partner["id"]] < i:
+            merged += 1
+            continue
+        records.append((anchor, partner))
+    return records, merged, skips, len(samples)
+
+
+def tricky_lines(n_images: int) -> list:
+    """Every pairing rule and its edge cases; images ``images/{k}.jpg`` with k < n_images."""
+    def line(i, partner, image=None, **extra):
+        out = sample_line(i, image or f"images/{i % n_images}.jpg", 0)
+        out["positive"] = partner if isinstance(partner, str) else f"s{partner:04d}"
+        out.update(extra)
+        return out
+
+    lines = ["", "{not json", "[1, 2]"]
+    lines += [line(0, 1), line(1, 0)]  # a mutual pair: one record
+    lines += [line(2, 3), line(3, 4), line(4, 2)]  # a ring: three records
+    lines += [line(5, 5)]  # its own partner
+    lines += [line(6, 7), line(7, 8, image="images/6.jpg")]  # 6 and 7 show the same file
+    lines += [line(8, 9, image_key=42), line(9, 10, image_key=42)]  # same image_key
+    lines += [line(10, 11, image_key=43), line(11, 12, image_key="43")]  # int 43 and "43" differ
+    # A manifest key equal to another sample's hashed key is the same image.
+    lines += [line(12, 13, image="images/x/12.jpg"), line(13, 14, image_key=hashed_image_key("images/x/12.jpg"))]
+    lines += [line(14, "nobody"), line(15, 16)]
+    bad = line(16, 15)
+    bad["boxes"]["subj"] = [5, 5, 1, 1]  # invalid: 15's partner is no valid sample
+    lines += [bad]
+    invalid_first = line(17, 18)
+    del invalid_first["negative"]
+    lines += [invalid_first, line(17, 18), line(18, 17)]  # the first valid line of an id counts
+    lines += [line(19, 20), line(20, 19), line(21, 19), line(19, 21)]  # the second 19 is a duplicate
+    lines += [line(22, 23), line(23, 22)] * 4  # six duplicates: examples keep the first five, in order
+    lines += [line(30 + k, f"gone{k}") for k in range(7)]  # seven missing partners
+    lines += [line(40 + k, 40 + (k + 1) % 9) for k in range(9)]  # a longer ring
+    lines += [line(50, 0), line(0, 50)]  # a partner that belongs to an earlier pair; a duplicate
+    return lines
+
+
+def shard_plan_records(plan) -> list[tuple[dict, dict]]:
+    return [record for i in range(plan.shard_count) for record in plan.shard_records(i)]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_on_disk_plan_equals_the_in_memory_plan(tmp_path, monkeypatch, compressed):
+    monkeypatch.setattr(manifest_module, "INSERT_BATCH", 3)  # several batches even for this small input
+    path = write_manifest(tmp_path / "m.jsonl", tricky_lines(8))
+    if compressed:  # no byte offset into a .gz means anything: the index keeps its own copy of the lines
+        gz = tmp_path / "m.jsonl.gz"
+        gz.write_bytes(gzip.compress(path.read_bytes()))
+        path = gz
+    records, merged, skips, samples_read = in_memory_plan(str(path))
+    plan_skips = SkipLog()
+    plan = plan_shards(str(path), str(tmp_path / "plan.sqlite"), 4, plan_skips)
+    assert (plan.records, plan.merged, plan.samples_read) == (len(records), merged, samples_read)
+    assert plan.shard_count == -(-len(records) // 4)
+    assert plan.shard_length(plan.shard_count - 1) == (len(records) - 1) % 4 + 1
+    assert shard_plan_records(plan) == records
+    assert plan_skips.to_dict() == skips.to_dict()
+    # The input exercises every rule (a planner that skipped one would fail this, not pass by luck).
+    counts = skips.counts
+    assert merged >= 4 and counts["missing_partner"] == 9 and counts["partner_same_image"] >= 5
+    assert counts["duplicate_id"] == 8 and len(skips.examples["duplicate_id"]) == 5
+    assert {"bad_json", "missing_field", "bad_box"} <= set(counts)
+    ids = [(a["id"], p["id"]) for a, p in records]
+    assert ("s0010", "s0011") in ids and ("s0019", "s0020") in ids and ("s0050", "s0000") in ids
+
+
+def test_make_shards_is_byte_identical_to_the_in_memory_writer(tmp_path):
+    """The whole output (shards, sizes.json, summary.json, progress files) of make_shards against
+    the writer fed by the in-memory plan, on a manifest with skips of every planning kind."""
+    images = tmp_path / "images"
+    (images / "x").mkdir(parents=True)
+    for k in range(8):
+        make_image(images / f"{k}.jpg", seed=k)
+    make_image(images / "x" / "12.jpg", seed=12)
+    manifest = str(write_manifest(tmp_path / "m.jsonl", tricky_lines(8)))
+    cfg = ShardConfig(image_size=64, roi_size=32, shard_size=4)
+    out = tmp_path / "out"
+    report = make_shards(manifest, str(out), cfg, workers=2, progress=False, work_dir=str(tmp_path / "work"))
+    assert report.finalized and report.shards_total == 6 and report.summary["records"] > 20
+    assert not list((tmp_path / "work").iterdir()), "the plan's scratch directory is removed"
+
+    records, merged, skips, samples_read = in_memory_plan(manifest)
+    reference = tmp_path / "reference"
+    claim_output(str(reference), cfg)
+    shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
+    for index, chunk in enumerate(shards):
+        write_shard(str(reference), cfg, index, chunk)
+    finalize(str(reference), manifest, samples_read, len(shards), merged, skips)
+    assert files_of(out) == files_of(reference)
+
+
+def test_a_broken_manifest_leaves_no_plan_behind(tmp_path):
+    good = json.dumps(sample_line(0, "images/0.jpg", 1)).encode() + b"\n"
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(good * 50)[:-12])
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        make_shards(str(broken), str(tmp_path / "out"), CFG, progress=False, work_dir=str(work))
+    assert not list(work.iterdir()) and not list((tmp_path / "out").glob("*.tar"))

@@ -1,18 +1,28 @@
-"""Reading and checking curated manifests (the format is documented in docs/manifest.md)."""
+"""Reading and checking curated manifests (the format is documented in docs/manifest.md).
+
+Two readers share one validation path (``iter_valid_lines``): ``read_manifest`` keeps the samples
+in a list (small manifests, tests), ``ManifestIndex`` keeps them on local disk (``make_shards``:
+memory does not grow with the manifest).
+"""
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 from sapretrain import jsonl, storage
 from sapretrain.shards.schema import MANIFEST_REQUIRED as REQUIRED
 from sapretrain.shards.process import hashed_image_key
 from sapretrain.shards.schema import BadSample, validate_manifest_sample
 
-__all__ = ["REQUIRED", "BadSample", "SkipLog", "check_sample", "read_manifest"]
+__all__ = ["REQUIRED", "BadSample", "ManifestIndex", "SkipLog", "check_sample", "iter_valid_lines", "read_manifest"]
 
 MAX_EXAMPLES = 5
+INSERT_BATCH = 5000  # rows per executemany while indexing: bounds the memory of the pass
+SQLITE_CACHE_KIB = 16 << 10  # SQLite's page cache per connection (its sorter spills past it to disk)
 
 
 @dataclass
@@ -45,17 +55,13 @@ class SkipLog:
         return cls(Counter(data.get("counts", {})), {k: list(v) for k, v in data.get("examples", {}).items()})
 
 
-def read_manifest(url: str, skips: SkipLog) -> list[dict[str, Any]]:
-    """All valid samples of a manifest in file order; invalid lines are counted in ``skips``.
+def iter_valid_lines(url: str, skips: SkipLog) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """``(line number, line text, sample)`` of every line that passes validation, in file order;
+    invalid lines are counted in ``skips``. Duplicate ids are not looked at here.
 
     Lines go through the one JSONL reader (``sapretrain.jsonl``: encoding, syntax, non-objects,
-    nesting, number size) and then ``schema.validate_manifest_sample``. Relative image
-    references are resolved against the manifest's directory. Duplicate ids keep the first
-    occurrence.
+    nesting, number size) and then ``schema.validate_manifest_sample``.
     """
-    base = storage.parent(url)
-    samples: list[dict[str, Any]] = []
-    seen: set[str] = set()
     for number, line in jsonl.iter_lines(url):
         try:
             sample = jsonl.parse_record(line)
@@ -66,15 +72,127 @@ def read_manifest(url: str, skips: SkipLog) -> list[dict[str, Any]]:
         except BadSample as e:
             skips.add(e.reason, f"line {number} ({jsonl.excerpt(sample.get('id', '?'), 80)}): {e.detail}")
             continue
+        yield number, line, sample
+
+
+def resolve_sample(sample: dict[str, Any], base: str) -> dict[str, Any]:
+    """Fill ``image_key`` and resolve a relative image reference against ``base`` (the manifest's
+    directory), in place; returns the sample."""
+    if sample.get("image_key") is None:  # from the reference as written: independent of where it is read
+        sample["image_key"] = hashed_image_key(sample["image"])
+    sample["image"] = storage.join(base, sample["image"])
+    return sample
+
+
+def read_manifest(url: str, skips: SkipLog) -> list[dict[str, Any]]:
+    """All valid samples of a manifest in file order, in memory; invalid lines are counted in
+    ``skips``. Duplicate ids keep the first occurrence. ``ManifestIndex`` is the same on disk."""
+    base = storage.parent(url)
+    samples: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, _, sample in iter_valid_lines(url, skips):
         if sample["id"] in seen:
             skips.add("duplicate_id", f"line {number}: id {sample['id']!r} already used")
             continue
         seen.add(sample["id"])
-        if sample.get("image_key") is None:  # from the reference as written: independent of where it is read
-            sample["image_key"] = hashed_image_key(sample["image"])
-        sample["image"] = storage.join(base, sample["image"])
-        samples.append(sample)
+        samples.append(resolve_sample(sample, base))
     return samples
+
+
+class ManifestIndex:
+    """A manifest's valid samples in a local SQLite file, for manifests too large for memory.
+
+    ``build`` streams the manifest once (any fsspec URL, compression inferred) through
+    ``iter_valid_lines`` and keeps, per valid line, what pairing needs and the line's text (a
+    local spooled copy: later reads are local seeks, whatever the manifest's storage or
+    compression). Duplicate ids keep their first line, as ``read_manifest``. Tables::
+
+        samples(line PK, id UNIQUE, positive, image, image_key)   first valid line of each id;
+                                                                  image resolved, image_key as JSON
+        lines(line PK, text)                                      the text of every valid line
+
+    Memory stays flat: rows go in batches, SQLite's cache is ``SQLITE_CACHE_KIB`` and its sorter
+    spills to disk. Disk: about the valid lines' bytes plus ~100 bytes a sample.
+    """
+
+    def __init__(self, path: str, base: str, con: sqlite3.Connection):
+        self.path, self.base, self.con = path, base, con
+
+    @classmethod
+    def build(cls, url: str, path: str, skips: SkipLog) -> "ManifestIndex":
+        base = storage.parent(url)
+        con = connect(path, write=True)
+        con.executescript("""
+            CREATE TABLE valid (line INTEGER PRIMARY KEY, id TEXT NOT NULL, positive TEXT NOT NULL,
+                                image TEXT NOT NULL, image_key TEXT NOT NULL);
+            CREATE TABLE lines (line INTEGER PRIMARY KEY, text TEXT NOT NULL);
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """)
+        rows: list[tuple] = []
+        texts: list[tuple] = []
+
+        def flush() -> None:
+            con.executemany("INSERT INTO valid VALUES (?, ?, ?, ?, ?)", rows)
+            con.executemany("INSERT INTO lines VALUES (?, ?)", texts)
+            rows.clear()
+            texts.clear()
+
+        try:
+            con.execute("BEGIN")
+            for number, text, sample in iter_valid_lines(url, skips):
+                resolve_sample(sample, base)
+                # image_key as JSON: the int 5 and the string "5" stay different keys, as in Python.
+                rows.append((number, sample["id"], sample["positive"], sample["image"], json.dumps(sample["image_key"])))
+                texts.append((number, text))
+                if len(rows) >= INSERT_BATCH:
+                    flush()
+            flush()
+            con.execute("INSERT INTO meta VALUES ('base', ?)", (base,))
+            con.execute("COMMIT")
+            con.execute("CREATE INDEX valid_by_id ON valid (id, line)")
+            con.execute("""CREATE TABLE samples (line INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, positive TEXT NOT NULL,
+                                                 image TEXT NOT NULL, image_key TEXT NOT NULL)""")
+            con.execute("INSERT INTO samples SELECT * FROM valid v WHERE v.line = (SELECT MIN(w.line) FROM valid w WHERE w.id = v.id)")
+            duplicates = con.execute(
+                "SELECT v.line, v.id FROM valid v LEFT JOIN samples s ON s.line = v.line WHERE s.line IS NULL ORDER BY v.line"
+            )
+            for number, sample_id in duplicates:
+                skips.add("duplicate_id", f"line {number}: id {sample_id!r} already used")
+            con.execute("DROP TABLE valid")  # a duplicate's text stays in lines, unused
+        except BaseException:  # a manifest that breaks off (UnreadableInput), a full disk ...
+            con.close()
+            raise
+        return cls(path, base, con)
+
+    @classmethod
+    def open(cls, path: str) -> "ManifestIndex":
+        """An index built earlier, read-only (safe in forked workers: each opens its own)."""
+        con = connect(path, write=False)
+        (base,) = con.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
+        return cls(path, base, con)
+
+    def __len__(self) -> int:
+        return self.con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def sample(self, text: str) -> dict[str, Any]:
+        """The sample of one stored line text, exactly as ``read_manifest`` returns it."""
+        return resolve_sample(jsonl.parse_record(text), self.base)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def connect(path: str, write: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with a bounded page cache."""
+    if write:
+        con = sqlite3.connect(path, isolation_level=None)
+        # A scratch file rebuilt on every run: no journal, no fsync.
+        con.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+    else:
+        # immutable: nothing writes to it any more, so readers take no locks (fine on any disk).
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None)
+    con.executescript(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}; PRAGMA temp_store = FILE;")
+    return con
 
 
 # The manifest's schema lives with the shard schema (one validator for what goes in and what comes out).

@@ -8,6 +8,12 @@ temporary file and committed whole (rename locally, a single upload on object st
 shard is done, ``sizes.json`` and ``summary.json`` are written. Nothing in the output depends on
 time, worker count or interruption, so a resumed run is byte-identical to an uninterrupted one.
 
+Memory does not grow with the manifest: ``plan_shards`` streams it once into a local SQLite file
+(``ManifestIndex``: valid samples by id and each valid line's text) and numbers the records there
+with SQL; each shard then loads only its own records from that file. Every part makes the same
+plan from the same streamed pass (the manifest is read once per call, sequentially), so parts
+agree on shard boundaries without talking to each other.
+
 Output layout (``OUT`` a local dir or fsspec URL)::
 
     OUT/shard-000000.tar ...   the shards (schema: sapretrain/shards/schema.py)
@@ -24,6 +30,7 @@ import multiprocessing as mp
 import os
 import re
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,7 @@ from tqdm import tqdm
 
 from sapretrain import storage
 from sapretrain.config import dump_config
-from sapretrain.shards.manifest import SkipLog, read_manifest
+from sapretrain.shards.manifest import ManifestIndex, SkipLog
 from sapretrain.shards import schema
 from sapretrain.shards.schema import BadSample
 from sapretrain.shards.process import ImageSpec, process_sample
@@ -76,29 +83,84 @@ class ShardReport:
     seconds: float
 
 
-def plan_records(samples: list[dict[str, Any]], skips: SkipLog) -> tuple[list[tuple[dict, dict]], int]:
-    """Anchor/partner pairs in manifest order, and how many mutual pairs were merged.
+@dataclass(frozen=True)
+class ShardPlan:
+    """The records of a manifest, numbered in manifest order, in a local SQLite file.
 
-    A mutual pair (A→B, B→A) becomes one record (A, B): both directions are the same pair to the
-    symmetric contrastive loss, and two copies could land in one batch as false negatives.
+    The file is a ``ManifestIndex`` plus ``records(k PK, anchor, partner)``: record ``k`` pairs
+    the lines ``anchor`` and ``partner``; shard ``i`` holds records ``i * shard_size`` onwards.
     """
-    by_id = {s["id"]: s for s in samples}
-    order = {s["id"]: i for i, s in enumerate(samples)}
-    records, merged = [], 0
-    for i, anchor in enumerate(samples):
-        partner = by_id.get(anchor["positive"])
-        if partner is None:
-            skips.add("missing_partner", f"{anchor['id']}: positive {anchor['positive']!r} is not a valid sample")
-            continue
-        same_key = anchor.get("image_key") is not None and anchor.get("image_key") == partner.get("image_key")
-        if partner["id"] == anchor["id"] or partner["image"] == anchor["image"] or same_key:
-            skips.add("partner_same_image", f"{anchor['id']}: positive {partner['id']!r} is the same image")
-            continue
-        if partner["positive"] == anchor["id"] and order[partner["id"]] < i:
-            merged += 1
-            continue
-        records.append((anchor, partner))
-    return records, merged
+
+    path: str
+    samples_read: int  # valid samples (first line of each id)
+    records: int
+    merged: int  # mutual pairs that became one record
+    shard_size: int
+
+    @property
+    def shard_count(self) -> int:
+        return -(-self.records // self.shard_size)
+
+    def shard_length(self, index: int) -> int:
+        return min(self.shard_size, self.records - index * self.shard_size)
+
+    def shard_records(self, index: int) -> list[tuple[dict, dict]]:
+        """Shard ``index``'s (anchor, partner) samples, read from the local file (one shard's worth
+        of memory)."""
+        manifest = ManifestIndex.open(self.path)
+        try:
+            rows = manifest.con.execute(
+                "SELECT a.text, p.text FROM records r JOIN lines a ON a.line = r.anchor JOIN lines p ON p.line = r.partner"
+                " WHERE r.k >= ? AND r.k < ? ORDER BY r.k",
+                (index * self.shard_size, (index + 1) * self.shard_size),
+            )
+            return [(manifest.sample(a), manifest.sample(p)) for a, p in rows]
+        finally:
+            manifest.close()
+
+
+def plan_shards(manifest: str, path: str, shard_size: int, skips: SkipLog) -> ShardPlan:
+    """Index ``manifest`` into the SQLite file ``path`` and number its records there.
+
+    Each valid sample, in manifest order, is the anchor of one record with its ``positive`` as
+    partner, except: a partner that is no valid sample (``missing_partner``), one that is the
+    sample itself or shows the same image (``partner_same_image``: same ``image`` or same
+    ``image_key``), and the second member of a mutual pair (A→B, B→A): the pair becomes the one
+    record (A, B), since both directions are the same pair to the symmetric contrastive loss and
+    two copies could land in one batch as false negatives (counted in ``merged``).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, not {shard_size}")
+    index = ManifestIndex.build(manifest, path, skips)
+    con = index.con
+    try:
+        con.execute("CREATE TABLE records (k INTEGER PRIMARY KEY, anchor INTEGER NOT NULL, partner INTEGER NOT NULL)")
+        # Anchors in line order (the rowid), partners through the unique id index: no sort, no map in memory.
+        pairs = con.execute(
+            "SELECT a.line, a.id, a.positive, p.line, p.positive, a.image = p.image, a.image_key = p.image_key"
+            " FROM samples a LEFT JOIN samples p ON p.id = a.positive ORDER BY a.line"
+        )
+        records, merged, batch = 0, 0, []
+        con.execute("BEGIN")
+        for a_line, a_id, a_positive, p_line, p_positive, same_image, same_key in pairs:
+            if p_line is None:
+                skips.add("missing_partner", f"{a_id}: positive {a_positive!r} is not a valid sample")
+            elif p_line == a_line or same_image or same_key:
+                skips.add("partner_same_image", f"{a_id}: positive {a_positive!r} is the same image")
+            elif p_positive == a_id and p_line < a_line:
+                merged += 1
+            else:
+                batch.append((records, a_line, p_line))
+                records += 1
+                if len(batch) >= 5000:
+                    con.executemany("INSERT INTO records VALUES (?, ?, ?)", batch)
+                    batch.clear()
+        con.executemany("INSERT INTO records VALUES (?, ?, ?)", batch)
+        con.execute("COMMIT")
+        samples_read = len(index)
+    finally:
+        index.close()
+    return ShardPlan(path, samples_read, records, merged, shard_size)
 
 
 def make_shards(
@@ -109,8 +171,13 @@ def make_shards(
     num_parts: int = 1,
     workers: int = 1,
     progress: bool = True,
+    work_dir: str | None = None,
 ) -> ShardReport:
-    """Write this part's missing shards; finalize when all parts are done. See module docs."""
+    """Write this part's missing shards; finalize when all parts are done. See module docs.
+
+    The plan's SQLite file lives in a temporary directory under ``work_dir`` (default: the
+    system's, ``$TMPDIR``), removed on return; it needs about the manifest's size on disk.
+    """
     if not 0 <= part < num_parts:
         raise ValueError(f"--part {part} must be in [0, --num-parts {num_parts})")
     start = time.time()
@@ -119,18 +186,18 @@ def make_shards(
     claim_output(output, cfg)
 
     skips = SkipLog()
-    samples = read_manifest(manifest, skips)
-    records, merged = plan_records(samples, skips)
-    shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
-    mine = [i for i in range(len(shards)) if i % num_parts == part]
-    remove_stale_temps(output, set(mine), sole_writer=num_parts == 1)
-    todo = [i for i in mine if not storage.exists(progress_url(output, i))]
-
-    written = run_shards(output, cfg, {i: shards[i] for i in todo}, workers, progress)
-    summary = finalize(output, manifest, len(samples), len(shards), merged, skips)
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="make_shards-", dir=work_dir) as scratch:
+        plan = plan_shards(manifest, os.path.join(scratch, "plan.sqlite"), cfg.shard_size, skips)
+        mine = [i for i in range(plan.shard_count) if i % num_parts == part]
+        remove_stale_temps(output, set(mine), sole_writer=num_parts == 1)
+        todo = [i for i in mine if not storage.exists(progress_url(output, i))]
+        written = run_shards(output, cfg, plan, todo, workers, progress)
+    summary = finalize(output, manifest, plan.samples_read, plan.shard_count, plan.merged, skips)
     return ShardReport(
         output=output,
-        shards_total=len(shards),
+        shards_total=plan.shard_count,
         shards_written=len(todo),
         shards_skipped=len(mine) - len(todo),
         records_written=written,
@@ -173,15 +240,15 @@ def progress_url(output: str, index: int) -> str:
     return f"{output}/_progress/{SHARD_PATTERN.format(index)}.json"
 
 
-def run_shards(output: str, cfg: ShardConfig, shards: dict[int, list], workers: int, progress: bool) -> int:
-    total = sum(len(records) for records in shards.values())
-    tasks = [(output, cfg, index, records) for index, records in sorted(shards.items())]
+def run_shards(output: str, cfg: ShardConfig, plan: ShardPlan, todo: list[int], workers: int, progress: bool) -> int:
+    total = sum(plan.shard_length(index) for index in todo)
+    tasks = [(output, cfg, plan, index) for index in sorted(todo)]
     done = 0
     if workers <= 1 or len(tasks) <= 1:
         _init_worker(None)
         with tqdm(total=total, unit="rec", desc="make_shards", disable=not progress) as bar:
             for task in tasks:
-                done += write_shard(*task, on_record=bar.update)["records"]
+                done += write_planned_shard(*task, on_record=bar.update)["records"]
         return done
     # fork: workers inherit the imported modules instead of re-importing torch; the parent has
     # started no bar yet, and fsspec resets its event loop in forked children.
@@ -190,7 +257,7 @@ def run_shards(output: str, cfg: ShardConfig, shards: dict[int, list], workers: 
     # Workers add to a shared counter per record so the bar moves smoothly, not per shard.
     with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
         bar = tqdm(total=total, unit="rec", desc="make_shards", disable=not progress)
-        pending = pool.starmap_async(write_shard, tasks, chunksize=1)
+        pending = pool.starmap_async(write_planned_shard, tasks, chunksize=1)
         while not pending.ready():
             pending.wait(0.5)
             bar.update(counter.value - bar.n)
@@ -215,6 +282,12 @@ def _tokenizer(cfg: ShardConfig) -> SpanTokenizer:
     if key not in _tokenizers:
         _tokenizers[key] = SpanTokenizer(cfg.tokenizer, cfg.context_length)
     return _tokenizers[key]
+
+
+def write_planned_shard(output: str, cfg: ShardConfig, plan: ShardPlan, index: int, on_record=None) -> dict[str, Any]:
+    """Write shard ``index`` of ``plan`` (its records are read from the plan's file here, in the
+    worker: the parent never holds them)."""
+    return write_shard(output, cfg, index, plan.shard_records(index), on_record)
 
 
 def write_shard(output: str, cfg: ShardConfig, index: int, records: list, on_record=None) -> dict[str, Any]:
