@@ -1,8 +1,10 @@
-"""Tar I/O, once: members of a tar stream, records grouped by key, one member by name.
+"""Tar I/O, once: members of a tar stream, records grouped by key, one member by reference.
 
     for record in tars.records(stream, url):          # {"__key__", "__url__", ext: bytes, ...}
         ...
-    tars.read_member("s3://bucket/cc3m/00012.tar", "000120034.jpg")   # or storage.read_bytes(TAR#member)
+    tars.read_ref("s3://bucket/cc3m/00012.tar#000120034.jpg@1536:48213")  # one ranged read
+    tars.read_member("s3://bucket/cc3m/00012.tar", "000120034.jpg")   # via the tar's index
+    # storage.read_bytes(ref) does the same for any TAR#member[@offset:size] reference
 
 **The record-key rule** is webdataset's (``tariterators.tar_file_iterator`` + ``base_plus_ext`` +
 ``group_by_keys(lcase=True)``), so a tar read here and by ``wds.WebDataset`` gives the same records:

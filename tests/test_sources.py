@@ -365,7 +365,11 @@ def test_img2dataset_parquet_gives_the_captions_without_opening_the_tar(tmp_path
     assert "HTTP Error 404" in skips.examples["failed_to_download"][1]
     monkeypatch.undo()
     assert storage.read_bytes(records[1]["image"]) == b"\xff\xd8000000002"  # KEY.jpg is in the tar
-    png, _ = read("wds", {"inputs": tar, "image_ext": "PNG"})
+    from sapretrain.cli.collect_captions import main
+
+    out = tmp_path / "png.jsonl"
+    assert main(["--source", "wds", "--input", tar, "--image-ext", "PNG", "--output", str(out), "--no-progress"]) == 0
+    png = [json.loads(line) for line in out.read_text().splitlines()]
     assert png[0]["image"] == f"{tar}#000000000.png"  # img2dataset --encode_format png
     with pytest.raises(ValueError, match="an extension such as jpg"):
         read("wds", {"inputs": tar, "image_ext": ".jpg"})
