@@ -246,6 +246,22 @@ def test_a_located_ref_is_one_ranged_read_and_builds_no_index(tmp_path, monkeypa
     assert str(path) not in tars._INDEXES and not tars.STALE_OFFSETS[str(path)]
 
 
+def test_make_shards_reads_a_located_ref_without_indexing_the_tar(tmp_path, monkeypatch):
+    """The shard writer's bounded image read takes the size from the reference (no tar scan) and
+    refuses an oversized member before reading it."""
+    from sapretrain.shards import process
+    from sapretrain.shards.schema import BadSample
+
+    path = tmp_path / "00000.tar"
+    members = located_tar(path)
+    refs = located_refs(path)
+    monkeypatch.setattr(tars, "index", lambda *a, **k: pytest.fail("the tar was indexed"))
+    name, data = next(iter(members.items()))
+    assert process.read_image_bytes(refs[name], max_bytes=len(data)) == data
+    with pytest.raises(BadSample, match="image_too_large"):
+        process.read_image_bytes(refs[name], max_bytes=len(data) - 1)
+
+
 def test_a_stale_offset_is_detected_and_read_by_name(tmp_path, caplog):
     path = tmp_path / "00000.tar"
     members = located_tar(path)

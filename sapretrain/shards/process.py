@@ -159,14 +159,15 @@ def read_image_bytes(ref: str, max_bytes: int) -> bytes:
     bounded by ``max_bytes`` whatever a size field claimed.
     """
     try:
-        tar_ref = tars.split_ref(ref)
+        tar_ref = tars.parse_ref(ref)
         if tar_ref is not None:
-            tar, member = tar_ref
-            if tar.lower().endswith(".tar"):  # indexed: the member's size is known before reading
-                entry = tars.index(tar).get(member)
-                if entry is not None and entry[1] > max_bytes:
-                    raise BadSample("image_too_large", f"{ref}: {entry[1]} bytes > {max_bytes}")
-            data = tars.read_member(tar, member)
+            size = tar_ref.size  # a located reference states it: one ranged read, no index
+            if size is None and tar_ref.tar.lower().endswith(".tar"):  # indexed: known before reading
+                entry = tars.index(tar_ref.tar).get(tar_ref.member)
+                size = entry[1] if entry is not None else None
+            if size is not None and size > max_bytes:
+                raise BadSample("image_too_large", f"{ref}: {size} bytes > {max_bytes}")
+            data = tars.read_ref(tar_ref)
         elif not storage.is_url(ref) or ref.startswith("file://"):
             data = _read_local(ref.removeprefix("file://"), max_bytes)
         else:
