@@ -75,6 +75,18 @@ def write_manifest(path: Path, lines: list) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add OpenMP overhead (seconds per step on a busy 2-core
+    box). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def small_manifest(tmp_path):
     """12 good samples: 0..7 in mutual pairs (0,1)…(6,7); 8..11 point forward in a ring."""

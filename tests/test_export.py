@@ -23,12 +23,7 @@ from sapretrain.train.checkpoint import save_tensor_file
 from sapretrain.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed=0, **overrides):
