@@ -21,14 +21,16 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sapretrain import storage, tars
 from sapretrain.shards.schema import PARTS, BadSample
-from sapretrain.shards.tokens import SpanTokenizer
+
+if TYPE_CHECKING:  # a type only: reading images and manifests needs no open_clip / torch
+    from sapretrain.shards.tokens import SpanTokenizer
 
 BOX_TOLERANCE_PX = 1.0  # boxes may overshoot the image by rounding; more than this is bad input
 ROI_FILL = (124, 116, 104)  # ~CLIP's mean colour: padding that normalises to ~0
