@@ -93,6 +93,8 @@ def test_importing_the_package_is_cheap_and_has_no_side_effects():
         "import sys\n"
         "import sapretrain\n"
         "assert 'torch' not in sys.modules, 'import sapretrain imported torch'\n"
+        "import sapretrain.curation.sources, sapretrain.shards.manifest\n"
+        "assert 'torch' not in sys.modules, 'reading captions or a manifest imported torch'\n"
         "import open_clip, webdataset\n"
         "gopen_module = sys.modules['webdataset.gopen']\n"
         "handlers = dict(gopen_module.gopen_schemes)\n"
