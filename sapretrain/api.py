@@ -118,11 +118,11 @@ class SAClipPipeline:
 
     @property
     def uses_triplets(self) -> bool:
-        return self.model.cfg.use_svo
+        return self.encoder.uses_spans
 
     @property
     def uses_boxes(self) -> bool:
-        return self.model.cfg.use_roi
+        return self.encoder.uses_boxes
 
     @property
     def nlp(self):
