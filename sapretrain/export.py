@@ -35,8 +35,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.config import ConfigError, load_config
+from sapretrain.shards.manifest import SkipLog
 
 MODEL_TAGS = ["sapretrain", "sa-clip", "clip", "spatial-reasoning", "zero-shot-image-classification"]
 DATASET_TAGS = ["sapretrain", "sa-clip", "webdataset", "spatial-reasoning"]
@@ -273,21 +274,10 @@ def _results_section(results: Sequence[tuple[str, dict]], label: str) -> list[st
 # ----- dataset card
 
 
-def _plain_jsonl(url: str) -> Iterable[dict]:
-    for line in storage.read_bytes(url).decode("utf-8").splitlines():
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                yield record
-
-
 def manifest_stats(url: str) -> dict[str, Any]:
     """Sources, licences, relations and kinds of a curated manifest."""
     sources, licences, relations, kinds, samples = Counter(), Counter(), Counter(), Counter(), 0
-    for record in _plain_jsonl(url):
+    for _, record in jsonl.read_records(url, SkipLog()):  # streamed; lines that are not records do not count
         samples += 1
         sources[str(record.get("source", "?"))] += 1
         licences[str(record.get("license") or "unspecified")] += 1
