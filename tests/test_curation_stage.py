@@ -6,6 +6,7 @@ import json
 import pytest
 
 from sapretrain.curation.stage import StageConfig, dropped_output, format_stage_summary, run_stage
+from sapretrain.jobs import MAX_EXAMPLES, Parts
 
 
 class DropOdd:
@@ -52,7 +53,7 @@ def test_kept_dropped_and_counted(tmp_path):
     assert sorted(r["drop_reason"] for r in dropped) == ["bad_json"] + ["odd"] * 10
     assert summary["records"] == 23 and summary["kept"] == 12
     assert summary["dropped"] == {"bad_json": 1, "odd": 10}
-    assert len(summary["examples"]["odd"]) == 3 and summary["examples"]["odd"][0]["drop_detail"] == "1 is odd"
+    assert len(summary["examples"]["odd"]) == MAX_EXAMPLES and summary["examples"]["odd"][0]["drop_detail"] == "1 is odd"
     assert json.loads(open(out + ".summary.json").read()) == summary
     assert "kept 12" in format_stage_summary(summary)
     assert not (tmp_path / "out.jsonl.chunks").exists()
@@ -89,16 +90,52 @@ def test_other_settings_are_refused_on_resume(tmp_path):
         run_stage(DropOdd(), src, out, StageConfig(chunk_size=5), progress=False)
 
 
-def test_parts_cover_the_input_once(tmp_path):
-    src = write_input(tmp_path / "in.jsonl", bad=())
+def test_parts_read_their_share_and_add_up_to_the_whole_in_order(tmp_path):
+    src = write_input(tmp_path / "in.jsonl", bad=(7,))
+    whole = tmp_path / "whole.jsonl"
+    run_stage(DropOdd(), src, str(whole), StageConfig(chunk_size=2), progress=False)
     out = str(tmp_path / "out.jsonl")
-    seen = []
-    for part in range(3):
-        run_stage(DropOdd(), src, out, StageConfig(chunk_size=2), part=part, num_parts=3, progress=False)
-        seen += [r["n"] for r in read(tmp_path / f"out-part{part:05d}-of00003.jsonl")]
-    assert sorted(seen) == list(range(0, 23, 2))
+    for n in (2, 3, 5):
+        lines, records, dropped = [], 0, {}
+        for part in range(n):
+            s = run_stage(DropOdd(), src, out, StageConfig(chunk_size=2), Parts(part, n), progress=False)
+            assert s["part"] == [part, n]
+            lines += open(tmp_path / f"out-part{part:05d}-of{n:05d}.jsonl").read().splitlines()
+            records += s["records"]
+            for k, v in s["dropped"].items():
+                dropped[k] = dropped.get(k, 0) + v
+        assert lines == whole.read_text().splitlines()  # the parts in order are the one-part output
+        assert records == 23 and dropped == {"bad_json": 1, "odd": 10}
+    # More parts than lines: the empty shares write an empty output and say so, not an error.
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text('{"id": "a", "n": 2}\n')
+    s = run_stage(DropOdd(), str(tiny), str(tmp_path / "t.jsonl"), parts=Parts(3, 4), progress=False)
+    assert s["records"] == 0 and "holds no line" in format_stage_summary(s)
+    assert (tmp_path / "t-part00003-of00004.jsonl").read_bytes() == b""
+    s = run_stage(DropOdd(), str(tiny), str(tmp_path / "t.jsonl"), parts=Parts(0, 4), progress=False)
+    assert s["kept"] == 1
     with pytest.raises(ValueError, match="--part"):
-        run_stage(DropOdd(), src, out, part=3, num_parts=3, progress=False)
+        run_stage(DropOdd(), src, out, parts=Parts(3, 3), progress=False)
+
+
+def test_the_next_stage_reads_the_part_files_of_the_one_before(tmp_path):
+    src = write_input(tmp_path / "in.jsonl", bad=())
+    for part in range(3):
+        run_stage(DropOdd(), src, str(tmp_path / "a.jsonl"), StageConfig(chunk_size=3), Parts(part, 3), progress=False)
+    s = run_stage(DropOdd(factor=2), str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), progress=False)
+    assert [r["n"] for r in read(tmp_path / "b.jsonl")] == list(range(0, 23, 2)) and s["records"] == 12
+    (tmp_path / "a-part00001-of00003.jsonl").unlink()
+    with pytest.raises(ValueError, match="1 of its 3 part files are missing"):
+        run_stage(DropOdd(factor=3), str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl"), progress=False)
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    src = write_input(tmp_path / "in.jsonl")
+    run_stage(DropOdd(), src, str(tmp_path / "one.jsonl"), StageConfig(chunk_size=3), progress=False)
+    s = run_stage(DropOdd(), src, str(tmp_path / "two.jsonl"), StageConfig(chunk_size=3, workers=2), progress=False)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert (tmp_path / "two.dropped.jsonl").read_bytes() == (tmp_path / "one.dropped.jsonl").read_bytes()
+    assert s["kept"] == 12
 
 
 # ----- caption records -> samples

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sapretrain.curation import extract as extract_mod
-from sapretrain.curation.extract import ExtractConfig, caption_problem, extract_file, part_output, process_lines
+from sapretrain.curation.extract import ExtractConfig, caption_problem, extract_file, process_lines
+from sapretrain.jobs import Parts
 from sapretrain.curation.svo import extract_triplets, load_nlp, triplets_to_manifest_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -193,23 +193,27 @@ def test_parts_and_workers(tmp_path):
     extract_file(str(src), str(full), ExtractConfig(chunk_size=50), progress=False)
     lines = []
     for part in range(3):
-        extract_file(str(src), str(tmp_path / "p.jsonl"), ExtractConfig(chunk_size=50), part, 3, progress=False)
-        name = part_output(str(tmp_path / "p.jsonl"), part, 3)
+        extract_file(str(src), str(tmp_path / "p.jsonl"), ExtractConfig(chunk_size=50), Parts(part, 3), progress=False)
+        name = Parts(part, 3).output(str(tmp_path / "p.jsonl"))
         assert name.endswith(f"p-part{part:05d}-of00003.jsonl")
         lines += Path(name).read_text().splitlines()
-    assert sorted(lines) == sorted(full.read_text().splitlines())
+    assert lines == full.read_text().splitlines()  # contiguous shares: the parts in order are the whole
 
     two = tmp_path / "two.jsonl"
     extract_file(str(src), str(two), ExtractConfig(chunk_size=50, workers=2), progress=False)
     assert two.read_bytes() == full.read_bytes()
 
     with pytest.raises(ValueError):
-        extract_file(str(src), str(full), ExtractConfig(), part=3, num_parts=3, progress=False)
+        extract_file(str(src), str(full), ExtractConfig(), Parts(3, 3), progress=False)
 
 
 def test_chunk_size_change_is_refused(tmp_path):
     src = write_captions(tmp_path / "in.jsonl", 10)
     out = tmp_path / "o.jsonl"
-    extract_mod._prepare_workdir(f"{out}.chunks", ExtractConfig(chunk_size=5))
+    (tmp_path / "crash").mkdir()
+    first = extract_file(str(src), str(tmp_path / "crash" / "o.jsonl"), ExtractConfig(chunk_size=5), progress=False)
+    Path(f"{out}.chunks").mkdir()  # a run with chunk size 5 that stopped before its first chunk
+    Path(f"{out}.chunks/config.json").write_text(json.dumps(
+        {"chunk_size": 5, **first["made_from"]}, sort_keys=True))
     with pytest.raises(ValueError, match="chunk_size"):
         extract_file(str(src), str(out), ExtractConfig(chunk_size=7), progress=False)

@@ -15,7 +15,8 @@ import argparse
 
 from sapretrain.config import ConfigError
 from sapretrain.curation.rois import DEFAULT_CONFIG, RoiStage, count_box_sources, load_roi_config
-from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, run_stage_from_args
+from sapretrain.jobs import Parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_stage_from_args(RoiStage(cfg), args)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
-    out = part_output(args.output, args.part, args.num_parts)
+    out = Parts(args.part, args.num_parts).output(args.output)
     if not summary.get("already_done"):
         print(f"wrote {out}")
     print(format_stage_summary(summary))

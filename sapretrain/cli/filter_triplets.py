@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 from sapretrain.curation.relation_filter import FilterStage
-from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, run_stage_from_args
+from sapretrain.jobs import Parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_stage_from_args(stage, args)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    print(f"wrote {part_output(args.output, args.part, args.num_parts)} (threshold {stage.threshold:.4f})")
+    print(f"wrote {Parts(args.part, args.num_parts).output(args.output)} (threshold {stage.threshold:.4f})")
     print(format_stage_summary(summary))
     return 0
 

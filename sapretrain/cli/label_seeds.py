@@ -18,9 +18,10 @@ import logging
 import sys
 
 from sapretrain.config import ConfigError
-from sapretrain.curation.stage import add_stage_arguments, part_output
+from sapretrain.curation.stage import add_stage_arguments
 from sapretrain.curation.llm import LLMFatalError, format_stats, label_seeds, load_llm_config
 from sapretrain.curation.stage import format_stage_summary
+from sapretrain.jobs import Parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, help="label this many (caption, triplet) items (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--source", help="only records with this `source` (e.g. coco)")
-    add_stage_arguments(parser, chunk_size=500)  # the (sampled) items are the input here
+    add_stage_arguments(parser, chunk_size=500, workers=False)  # the (sampled) items are the input here
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_concurrency=4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -39,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_llm_config(args.config, args.overrides)
         summary, stats = label_seeds(args.input, args.output, cfg, args.sample, args.seed, args.source,
-                                     args.part, args.num_parts, args.chunk_size, not args.no_progress)
+                                     Parts(args.part, args.num_parts), args.chunk_size, not args.no_progress)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
     except LLMFatalError as e:
         print(f"stopped: {e} (committed chunks are kept; re-run to resume)", file=sys.stderr)
         return 1
     if not summary.get("already_done"):
-        print(f"wrote {part_output(args.output, args.part, args.num_parts)}")
+        print(f"wrote {Parts(args.part, args.num_parts).output(args.output)}")
     print(format_stage_summary(summary))
     print(format_stats(stats))
     return 0

@@ -24,7 +24,8 @@ from sapretrain.curation.negatives import (
     load_negatives_config,
     method_counts,
 )
-from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, part_output, run_stage_from_args
+from sapretrain.curation.stage import add_stage_arguments, format_stage_summary, run_stage_from_args
+from sapretrain.jobs import Parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_stage_from_args(stage, args)
     except ValueError as e:
         parser.error(str(e))
-    out = part_output(args.output, args.part, args.num_parts)
+    out = Parts(args.part, args.num_parts).output(args.output)
     lines = storage.read_bytes(out).decode("utf-8").splitlines()
     methods = method_counts(json.loads(line) for line in lines)
     if not summary.get("already_done"):

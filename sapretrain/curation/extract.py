@@ -1,4 +1,4 @@
-"""Batch SVO extraction over a JSONL of captions: chunks, worker processes, resume, parts.
+"""Batch SVO extraction over a JSONL of captions, as a ``stage.run_stage`` stage.
 
     python tools/extract_svo.py --input captions.jsonl --output triplets.jsonl [--workers 4]
         [--part 0 --num-parts 16] [--batch-size 256] [--chunk-size 5000] [--model NAME]
@@ -7,24 +7,16 @@ Each input line is a JSON object with at least ``caption``; the output line is t
 plus ``triplets`` (see ``svo.extract_triplets``), in input order. Local paths and fsspec URLs
 both work; ``.gz`` input is read transparently.
 
-**Chunks and resume.** Input line ``i`` belongs to chunk ``i // chunk_size``. Each chunk is
-parsed, then written whole and atomically as ``OUT.chunks/NNNNNNNN.jsonl``; a re-run skips the
-chunks already there, so a killed run continues after its last complete chunk. When every chunk
-of the part exists they are concatenated in order into ``OUT`` (published atomically), the chunk
-folder is removed, and the summary is written to ``OUT.summary.json``. The chunk size is stored
-in ``OUT.chunks/config.json``; a re-run with a different one is refused. The result is
-byte-identical to an uninterrupted run.
-
-**Done, and whose** (``stage.finished_summary``): the summary records what ``OUT`` was made from
-(the input's size and end hashes, the model and ``max_chars``). A re-run on the same input says
-"already done" and recomputes nothing; an ``OUT`` without that record (an empty file, another
-tool's output) or made from another input is refused, as is a resume whose input changed. An
-input without records, or one whose every caption is skipped, raises ``ValueError`` (after
-writing ``OUT`` and its summary in the second case).
-
-**Parts.** With ``--num-parts N`` chunk ``c`` belongs to part ``c % N``, and part ``I`` writes
-``OUT`` with ``-partIIIII-ofNNNNN`` before its extension (``triplets-part00003-of00016.jsonl``);
-the union of the parts' lines is the whole input.
+**Chunks, workers, resume, parts, "already done"** are ``stage.run_stage``'s (see there): line
+``i`` of the part belongs to chunk ``i // chunk_size``, committed atomically under ``OUT.chunks/``;
+``--workers N`` parses chunks in N processes (each loads the pipeline once); a killed run
+continues after its last committed chunk and its output is byte-identical to an uninterrupted
+run; part ``I`` of ``N`` reads only its contiguous byte share of the input (``sapretrain.jobs``) and
+writes ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension, and the parts' lines read in part
+order are the one-part output. What ``OUT`` was made from (the input, the model, ``max_chars``)
+is recorded in ``OUT.summary.json``; a re-run on the same input says "already done". An input
+without records, or one whose every caption is skipped, raises ``ValueError`` (after writing
+``OUT`` and its summary in the second case).
 
 **Bad input** never stops the run and is never dropped silently: a line that is not a JSON
 object (or is refused by the shared JSONL reader, ``sapretrain.jsonl``: not UTF-8, nested too
@@ -36,15 +28,15 @@ its first 200 characters in ``raw``). Blank lines are not records and are ignore
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import re
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 
-from sapretrain import jsonl, storage
+from sapretrain import jsonl
+from sapretrain.jobs import Parts
 
 from .lexicon import ENGLISH_STOPWORDS
-from .stage import committed_chunks, finished_summary, input_fingerprint, iter_chunks, part_output
+from .stage import StageConfig, run_stage
 from .svo import extract_triplets, load_nlp
 
 SKIP_REASONS = ("bad_json", "bad_encoding", "too_deep", "bad_number", "line_too_long", "missing", "not_text", "empty", "too_long", "binary", "non_english")
@@ -114,66 +106,44 @@ def process_records(nlp, lines: list[str], batch_size: int = 256, max_chars: int
     return records
 
 
-# --------------------------------------------------------------------------- paths
+# --------------------------------------------------------------------------- the stage
+
+_NLP: dict = {}  # model name -> pipeline, kept per process and reused by later runs
 
 
-def _chunk_url(workdir: str, chunk: int) -> str:
-    return f"{workdir}/{chunk:08d}.jsonl"
+class ExtractStage:
+    """``run_stage`` stage: each input line -> the same object plus ``triplets`` (and
+    ``skip_reason``), in input order; lines that are not JSON objects are kept as skipped records."""
 
+    name = "extract_svo"
+    takes_lines = True
 
-def _stats_url(workdir: str, chunk: int) -> str:
-    return f"{workdir}/{chunk:08d}.stats.json"
+    def __init__(self, cfg: ExtractConfig):
+        self.cfg = cfg
+        self.nlp = None
 
+    def setup(self) -> None:
+        if self.cfg.model not in _NLP:
+            _NLP[self.cfg.model] = load_nlp(self.cfg.model)
+        self.nlp = _NLP[self.cfg.model]
 
-# --------------------------------------------------------------------------- workers
+    def __getstate__(self) -> dict:  # to worker processes without the loaded pipeline
+        return {**self.__dict__, "nlp": None}
 
-_WORKER: dict = {}
+    def process(self, lines: list) -> list[dict]:
+        return process_records(self.nlp, lines, self.cfg.batch_size, self.cfg.max_chars)
 
+    def fingerprint(self) -> dict:
+        return {"model": self.cfg.model, "max_chars": self.cfg.max_chars}
 
-def _init_worker(cfg: ExtractConfig) -> None:
-    # The pipeline is kept per process and reused by later runs with the same model.
-    if "nlp" not in _WORKER or _WORKER.get("model") != cfg.model:
-        _WORKER["nlp"] = load_nlp(cfg.model)
-        _WORKER["model"] = cfg.model
-    _WORKER["cfg"] = cfg
+    def counts(self, kept: list[dict]) -> dict:
+        return _count(kept)
 
+    def summarize(self, totals: dict) -> dict:
+        return _summary(_merge_counts([totals]))
 
-def _run_chunk(workdir: str, chunk: int, lines: list[str]) -> int:
-    cfg = _WORKER["cfg"]
-    records = process_records(_WORKER["nlp"], lines, cfg.batch_size, cfg.max_chars)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    # The counts first, the data last: the data file is the chunk's commit marker.
-    storage.write_bytes_atomic(_stats_url(workdir, chunk), json.dumps(_count(records)).encode())
-    storage.write_bytes_atomic(_chunk_url(workdir, chunk), text.encode("utf-8"))
-    return len(lines)
-
-
-def _prepare_workdir(workdir: str, cfg: ExtractConfig, made_from: dict | None = None) -> set[int]:
-    """Check the stored chunk size and input; return the chunks already committed."""
-    fs, path = storage.url_to_fs(workdir)
-    config_url = f"{workdir}/config.json"
-    if fs.exists(f"{path}/config.json"):
-        stored = json.loads(storage.read_bytes(config_url))
-        if stored.get("chunk_size") != cfg.chunk_size:
-            raise ValueError(
-                f"{workdir} was started with chunk_size={stored.get('chunk_size')}; "
-                f"re-run with --chunk-size {stored.get('chunk_size')} or delete it"
-            )
-        differ = sorted(k for k in made_from or {} if stored.get(k) != json.loads(json.dumps(made_from[k])))
-        if differ:
-            raise ValueError(f"{workdir} was started from another input or with other settings (differ: "
-                             f"{', '.join(differ)}): re-run with the same ones or delete it")
-    else:
-        settings = {"chunk_size": cfg.chunk_size, **(made_from or {})}
-        storage.write_bytes_atomic(config_url, json.dumps(settings, sort_keys=True).encode())
-    return committed_chunks(workdir)
-
-
-def _pool(cfg: ExtractConfig):
-    methods = mp.get_all_start_methods()
-    # fork shares the imported spaCy with the workers (fast start); each still loads its model.
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+    def check(self, summary: dict, out: str) -> None:
+        _check_parsed(summary, summary.get("input"), out)
 
 
 # --------------------------------------------------------------------------- summary
@@ -238,95 +208,14 @@ def format_summary(s: dict) -> str:
 # --------------------------------------------------------------------------- run
 
 
-def extract_file(
-    input_url: str,
-    output: str,
-    cfg: ExtractConfig | None = None,
-    part: int = 0,
-    num_parts: int = 1,
-    progress: bool = True,
-) -> dict:
-    """Extract triplets for this part of ``input_url`` into ``part_output(output, ...)``.
-
-    Resumable (see the module docstring); returns the summary, also written as
-    ``<part output>.summary.json``.
-    """
+def extract_file(input_url, output: str, cfg: ExtractConfig | None = None, parts: Parts = Parts(),
+                 progress: bool = True) -> dict:
+    """Extract triplets for this part of ``input_url`` into ``parts.output(output)``; returns the
+    summary, also written as ``<part output>.summary.json``."""
     cfg = cfg or ExtractConfig()
-    if not 0 <= part < num_parts:
-        raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
-    if cfg.chunk_size < 1 or cfg.batch_size < 1 or cfg.workers < 1:
-        raise ValueError("chunk_size, batch_size and workers must be >= 1")
-    out = part_output(output, part, num_parts)
-    workdir = f"{out}.chunks"
-    summary_url = f"{out}.summary.json"
-    made_from = {"stage": "extract_svo", "model": cfg.model, "max_chars": cfg.max_chars,
-                 "input": input_fingerprint(input_url)}
-    if not storage.exists(workdir):  # with a chunk folder the run is resumed (and OUT rewritten)
-        earlier = finished_summary(out, made_from)
-        if earlier is not None:
-            _check_parsed(earlier, input_url, out)
-            return earlier
-
-    done = _prepare_workdir(workdir, cfg, made_from)
-    pool = _pool(cfg) if cfg.workers > 1 else None  # before tqdm starts its monitor thread
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="extract_svo", unit="captions", dynamic_ncols=True)
-    chunks = []
-    try:
-        if pool is None:
-            _init_worker(cfg)
-        pending: deque = deque()
-        for chunk, lines in iter_chunks(input_url, cfg.chunk_size, part, num_parts):
-            chunks.append(chunk)
-            if chunk in done:
-                if bar is not None:
-                    bar.update(len(lines))
-                continue
-            if pool is None:
-                n = _run_chunk(workdir, chunk, lines)
-                if bar is not None:
-                    bar.update(n)
-                continue
-            pending.append(pool.apply_async(_run_chunk, (workdir, chunk, lines)))
-            while len(pending) >= 2 * cfg.workers:  # bounded memory: at most 2 chunks per worker
-                n = pending.popleft().get()
-                if bar is not None:
-                    bar.update(n)
-        while pending:
-            n = pending.popleft().get()
-            if bar is not None:
-                bar.update(n)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        if bar is not None:
-            bar.close()
-
-    if not chunks:
-        fs, path = storage.url_to_fs(workdir)
-        fs.rm(path, recursive=True)
-        scope = f" for part {part} of {num_parts} (fewer chunks than parts?)" if num_parts > 1 else ""
-        raise ValueError(f"{input_url} has no records{scope}: nothing to do")
-    # All chunks of this part are committed: concatenate them in order and publish atomically.
-    tmp = storage.local_temp_for(out)
-    counts = []
-    with open(tmp, "wb") as dst:
-        for chunk in chunks:
-            dst.write(storage.read_bytes(_chunk_url(workdir, chunk)))
-            counts.append(json.loads(storage.read_bytes(_stats_url(workdir, chunk))))
-    summary = {**_summary(_merge_counts(counts)), "input": input_url,
-               "made_from": json.loads(json.dumps(made_from, sort_keys=True))}
-    storage.commit(tmp, out)
-    summary["output_fingerprint"] = input_fingerprint(out)
-    storage.write_bytes_atomic(summary_url, json.dumps(summary, indent=1).encode())
-    fs, path = storage.url_to_fs(workdir)
-    fs.rm(path, recursive=True)
-    _check_parsed(summary, input_url, out)
-    return summary
+    if cfg.batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return run_stage(ExtractStage(cfg), input_url, output, StageConfig(cfg.chunk_size, cfg.workers), parts, progress)
 
 
 def _check_parsed(summary: dict, input_url: str, out: str) -> None:
@@ -340,11 +229,10 @@ def _check_parsed(summary: dict, input_url: str, out: str) -> None:
 
 __all__ = [
     "ExtractConfig",
+    "ExtractStage",
     "caption_problem",
     "extract_file",
     "format_summary",
-    "iter_chunks",
-    "part_output",
     "process_lines",
     "process_records",
     "summarize",

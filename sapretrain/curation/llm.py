@@ -1000,12 +1000,13 @@ def seeds_output(output: str) -> str:
 
 
 def label_seeds(input_url: str, output: str, cfg: LLMConfig, sample: int | None = None, seed: int = 0,
-                source: str | None = None, part: int = 0, num_parts: int = 1, chunk_size: int = 500,
+                source: str | None = None, parts=None, chunk_size: int = 500,
                 progress: bool = True) -> tuple[dict, dict]:
     """Sample seed items of ``input_url`` (written to ``seeds_output(output)``) and label them with the
     LLM through ``run_stage`` (chunks, resume, parts). Returns (stage summary, client stats)."""
     from sapretrain import storage
     from sapretrain.curation.stage import StageConfig, run_stage
+    from sapretrain.jobs import Parts
 
     if sample is not None and sample < 1:
         raise ValueError(f"--sample must be >= 1, got {sample}")
@@ -1015,7 +1016,7 @@ def label_seeds(input_url: str, output: str, cfg: LLMConfig, sample: int | None 
     # Every part and every re-run writes the same bytes (the sample is deterministic).
     storage.write_bytes_atomic(seeds, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items).encode())
     try:
-        summary = run_stage(stage, seeds, output, StageConfig(chunk_size=chunk_size), part, num_parts, progress)
+        summary = run_stage(stage, seeds, output, StageConfig(chunk_size=chunk_size), parts or Parts(), progress)
     finally:
         stage.client.close()
     return summary, stage.client.stats
