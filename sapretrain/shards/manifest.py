@@ -8,51 +8,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from sapretrain import jsonl, storage
+from sapretrain.jobs import MAX_EXAMPLES, SkipLog  # the one skip log; importable from here too
 from sapretrain.shards.schema import MANIFEST_REQUIRED as REQUIRED
 from sapretrain.shards.process import hashed_image_key
 from sapretrain.shards.schema import BadSample, validate_manifest_sample
 
-__all__ = ["REQUIRED", "BadSample", "ManifestIndex", "SkipLog", "check_sample", "iter_valid_lines", "read_manifest"]
+__all__ = ["MAX_EXAMPLES", "REQUIRED", "BadSample", "ManifestIndex", "SkipLog", "check_sample", "iter_valid_lines",
+           "read_manifest"]
 
-MAX_EXAMPLES = 5
 INSERT_BATCH = 5000  # rows per executemany while indexing: bounds the memory of the pass
 SQLITE_CACHE_KIB = 16 << 10  # SQLite's page cache per connection (its sorter spills past it to disk)
-
-
-@dataclass
-class SkipLog:
-    """Skipped inputs counted by reason, with the first few examples of each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        bucket = self.examples.setdefault(reason, [])
-        if len(bucket) < MAX_EXAMPLES:
-            bucket.append(detail)
-
-    def merge(self, other: "SkipLog") -> None:
-        for reason, n in other.counts.items():
-            self.counts[reason] += n
-            bucket = self.examples.setdefault(reason, [])
-            bucket.extend(other.examples.get(reason, [])[: MAX_EXAMPLES - len(bucket)])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "counts": dict(sorted(self.counts.items())),
-            "examples": {k: v for k, v in sorted(self.examples.items())},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SkipLog":
-        return cls(Counter(data.get("counts", {})), {k: list(v) for k, v in data.get("examples", {}).items()})
 
 
 def iter_valid_lines(url: str, skips: SkipLog) -> Iterator[tuple[int, str, dict[str, Any]]]:
