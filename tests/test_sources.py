@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_ROOT
-from sapretrain.curation.sources import READERS, Split, collect, reader_options
+from sapretrain.curation.sources import READERS, collect, reader_options
+from sapretrain.jobs import Parts
 from sapretrain.shards.manifest import SkipLog
 from sapretrain import storage
 from sapretrain.tars import split_ref as split_tar_ref
@@ -187,9 +188,9 @@ def jsonl_files(tmp_path: Path) -> dict:
 FIXTURES = {"coco": coco_files, "vg": vg_files, "wds": wds_files, "csv": csv_files, "tsv": tsv_files, "jsonl": jsonl_files}
 
 
-def read(source: str, options: dict, split: Split = Split()) -> tuple[list[dict], SkipLog]:
+def read(source: str, options: dict, parts: Parts = Parts()) -> tuple[list[dict], SkipLog]:
     skips = SkipLog()
-    records = list(READERS[source](**reader_options(source, options), skips=skips, split=split))
+    records = list(READERS[source](**reader_options(source, options), skips=skips, parts=parts))
     return records, skips
 
 
@@ -501,17 +502,58 @@ def test_jsonl_lines(tmp_path):
     assert skips.counts == Counter(bad_json=2, bad_caption=1, missing_image=1, object_bad_box=1)
 
 
-@pytest.mark.parametrize("source", sorted(FIXTURES))
-def test_parts_partition_records_and_skips(tmp_path, source):
-    options = FIXTURES[source](tmp_path)
+def two_jsonl_files(tmp_path: Path) -> dict:
+    """Several files: parts take a share of the files (the second has an id field)."""
+    first = jsonl_files(tmp_path)["inputs"][0]
+    second = tmp_path / "more.jsonl"
+    second.write_text("\n".join(json.dumps({"caption": f"a cup on a table {i}", "image": f"{i}.jpg"})
+                                for i in range(4)) + "\nnot json\n")
+    return {"inputs": [first, str(second)]}
+
+
+def single_line_csv_files(tmp_path: Path) -> dict:
+    """CSV_TEXT without its quoted newline: a single plain file is split by bytes."""
+    (tmp_path / "pairs.csv").write_text(CSV_TEXT.replace('"two\nlines"', '"two, lines"') * 3)
+    return {"inputs": [str(tmp_path / "pairs.csv")]}
+
+
+PART_FIXTURES = {**FIXTURES, "csv": single_line_csv_files, "jsonl-files": two_jsonl_files}
+
+
+@pytest.mark.parametrize("num_parts", [2, 3, 7])
+@pytest.mark.parametrize("name", sorted(PART_FIXTURES))
+def test_parts_partition_records_and_skips(tmp_path, name, num_parts):
+    source = name.split("-")[0]
+    options = PART_FIXTURES[name](tmp_path)
     whole, whole_skips = read(source, options)
-    ids, skips = [], Counter()
-    for part in range(3):
-        records, part_skips = read(source, options, Split(part, 3))
-        ids += [r["id"] for r in records]
+    records, skips = [], Counter()
+    for part in range(num_parts):
+        part_records, part_skips = read(source, options, Parts(part, num_parts))
+        records += part_records
         skips += part_skips.counts
-    assert sorted(ids) == sorted(r["id"] for r in whole) and len(set(ids)) == len(ids)
+    assert whole and records == whole  # contiguous shares: the parts in order are the whole run
     assert skips == whole_skips.counts
+
+
+def test_csv_split_by_bytes_counts_a_row_across_lines(tmp_path):
+    options = csv_files(tmp_path)  # its last row's quoted caption holds a newline
+    whole, _ = read("csv", options)
+    assert whole[-1]["caption"] == "two lines"
+    records, skips = [], SkipLog()
+    for part in range(2):
+        part_records, part_skips = read("csv", options, Parts(part, 2))
+        records += part_records
+        skips.merge(part_skips)
+    assert records == whole[:-1]  # the two pieces of the last row are not read as a row
+    assert skips.counts["bad_row"] == 3 and sum("quoted field holds a newline" in x for x in skips.examples["bad_row"]) == 2
+
+
+def test_a_single_compressed_file_goes_whole_to_part_0(tmp_path):
+    with gzip.open(tmp_path / "pairs.csv.gz", "wt") as f:
+        f.write(CSV_TEXT)
+    options = {"inputs": [str(tmp_path / "pairs.csv.gz")]}
+    whole, _ = read("csv", options)
+    assert read("csv", options, Parts(0, 2))[0] == whole and read("csv", options, Parts(1, 2))[0] == []
 
 
 def test_options_that_do_not_apply_are_refused():
@@ -521,21 +563,31 @@ def test_options_that_do_not_apply_are_refused():
         reader_options("coco", {"image_root": "x"})
     with pytest.raises(ValueError, match="--source vg needs --image-root"):
         reader_options("vg", {"regions": "r.json"})
-    with pytest.raises(ValueError, match="--num-parts > 1, put {part}"):
-        collect("csv", "out.jsonl", {"inputs": ["a.csv"]}, Split(0, 2), progress=False)
+
+
+def test_collect_parts_write_part_files_that_read_as_the_whole_output(tmp_path):
+    options = single_line_csv_files(tmp_path)
+    whole = collect("csv", str(tmp_path / "whole.jsonl"), options, progress=False)
+    for part in range(3):
+        report = collect("csv", str(tmp_path / "caps.jsonl"), options, Parts(part, 3), progress=False)
+        assert report.output == str(tmp_path / f"caps-part{part:05d}-of00003.jsonl")
+    from sapretrain.jobs import expand_inputs  # the next stage reads caps.jsonl as its part files
+
+    parts = "".join(open(u).read() for u in expand_inputs(str(tmp_path / "caps.jsonl")))
+    assert whole.records and parts == (tmp_path / "whole.jsonl").read_text()
 
 
 def test_collect_atomic_gzip_limit_and_resume(tmp_path):
     options = csv_files(tmp_path)
-    out = tmp_path / "out" / "caps-{part}.jsonl.gz"
+    out = tmp_path / "out" / "caps.jsonl.gz"
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "caps-00000.jsonl.gz.tmp.12345").write_text("left by a killed run")
-    report = collect("csv", str(out), options, Split(0, 1), limit=2, progress=False)
-    path = tmp_path / "out" / "caps-00000.jsonl.gz"
+    (tmp_path / "out" / "caps.jsonl.gz.tmp.12345").write_text("left by a killed run")
+    report = collect("csv", str(out), options, Parts(0, 1), limit=2, progress=False)
+    path = out
     lines = [json.loads(x) for x in gzip.open(path, "rt")]
     assert report.records == 2 and [x["id"] for x in lines] == ["csv-pairs-0", "csv-pairs-4"]
     # no temp left behind; the marker records what the output was made from
-    assert sorted(os.listdir(tmp_path / "out")) == ["caps-00000.jsonl.gz", "caps-00000.jsonl.gz.done.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["caps.jsonl.gz", "caps.jsonl.gz.done.json"]
     assert collect("csv", str(out), options, limit=2, progress=False).already_done
     with pytest.raises(ValueError, match="other settings"):  # 2 records are not what an unlimited run asks for
         collect("csv", str(out), options, progress=False)
@@ -565,10 +617,10 @@ def test_cli_end_to_end(tmp_path):
     # Parts over several processes: their outputs together are the whole output.
     parts = []
     for part in range(2):
-        run = run_tool(*args[:-1], str(tmp_path / "p-{part}.jsonl"), "--part", str(part), "--num-parts", "2")
+        run = run_tool(*args[:-1], str(tmp_path / "p.jsonl"), "--part", str(part), "--num-parts", "2")
         assert run.returncode == 0, run.stderr
-        parts += [json.loads(x) for x in (tmp_path / f"p-{part:05d}.jsonl").read_text().splitlines()]
-    assert sorted(x["id"] for x in parts) == sorted(x["id"] for x in lines)
+        parts += [json.loads(x) for x in (tmp_path / f"p-part{part:05d}-of00002.jsonl").read_text().splitlines()]
+    assert parts == lines
 
     wrong = run_tool("--source", "csv", "--input", "a.csv", "--instances", "i.json", "--output", str(tmp_path / "x.jsonl"))
     assert wrong.returncode == 2 and "--instances does not apply to --source csv" in wrong.stderr

@@ -5,27 +5,29 @@ r"""Image–caption sources → one captions JSONL (the input of sapretrain extr
     sapretrain collect-captions --source vg --regions region_descriptions.json \
         [--objects objects.json] [--image-data image_data.json] --image-root VG --output vg.jsonl
     sapretrain collect-captions --source wds --input 's3://bucket/cc3m/{00000..00331}.tar' \
-        --source-name cc3m --output cc3m-{part}.jsonl --part 0 --num-parts 8
+        --source-name cc3m --output cc3m.jsonl --part 0 --num-parts 8   # cc3m-part00000-of00008.jsonl
     sapretrain collect-captions --source tsv --input Train_GCC-training.tsv --columns caption,url \
         --source-name cc3m --output cc3m.jsonl
     sapretrain collect-captions --source csv|jsonl --input FILE [FILE ...] --output out.jsonl
 
 Record format, image references (``tar#member@offset:size`` for tars), splitting and skip reasons are
-documented in sapretrain/curation/sources.py. An existing output is left alone (re-running a
-finished part does nothing) unless --overwrite.
+documented in sapretrain/curation/sources.py; part I of N writes OUT with -partIIIII-ofNNNNN before
+its extension (sapretrain.jobs), which later stages read as OUT. An existing output is left alone
+(re-running a finished part does nothing) unless --overwrite.
 """
 from __future__ import annotations
 
 import argparse
 
-from sapretrain.curation.sources import READERS, Split, collect, format_report
+from sapretrain.curation.sources import READERS, collect, format_report
+from sapretrain.jobs import Parts, add_part_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=sorted(READERS), help="reader to use")
     parser.add_argument(
-        "--output", required=True, help="captions JSONL (path or fsspec URL; .gz compresses); {part} → 00003 etc."
+        "--output", required=True, help="captions JSONL (path or fsspec URL; .gz compresses); a part writes OUT-partIIIII-ofNNNNN.jsonl"
     )
     parser.add_argument("--source-name", help="the records' source field (default: the reader's name), e.g. cc3m")
     inputs = parser.add_argument_group("inputs (paths or fsspec URLs)")
@@ -51,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-object-overlap", type=float, help="vg: keep objects at least this much inside the region (default 0.5)"
     )
-    parser.add_argument("--part", type=int, default=0, help="which part of the input this process reads")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the input is split")
+    add_part_arguments(parser)
     parser.add_argument("--limit", type=int, help="write at most this many records")
     parser.add_argument("--overwrite", action="store_true", help="redo an output that already exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     }  # fmt: skip
     try:
-        split = Split(args.part, args.num_parts)
-        report = collect(args.source, args.output, options, split, args.limit, not args.no_progress, args.overwrite)
+        parts = Parts(args.part, args.num_parts)
+        report = collect(args.source, args.output, options, parts, args.limit, not args.no_progress, args.overwrite)
     except ValueError as e:
         parser.error(str(e))
     print(format_report(report))

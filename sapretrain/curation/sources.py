@@ -13,7 +13,8 @@ A caption record (one JSON object per line of the output)::
 - ``id`` matches ``[A-Za-z0-9_-]+`` (it becomes a tar key downstream) and is derived from the
   source's own ids, so re-running gives the same ids: ``coco-<image_id>-<caption annotation id>``,
   ``vg-<image_id>-<region_id>``, ``<source>-<tar key>`` for tars, ``<source>-<file stem>-<row>``
-  (or the sanitised ``id`` column/field) for CSV/TSV/JSONL.
+  (or the sanitised ``id`` column/field) for CSV/TSV/JSONL, where ``<row>`` counts the file's
+  lines from 0 after the header (a row's first line; blank lines count).
 - ``image`` is a local path (made absolute), an fsspec URL, or for an image inside a tar a
   **tar-member reference** ``<tar path or URL>#<member name>[@<offset>:<size>]``, e.g.
   ``s3://bucket/cc3m/00012.tar#000120034.jpg@1536:48213`` (see ``tars.parse_ref``): ``offset`` is
@@ -33,9 +34,20 @@ captions without opening the tar (its ``success`` rows; ``KEY.<--image-ext>`` im
 img2dataset's ``--encode_format``); without a parquet the tar is scanned and ``SHARD_stats.json``
 gives the count of samples that never reached it.
 
-Splitting (``--part/--num-parts``): COCO and VG by image (all captions of an image in one part),
-tars by input file, CSV/TSV/JSONL by row. Skips are counted by the part that owns the input, so
-the parts' records and skip counts add up to those of one whole run.
+Parts (``--part/--num-parts``, ``jobs.Parts``): part ``I`` of ``N`` reads the ``I``-th contiguous
+share of the input and writes ``OUT`` with ``-partIIIII-ofNNNNN`` before its extension
+(``Parts.output``). COCO and VG are split by image (all captions of an image in one part), tars by
+input file; CSV/TSV/JSONL by input file when there are several, and a single plain file by byte
+range (``jobs.plan_segments``: the rows that start in the part's bytes; a compressed file cannot be
+entered in the middle and goes whole to part 0). Skips are counted by the part that owns the
+input, so the parts' records and skip counts add up to those of one whole run, and read in part
+order the parts' outputs are the whole run's output.
+
+A byte range of a CSV is read one row per line, so a CSV whose quoted fields hold newlines cannot
+be split by bytes: each piece of such a row is a line with an odd number of ``"`` and is counted
+``bad_row`` (the message says so); run such a file as one part (or as several files). Rows are
+numbered by the file's own lines in both cases: a part of a byte-split file scans the bytes before
+its range for newlines (no parsing), so ids and messages are those of a whole run.
 
 Skip reasons (``SkipLog``). A record is dropped for: ``missing_caption``, ``bad_caption`` (not
 text), ``empty_caption``, ``bad_encoding``, ``missing_image``, ``unknown_image`` (caption of an
@@ -65,33 +77,18 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.utils import infer_compression
 
 from sapretrain import jsonl, storage, tars
-from sapretrain.shards.manifest import SkipLog
+from sapretrain.jobs import Parts, Segment, SkipLog, expand_inputs, iter_segment_lines, plan_segments
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("path", "image", "url")  # tried in this order when no image column is named
 CSV_FIELD_LIMIT = 2**31 - 1
 Record = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Split:
-    """Which share of the input units this process handles: unit ``i`` goes to part ``i % num_parts``."""
-
-    part: int = 0
-    num_parts: int = 1
-
-    def __post_init__(self):
-        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
-            raise ValueError(f"--part {self.part} must be in [0, --num-parts {self.num_parts})")
-
-    def mine(self, index: int) -> bool:
-        return index % self.num_parts == self.part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,22 +198,6 @@ def load_json(url: str) -> Any:
         raise ValueError(f"{url} is not a readable JSON document ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def expand_inputs(inputs: str | Iterable[str]) -> list[str]:
-    """Input URLs after brace expansion (``{00000..00099}``) and globbing (``*``, ``?``, ``[``)."""
-    from braceexpand import braceexpand
-
-    urls: list[str] = []
-    for pattern in [inputs] if isinstance(inputs, str) else inputs:
-        for url in braceexpand(str(pattern)):
-            if any(c in url for c in "*?["):
-                fs, path = storage.url_to_fs(url)
-                matches = sorted(fs.glob(path))
-                urls.extend(m if storage.is_local(fs) else fs.unstrip_protocol(m) for m in matches)
-            else:
-                urls.append(url)
-    return urls
-
-
 def _stem(url: str) -> str:
     name = PurePosixPath(url.rstrip("/")).name
     for suffix in (".gz", ".bz2", ".xz", ".zst", ".jsonl", ".json", ".csv", ".tsv", ".txt"):
@@ -235,7 +216,7 @@ def read_coco(
     instances: str | None = None,
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "coco",
 ) -> Iterator[Record]:
     """One record per caption of a COCO ``captions_*.json``; boxes from ``instances_*.json``."""
@@ -246,21 +227,21 @@ def read_coco(
         raise ValueError(f"{captions}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     known = {img.get("id") for img in images if isinstance(img, dict)}
     by_image: dict[Any, list[dict]] = defaultdict(list)
+    my_annotations = parts.share(len(annotations))  # a caption of no known image: counted by one part
     for index, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann:
-            if split.mine(index):
+            if index in my_annotations:
                 skips.add("bad_annotation", f"{captions}: caption annotation #{index} has no image_id")
         elif ann["image_id"] not in known:
-            if split.mine(index):
+            if index in my_annotations:
                 skips.add("unknown_image", f"caption {ann.get('id')}: image {ann['image_id']!r} not in 'images'")
         else:
             by_image[ann["image_id"]].append(ann)
     categories, boxes = _coco_instances(instances) if instances else ({}, {})
 
     root = absolute(image_root)
-    for index, img in enumerate(images):
-        if not split.mine(index):
-            continue
+    for index in parts.share(len(images)):
+        img = images[index]
         image_id = img.get("id") if isinstance(img, dict) else None
         anns = by_image.pop(image_id, [])
         if not isinstance(img.get("file_name") if isinstance(img, dict) else None, str):
@@ -329,7 +310,7 @@ def read_vg(
     image_data: str | None = None,
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "vg",
     min_object_overlap: float = 0.5,
 ) -> Iterator[Record]:
@@ -354,9 +335,8 @@ def read_vg(
                 raw_objects[item.get("image_id", item.get("id"))] = item.get("objects") or []
 
     root = absolute(image_root)
-    for index, entry in enumerate(entries):
-        if not split.mine(index):
-            continue
+    for index in parts.share(len(entries)):
+        entry = entries[index]
         image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
         if image_id is None or not isinstance(entry.get("regions"), list):
             skips.add("bad_image_entry", f"{regions}: entry #{index} has no id or regions")
@@ -415,7 +395,7 @@ def read_wds(
     image_ext: str = "jpg",
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "wds",
 ) -> Iterator[Record]:
     """One record per sample of img2dataset tars (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``).
@@ -428,10 +408,9 @@ def read_wds(
     """
     if not re.fullmatch(r"[A-Za-z0-9]+", image_ext):
         raise ValueError(f"--image-ext {image_ext!r}: an extension such as jpg, png or webp")
-    for index, url in enumerate(expand_inputs(inputs)):
-        if not split.mine(index):
-            continue
-        url = absolute(url)
+    urls = expand_inputs(inputs)
+    for index in parts.share(len(urls)):
+        url = absolute(urls[index])
         parquet = shard_sidecar(url, ".parquet")
         if parquet is not None and storage.exists(parquet):
             if not storage.exists(url):
@@ -618,7 +597,7 @@ def read_csv(
     columns: str | list[str] | None = None,
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "csv",
     delimiter: str = ",",
 ) -> Iterator[Record]:
@@ -626,58 +605,120 @@ def read_csv(
     files such as CC3M's ``caption<TAB>url`` TSV). Relative paths resolve against ``image_root``,
     else the file's directory. CSV follows RFC 4180 quoting; TSV has none (a field holds no tab).
 
-    Streams row by row; split by row index (data rows, header excluded, over all inputs in order).
+    Streams row by row; parts take a share of the files, or of a single file's bytes (module doc).
     """
     csv.field_size_limit(CSV_FIELD_LIMIT)
     if isinstance(columns, str):
         columns = [c.strip() for c in columns.split(",")]
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    index = -1
-    for url in expand_inputs(inputs):
+    for segment in table_segments(inputs, parts):
+        url = segment.url
         base = image_root if image_root is not None else storage.parent(url)
-        with fsspec.open(url, "rb", compression="infer") as raw:
-            # surrogateescape: a row with bad bytes is skipped (bad_encoding), not the whole file.
-            text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-            reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
-            header = list(columns) if columns else next(reader, None)
+        whole = segment.start == 0 and segment.end is None
+        rows = _csv_file_rows(url, delimiter, quoting) if whole else _csv_segment_rows(segment, delimiter, quoting)
+        if columns:
+            header_line, header = 0, list(columns)
+        else:  # the file's first row, whichever part reads it
+            first = rows if segment.start == 0 else _csv_file_rows(url, delimiter, quoting)
+            header_line, header = next(first, (0, None))
+            if first is not rows:
+                first.close()
             if header is None:
                 continue
-            header = [h.strip().lstrip("\ufeff") for h in header]
-            image_col = image_column or next((c for c in IMAGE_COLUMNS if c in header), None)
-            for needed, what in ((caption_column, "caption"), (image_col, "image")):
-                if needed not in header:
-                    name = needed or "/".join(IMAGE_COLUMNS)
-                    raise ValueError(f"{url}: no {what} column {name!r} (columns: {header})")
-            if id_column is not None and id_column not in header:
-                raise ValueError(f"{url}: no id column {id_column!r} (columns: {header})")
-            stem, row_number = _stem(url), -1
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:
-                    row_number += 1
-                    index += 1
-                    if split.mine(index):
-                        skips.add("bad_row", f"{url} line {reader.line_num}: {e}")
-                    continue
-                if not row:
-                    continue
-                row_number += 1
-                index += 1
-                if not split.mine(index):
-                    continue
-                where = f"{url} line {reader.line_num}"
-                if len(row) != len(header):
-                    skips.add("bad_row", f"{where}: {len(row)} fields, header has {len(header)}")
-                    continue
-                values = dict(zip(header, row))
-                names = (caption_column, image_col, id_column)
-                default_id = f"{source_name}-{stem}-{row_number}"
-                record = _table_record(values, names, base, default_id, source_name, skips, where)
-                if record is not None:
-                    yield record
+            if isinstance(header, csv.Error):
+                raise ValueError(f"{url}: unreadable header row ({header})")
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        image_col = image_column or next((c for c in IMAGE_COLUMNS if c in header), None)
+        for needed, what in ((caption_column, "caption"), (image_col, "image")):
+            if needed not in header:
+                name = needed or "/".join(IMAGE_COLUMNS)
+                raise ValueError(f"{url}: no {what} column {name!r} (columns: {header})")
+        if id_column is not None and id_column not in header:
+            raise ValueError(f"{url}: no id column {id_column!r} (columns: {header})")
+        stem = _stem(url)
+        for line, row in rows:
+            where = f"{url} line {line}"
+            if isinstance(row, csv.Error):
+                skips.add("bad_row", f"{where}: {row}")
+                continue
+            if len(row) != len(header):
+                skips.add("bad_row", f"{where}: {len(row)} fields, header has {len(header)}")
+                continue
+            values = dict(zip(header, row))
+            names = (caption_column, image_col, id_column)
+            default_id = f"{source_name}-{stem}-{line - header_line - 1}"
+            record = _table_record(values, names, base, default_id, source_name, skips, where)
+            if record is not None:
+                yield record
+
+
+def table_segments(inputs: str | list[str], parts: Parts) -> list[Segment]:
+    """This part's share of CSV/TSV/JSONL inputs: whole files when there are several, a byte range
+    when there is one (a compressed one whole, to part 0)."""
+    urls = expand_inputs(inputs)
+    if len(urls) == 1:
+        return plan_segments(urls, parts)
+    return [Segment(urls[i]) for i in parts.share(len(urls))]
+
+
+def lines_before(segment: Segment) -> int:
+    """How many lines of its file come before the first line that starts in ``segment``: a scan of
+    the bytes before it for newlines (no parsing), so a byte range numbers lines as a whole run."""
+    if segment.start == 0:
+        return 0
+    count, left, last = 0, segment.start, b"\n"
+    with fsspec.open(segment.url, "rb") as f:
+        while left > 0:
+            piece = f.read(min(left, 1 << 24))
+            if not piece:
+                break
+            count, left, last = count + piece.count(b"\n"), left - len(piece), piece[-1:]
+    return count + (last != b"\n")  # started mid-line: that line is the previous part's
+
+
+def _nonblank(row: list[str]) -> bool:
+    return bool(row) and (len(row) > 1 or bool(row[0].strip()))
+
+
+def _csv_file_rows(url: str, delimiter: str, quoting: int) -> Iterator[tuple[int, list[str] | csv.Error]]:
+    """``(the row's first line number, fields or csv.Error)`` of a whole CSV/TSV file (RFC 4180: a
+    quoted field may hold newlines); blank rows left out."""
+    with fsspec.open(url, "rb", compression="infer") as raw:
+        # surrogateescape: a row with bad bytes is skipped (bad_encoding), not the whole file.
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
+        while True:
+            first = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield first, e
+                continue
+            if _nonblank(row):
+                yield first, row
+
+
+def _csv_segment_rows(segment: Segment, delimiter: str, quoting: int) -> Iterator[tuple[int, list[str] | csv.Error]]:
+    """``_csv_file_rows`` of a byte range: one row per line, so a line with an odd number of quotes
+    (a piece of a row whose quoted field holds a newline) is a csv.Error."""
+    before = lines_before(segment)
+    for number, line in iter_segment_lines(segment):
+        if isinstance(line, jsonl.BadLine):
+            yield before + number, csv.Error(line.detail)
+            continue
+        if quoting != csv.QUOTE_NONE and line.count('"') % 2:
+            yield before + number, csv.Error("a quoted field holds a newline: a CSV split by bytes is read one row "
+                                             "per line; run this file as one part")
+            continue
+        try:
+            row = next(csv.reader([line], delimiter=delimiter, quoting=quoting), [])
+        except csv.Error as e:
+            yield before + number, e
+            continue
+        if _nonblank(row):
+            yield before + number, row
 
 
 def read_tsv(
@@ -689,13 +730,13 @@ def read_tsv(
     columns: str | list[str] | None = None,
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "tsv",
 ) -> Iterator[Record]:
     """``read_csv`` with tab-separated, unquoted columns."""
     return read_csv(
         inputs, image_root, caption_column, image_column, id_column, columns,
-        skips=skips, split=split, source_name=source_name, delimiter="\t",
+        skips=skips, parts=parts, source_name=source_name, delimiter="\t",
     )  # fmt: skip
 
 
@@ -733,36 +774,33 @@ def read_jsonl(
     id_column: str | None = None,
     *,
     skips: SkipLog,
-    split: Split = Split(),
+    parts: Parts = Parts(),
     source_name: str = "jsonl",
 ) -> Iterator[Record]:
     """One record per line: ``caption`` and the first of ``path``/``image``/``url`` (or the named
-    fields); ``width``/``height`` and ``objects`` are kept when valid. Split by line index."""
-    index = -1
-    for url in expand_inputs(inputs):
+    fields); ``width``/``height`` and ``objects`` are kept when valid. Parts as ``read_csv``."""
+    for segment in table_segments(inputs, parts):
+        url = segment.url
         base = image_root if image_root is not None else storage.parent(url)
-        stem = _stem(url)
-        with fsspec.open(url, "rb", compression="infer") as f:
-            for number, raw in jsonl.iter_raw_lines(f):
-                index += 1
-                if not split.mine(index):
-                    continue
-                where = f"{url} line {number}"
-                try:
-                    line = jsonl.parse_record(raw)
-                except jsonl.BadLine as e:  # the shared reader's reasons: bad_json, bad_encoding, too_deep ...
-                    skips.add(e.reason, f"{where}: {e.detail}")
-                    continue
-                image_col = image_column or next((c for c in IMAGE_COLUMNS if c in line), IMAGE_COLUMNS[0])
-                names = (caption_column, image_col, id_column or "id")
-                default_id = f"{source_name}-{stem}-{number - 1}"
-                record = _table_record(line, names, base, default_id, source_name, skips, where)
-                if record is None:
-                    continue
-                if isinstance(line.get("objects"), list):
-                    size = record.get("width"), record.get("height")
-                    record["objects"] = _clean_objects(line["objects"], *size, skips, where)
-                yield record
+        stem, before = _stem(url), lines_before(segment)
+        for number, raw in iter_segment_lines(segment):
+            number += before
+            where = f"{url} line {number}"
+            try:
+                line = jsonl.parse_record(raw)
+            except jsonl.BadLine as e:  # the shared reader's reasons: bad_json, bad_encoding, too_deep ...
+                skips.add(e.reason, f"{where}: {e.detail}")
+                continue
+            image_col = image_column or next((c for c in IMAGE_COLUMNS if c in line), IMAGE_COLUMNS[0])
+            names = (caption_column, image_col, id_column or "id")
+            default_id = f"{source_name}-{stem}-{number - 1}"
+            record = _table_record(line, names, base, default_id, source_name, skips, where)
+            if record is None:
+                continue
+            if isinstance(line.get("objects"), list):
+                size = record.get("width"), record.get("height")
+                record["objects"] = _clean_objects(line["objects"], *size, skips, where)
+            yield record
 
 
 def _clean_objects(objects: list, width, height, skips: SkipLog, where: str) -> list[dict]:
@@ -812,7 +850,7 @@ def reader_options(source: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown source {source!r}; known: {', '.join(READERS)}")
     params = inspect.signature(READERS[source]).parameters
     given = {k: v for k, v in options.items() if v is not None}
-    wrong = [k for k in given if k not in params or k in ("skips", "split")]
+    wrong = [k for k in given if k not in params or k in ("skips", "parts")]
     if wrong:
         raise ValueError(f"{', '.join(_flag(k) for k in wrong)} does not apply to --source {source}")
     required = [k for k, p in params.items() if p.default is inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY]
@@ -826,28 +864,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def part_output(output: str, split: Split) -> str:
-    """``output`` with ``{part}`` filled in; several parts must not share one output file."""
-    if "{part}" in output:
-        return output.replace("{part}", f"{split.part:05d}")
-    if split.num_parts > 1:
-        raise ValueError(
-            "with --num-parts > 1, put {part} in --output (e.g. captions-{part}.jsonl)"
-            " so the parts do not overwrite each other"
-        )
-    return output
-
-
 def collect(
     source: str,
     output: str,
     options: dict[str, Any],
-    split: Split = Split(),
+    parts: Parts = Parts(),
     limit: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> CollectReport:
-    """Run ``source``'s reader and write its records to ``output`` (JSONL, ``.gz`` etc. by suffix).
+    """Run ``source``'s reader over this part and write its records to ``parts.output(output)``
+    (JSONL, ``.gz`` etc. by suffix).
 
     The output appears only when complete (temporary file, then commit), so a killed run leaves
     nothing half-written. ``OUT.done.json`` records what it was made from (source, options, part,
@@ -861,14 +888,14 @@ def collect(
     from sapretrain.curation.stage import finished_summary, input_fingerprint
 
     kwargs = reader_options(source, options)
-    output = part_output(str(output), split)
+    output = parts.output(str(output))
     report = CollectReport(output)
     files = {k: input_fingerprint(v) for k, v in sorted(kwargs.items())
              if k in ("captions", "instances", "regions", "objects", "image_data") and isinstance(v, str)}
     if kwargs.get("inputs"):  # shard lists can be long and remote: their sizes only (one HEAD each)
         files["inputs"] = {url: _size_or_none(url) for url in expand_inputs(kwargs["inputs"])}
     made_from = {"source": source, "options": {k: v for k, v in sorted(kwargs.items())}, "files": files,
-                 "part": [split.part, split.num_parts], "limit": limit}
+                 "part": parts.to_list(), "limit": limit}
     marker = f"{output}.done.json"
     if not overwrite and storage.exists(output):
         if not storage.exists(marker):
@@ -883,9 +910,9 @@ def collect(
     tmp = storage.local_temp_for(output)
     try:
         with fsspec.open(tmp, "wt", encoding="utf-8", compression=infer_compression(output)) as f, tqdm(
-            desc=f"{source} part {split.part}/{split.num_parts}", unit=" rec", disable=not progress, total=limit
+            desc=f"{source}{parts.label()}", unit=" rec", disable=not progress, total=limit
         ) as bar:
-            for record in READERS[source](**kwargs, skips=report.skips, split=split):
+            for record in READERS[source](**kwargs, skips=report.skips, parts=parts):
                 if limit is not None and report.records >= limit:
                     break
                 try:
