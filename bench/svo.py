@@ -56,7 +56,7 @@ def rules_only(captions: list[str], batch_size: int) -> tuple[float, float]:
 
 def run_extract(src: Path, out: Path, workers: int, batch_size: int) -> float:
     out.unlink(missing_ok=True)  # a finished output would make extract_file return at once
-    extract_mod._WORKER.clear()  # load the model inside the timed run, as a fresh process would
+    extract_mod._NLP.clear()  # load the model inside the timed run, as a fresh process would
     t0 = time.perf_counter()
     extract_file(str(src), str(out), ExtractConfig(batch_size=batch_size, workers=workers), progress=False)
     return time.perf_counter() - t0

@@ -1,10 +1,13 @@
 """The whole curation, sources to curated manifest, as one resumable run (tools/curate.py).
 
-    python tools/curate.py --config configs/curation/coco.yaml [key=value ...]
+    sapretrain curate --config configs/curation/coco.yaml [key=value ...]                 # local
+    sapretrain curate --config C --engine ray [--address auto] [--num-parts 64]           # a Ray cluster
+    sapretrain curate --config C --engine slurm --num-parts 64 [--submit]                 # SLURM arrays
+    sapretrain curate --config C --step extract_svo --part 3 --num-parts 64               # one step's part
 
-Stages, each writing one file under ``output_dir`` and skipped when that file is complete (so a
-killed run re-run with the same config continues at the stage, and inside it at the chunk, where
-it stopped):
+Stages, each writing one file under ``output_dir`` (or its part files ``X-partIIIII-ofNNNNN``) and
+skipped when that file is complete (so a killed run re-run with the same config continues at the
+stage, and inside it at the chunk, where it stopped):
 
     1 captions.jsonl    collect_captions: one record per caption (sources.py)
     2 triplets.jsonl    extract_svo: + triplets (extract.py)
@@ -13,6 +16,16 @@ it stopped):
     5 negatives.jsonl   + negative caption, rules or LLM (negatives.py)
     6 rois.jsonl        + subject/object boxes, ground truth or detector (rois.py)
     7 curated.jsonl     + positive partner (positives.py): the curated manifest for make_shards
+
+**Steps and engines.** ``steps(cfg)`` is the run as steps: the stages above, positives split into
+``positives_embed``, ``positives_index`` (one process: the one index of the run),
+``positives_search`` and ``positives_write``, then ``report``. ``run_step(cfg, name, parts)`` runs
+one part of one step: it reads the previous step's output, whole or as its part files
+(``sapretrain.jobs``), so no merge step sits between steps, and a finished part returns at once.
+Engines only schedule ``run_step``: ``local`` runs every step in this process (one part);
+``ray`` (``ray_engine.py``) runs each step's parts as a Ray Data pipeline on a cluster; ``slurm``
+(``slurm.py``) writes one job array per step chained with ``afterok``. All three produce the same
+curated samples. Each step part's wall time is kept in ``steps/`` for the report.
 
 Dropped records of stage N go to ``<file>.dropped.jsonl`` with their reason; ``report.json`` /
 ``report.md`` gather the counts per stage and reason, examples of kept and dropped samples, and
@@ -28,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
+from sapretrain.jobs import Parts, SkipLog, expand_inputs, part_files
 from sapretrain.resources import PREFIX, resolve_config
 from sapretrain.curation.exclude import BUILTIN_PREFIX, ExcludingStage, load_exclusions
 from sapretrain.curation.samples import SampleConfig, SampleStage
-from sapretrain.curation.stage import StageConfig, dropped_output, run_stage
+from sapretrain.curation.stage import StageConfig, dropped_output, merge_summaries, run_stage
 
 CONFIGS = "configs/curation"  # shipped with the package (sapretrain.resources)
 
@@ -131,38 +145,29 @@ def load_curation_config(path: str | None, overrides: list[str] | None = None) -
 # Stages
 
 
-def _collect(cfg: CurationConfig, out: str, progress: bool) -> dict[str, Any]:
+def _collect(cfg: CurationConfig, out: str, parts: Parts, progress: bool) -> dict[str, Any]:
     from sapretrain.curation.sources import collect
 
-    if storage.exists(out) and not storage.exists(f"{out}.done.json"):
+    if parts.whole and storage.exists(out) and not storage.exists(f"{out}.done.json"):
         # Collected beforehand (tools/collect_captions.py elsewhere, or copied in): used as it is,
         # whatever the source section says; its skips are unknown here. Empty is a mistake.
         lines = sum(1 for _ in _iter_jsonl(out))
         if not lines:
             raise ValueError(f"{out} exists but holds no caption records: delete it to collect them")
         return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
-    report = collect(cfg.source.reader, out, dict(cfg.source.options), limit=cfg.source.limit, progress=progress)
+    mine = parts.output(out)
+    report = collect(cfg.source.reader, out, dict(cfg.source.options), parts, limit=cfg.source.limit,
+                     progress=progress)
     if report.already_done:
-        if storage.exists(f"{out}.summary.json"):
-            return json.loads(storage.read_bytes(f"{out}.summary.json"))
-        return {"stage": "captions", "records": report.records, "kept": report.records, "dropped": {}, "examples": {}}
+        if storage.exists(f"{mine}.summary.json"):
+            return {**json.loads(storage.read_bytes(f"{mine}.summary.json")), "already_done": True}
+        return {"stage": "captions", "records": report.records, "kept": report.records, "dropped": {}, "examples": {},
+                "already_done": True}
     summary = {"stage": "captions", "kept": report.records,
                "dropped": dict(report.skips.counts), "examples": {k: v[:3] for k, v in report.skips.examples.items()}}
     summary["records"] = summary["kept"] + sum(summary["dropped"].values())
-    storage.write_bytes_atomic(f"{out}.summary.json", json.dumps(summary, indent=1).encode())
+    storage.write_bytes_atomic(f"{mine}.summary.json", json.dumps(summary, indent=1).encode())
     return summary
-
-
-def _extract(cfg: CurationConfig, src: str, out: str, progress: bool) -> dict[str, Any]:
-    from sapretrain.curation.extract import ExtractConfig, extract_file
-
-    s = extract_file(src, out, ExtractConfig(model=cfg.extract.model, batch_size=cfg.extract.batch_size,
-                                             chunk_size=cfg.chunk_size, workers=cfg.extract.workers),
-                     progress=progress)
-    # Captions without a triplet stay in triplets.jsonl (extract_svo's contract); the samples
-    # stage drops and counts them.
-    return {"stage": "extract_svo", "records": s["captions"], "kept": s["captions"], "dropped": {},
-            "triplets": s["triplets"], "by_kind": s["by_kind"]}
 
 
 def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
@@ -171,6 +176,34 @@ def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
     if cfg.filter.model:
         plan.append(("relation_filter", "filtered.jsonl"))
     return plan + [("negatives", "negatives.jsonl"), ("rois", "rois.jsonl"), ("positives", "curated.jsonl")]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One schedulable step: ``partitioned`` steps run as parts; ``uses_model`` ones load a model
+    (actor pools and GPUs on the Ray engine, a GPU on SLURM when asked for)."""
+
+    name: str
+    stage: str  # the report row it belongs to (positives_* -> positives)
+    output: str  # its file in output_dir
+    partitioned: bool = True
+    uses_model: bool = False
+
+
+POSITIVE_STEPS = ("embed", "index", "search", "write")
+
+
+def steps(cfg: CurationConfig) -> list[Step]:
+    """The run as steps, in order (see the module doc)."""
+    models = {"extract_svo", "relation_filter", "rois"} | ({"negatives"} if cfg.negatives.mode == "llm" else set())
+    out = []
+    for name, file in stage_plan(cfg):
+        if name == "positives":
+            out += [Step(f"positives_{s}", name, file, partitioned=s != "index", uses_model=s in ("embed", "search"))
+                    for s in POSITIVE_STEPS]
+        else:
+            out.append(Step(name, name, file, uses_model=name in models))
+    return out + [Step("report", "report", "report.json", partitioned=False)]
 
 
 def _record_stage(name: str, cfg: CurationConfig):
@@ -195,8 +228,102 @@ def _record_stage(name: str, cfg: CurationConfig):
     raise ValueError(f"unknown stage {name!r}")
 
 
-def run_curation(cfg: CurationConfig, progress: bool = True, log=print) -> dict[str, Any]:
-    """All stages (each skipped when complete); returns the report (also report.json / .md)."""
+def find_step(cfg: CurationConfig, name: str) -> Step:
+    known = steps(cfg)
+    for step in known:
+        if step.name == name:
+            return step
+    raise ValueError(f"unknown step {name!r}; this config's steps: {', '.join(s.name for s in known)}")
+
+
+def _input_of(cfg: CurationConfig, step: Step) -> str | None:
+    """The output of the stage before ``step``'s (None for the first)."""
+    plan = stage_plan(cfg)
+    at = [name for name, _ in plan].index(step.stage) if step.stage in dict(plan) else len(plan)
+    return f"{cfg.output_dir.rstrip('/')}/{plan[at - 1][1]}" if at else None
+
+
+def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: bool = True,
+             stages: dict | None = None) -> dict[str, Any]:
+    """Run part ``parts`` of step ``name``; returns its summary (``already_done`` when it was).
+    ``stages`` keeps record stages (and their loaded models) between calls in one process."""
+    step = find_step(cfg, name)
+    if not step.partitioned and not parts.whole:
+        raise ValueError(f"step {name} runs as one process: no --part/--num-parts")
+    out_dir = cfg.output_dir.rstrip("/")
+    src, out = _input_of(cfg, step), f"{out_dir}/{step.output}"
+    started = time.time()
+    if name == "report":
+        return finish(cfg)
+    if name == "captions":
+        summary = _collect(cfg, out, parts, progress)
+    elif name == "extract_svo":
+        from sapretrain.curation.extract import ExtractConfig, extract_file
+
+        summary = extract_file(src, out, ExtractConfig(model=cfg.extract.model, batch_size=cfg.extract.batch_size,
+                                                       chunk_size=cfg.chunk_size, workers=cfg.extract.workers),
+                               parts, progress)
+    elif step.stage == "positives":
+        from sapretrain.config import load_config
+        from sapretrain.curation.positives import PositivesConfig, make_positives
+
+        floor = [] if cfg.positives.min_score is None else [f"min_score={cfg.positives.min_score}"]
+        summary = make_positives(src, out, load_config(PositivesConfig, cfg.positives.config, floor), parts=parts,
+                                 stage=name.split("_", 1)[1], progress=progress)
+    else:
+        stages = {} if stages is None else stages
+        if name not in stages:
+            stages[name] = _record_stage(name, cfg)
+        summary = run_stage(stages[name], src, out, StageConfig(cfg.chunk_size), parts, progress)
+    if not summary.get("already_done"):
+        timing = {"step": name, "part": parts.to_list(), "seconds": round(time.time() - started, 3)}
+        storage.write_bytes_atomic(f"{out_dir}/steps/{parts.output(name + '.json')}", json.dumps(timing).encode())
+    return summary
+
+
+def stage_summary(out: str) -> dict[str, Any]:
+    """The summary of a finished stage output: ``OUT.summary.json``, or its parts' merged."""
+    if storage.exists(f"{out}.summary.json"):
+        return json.loads(storage.read_bytes(f"{out}.summary.json"))
+    parts = part_files(out)
+    if not parts:
+        raise ValueError(f"{out}: not finished (no {out}.summary.json and no part files)")
+    missing = [p for p in parts if not storage.exists(f"{p}.summary.json")]
+    if missing:
+        raise ValueError(f"{out}: {len(missing)} of its {len(parts)} parts are not finished ({missing[0]} ...)")
+    return merge_summaries([json.loads(storage.read_bytes(f"{p}.summary.json")) for p in parts])
+
+
+def step_seconds(out_dir: str) -> dict[str, float]:
+    """Wall seconds per step, summed over its parts (``steps/``: the last run of each part)."""
+    fs, path = storage.url_to_fs(f"{out_dir.rstrip('/')}/steps")
+    seconds: Counter = Counter()
+    if fs.exists(path):
+        for name in fs.ls(path, detail=False):
+            if name.endswith(".json"):
+                t = json.loads(storage.read_bytes(name if storage.is_local(fs) else fs.unstrip_protocol(name)))
+                seconds[t["step"]] += t["seconds"]
+    return dict(seconds)
+
+
+def finish(cfg: CurationConfig) -> dict[str, Any]:
+    """The report of a finished run (every stage's summary, whole or from its parts), written."""
+    out_dir = cfg.output_dir.rstrip("/")
+    seconds = step_seconds(out_dir)
+    rows = []
+    for name, file in stage_plan(cfg):
+        out = f"{out_dir}/{file}"
+        spent = sum(v for k, v in seconds.items() if k == name or k.startswith(f"{name}_"))
+        rows.append({**stage_summary(out), "stage": name, "output": out, "seconds": round(spent, 1)})
+    report = build_report(cfg, rows, rows[-1]["output"])
+    write_report(report, out_dir)
+    return report
+
+
+def run_curation(cfg: CurationConfig, progress: bool = True, log=print, engine: str = "local",
+                 num_parts: int | None = None, address: str | None = None) -> dict[str, Any]:
+    """All steps (each skipped when complete) on ``engine`` (local | ray); returns the report
+    (also report.json / .md)."""
     from sapretrain.config import save_config
 
     out_dir = cfg.output_dir.rstrip("/")
@@ -204,30 +331,31 @@ def run_curation(cfg: CurationConfig, progress: bool = True, log=print) -> dict[
     fs.makedirs(path, exist_ok=True)
     if storage.is_local(fs):
         save_config(cfg, Path(path) / "config.yaml")
-    summaries, src = [], None
-    for name, file in stage_plan(cfg):
-        out = f"{out_dir}/{file}"
-        started = time.time()
-        if name == "captions":
-            summary = _collect(cfg, out, progress)
-        elif name == "extract_svo":
-            summary = _extract(cfg, src, out, progress)
-        elif name == "positives":
-            from sapretrain.config import load_config
-            from sapretrain.curation.positives import PositivesConfig, make_positives
+    if engine == "ray":
+        from sapretrain.curation.ray_engine import run_on_ray
 
-            floor = [] if cfg.positives.min_score is None else [f"min_score={cfg.positives.min_score}"]
-            summary = make_positives(src, out, load_config(PositivesConfig, cfg.positives.config, floor),
-                                     progress=progress)
-        else:
-            summary = run_stage(_record_stage(name, cfg), src, out, StageConfig(cfg.chunk_size), progress=progress)
-        summary = {**summary, "stage": name, "output": out, "seconds": round(time.time() - started, 1)}
-        summaries.append(summary)
-        log(_stage_line(summary))
-        src = out
-    report = build_report(cfg, summaries, src)
-    write_report(report, out_dir)
-    return report
+        run_on_ray(cfg, num_parts=num_parts, address=address, log=log)
+    elif engine == "local":
+        if num_parts not in (None, 1):
+            raise ValueError("the local engine runs one part; use --engine ray or slurm for --num-parts")
+        stages: dict = {}
+        for step in steps(cfg)[:-1]:
+            summary = run_step(cfg, step.name, Parts(), progress, stages)
+            if "records" in summary and step.name != "positives_embed":
+                log(_stage_line({**summary, "stage": step.stage}))
+    else:
+        raise ValueError(f"unknown engine {engine!r} (local, ray; slurm writes job scripts)")
+    return finish(cfg)
+
+
+def format_step_summary(name: str, parts: Parts, summary: dict[str, Any]) -> str:
+    """One line for one step's part (``curate --step``)."""
+    if name == "report":
+        return f"report: {summary['samples']} curated samples in {summary['manifest']}"
+    done = "already done; " if summary.get("already_done") else ""
+    counts = (f"{summary['records']} records, kept {summary['kept']}" if "records" in summary and "kept" in summary
+              else ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (int, float)) and k != "already_done"))
+    return f"{name}{parts.label()}: {done}{counts}"
 
 
 def _stage_line(s: dict[str, Any]) -> str:
@@ -240,15 +368,13 @@ def _stage_line(s: dict[str, Any]) -> str:
 
 
 def _iter_jsonl(url: str) -> Iterator[dict]:
-    """The records of a JSONL file, streamed (a curated manifest can hold millions)."""
-    import fsspec
-
-    if not storage.exists(url):
+    """The records of a JSONL file or of its part files, streamed (a curated manifest can hold
+    millions); nothing when neither exists."""
+    if not storage.exists(url) and not part_files(url):
         return
-    with fsspec.open(url, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    for u in expand_inputs(url):
+        for _, record in jsonl.read_records(u, SkipLog()):
+            yield record
 
 
 def build_report(cfg: CurationConfig, summaries: list[dict], manifest: str) -> dict[str, Any]:
@@ -265,7 +391,7 @@ def build_report(cfg: CurationConfig, summaries: list[dict], manifest: str) -> d
     for s in summaries:
         if s["stage"] in ("captions", "extract_svo"):
             continue
-        rows = list(itertools.islice(_iter_jsonl(dropped_output(s["output"])), 3))
+        rows = list(itertools.islice(_iter_jsonl(dropped_output(s["output"])), 3))  # from the first parts
         if rows:
             dropped_examples[s["stage"]] = [{k: r[k] for k in ("id", "caption", "drop_reason", "drop_detail") if k in r}
                                             for r in rows]

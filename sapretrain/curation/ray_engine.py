@@ -1,0 +1,123 @@
+"""The Ray engine: the curation's steps as Ray Data pipelines on any Ray cluster.
+
+    sapretrain curate --config configs/curation/coco.yaml --engine ray [--address auto] [--num-parts 64]
+
+Needs the ``ray`` extra (``pip install 'sapretrain[ray]'``). Every step of ``curate.steps`` is run
+in order; a partitioned step is a Ray Data dataset of its part numbers mapped through
+``curate.run_step``:
+
+- steps without a model (collect, samples, rule negatives, positives_write) run as Ray tasks, one
+  CPU each;
+- model steps (extract_svo, relation_filter, rois, positives_embed, positives_search, LLM
+  negatives) run on an autoscaling actor pool (``ActorPoolStrategy``): each actor builds the stage
+  and loads its model once and then takes part after part; with GPUs in the cluster each actor
+  asks for one (``num_gpus=1``);
+- ``positives_index`` builds the run's one index once, in one task (a GPU when there is one), and
+  saves it in the work folder, where every search part reads it.
+
+The parts read the previous step's part files and write their own (``sapretrain.jobs``), in
+``output_dir``, which must be storage every node sees (a shared file system or ``s3://``). Resume
+is the parts' own: a finished part returns at once and a killed one continues at its last
+committed chunk, so a re-run after a kill, a lost node or a failed task goes on where the run
+stopped; Ray itself retries a task or restarts an actor that died with its node
+(``max_retries`` / ``max_restarts``). Parts default to twice the cluster's CPUs (at least 2).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sapretrain.jobs import Parts
+
+RETRIES = 3  # a task or actor lost with its node is retried / restarted this often
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ValueError("--engine ray needs Ray: pip install 'sapretrain[ray]'") from None
+    return ray
+
+
+def _run_part(cfg, name: str, part: int, num_parts: int, stages: dict | None = None) -> str:
+    from sapretrain.curation.curate import run_step
+
+    summary = run_step(cfg, name, Parts(part, num_parts), progress=False, stages=stages)
+    return json.dumps({k: summary.get(k) for k in ("stage", "records", "kept", "dropped", "examples", "already_done")})
+
+
+def _part_batch(batch: dict, cfg, name: str, num_parts: int, stages: dict | None = None) -> dict:
+    """Ray Data batch function: run the parts named in ``batch`` (one row each)."""
+    return {"part": batch["part"],
+            "summary": [_run_part(cfg, name, int(p), num_parts, stages) for p in batch["part"]]}
+
+
+class _PartActor:
+    """Ray Data actor for model steps: the stage (and its model) is built once per actor."""
+
+    def __init__(self, cfg, name: str, num_parts: int):
+        self.cfg, self.name, self.num_parts, self.stages = cfg, name, num_parts, {}
+
+    def __call__(self, batch: dict) -> dict:
+        return _part_batch(batch, self.cfg, self.name, self.num_parts, self.stages)
+
+
+def default_parts(ray) -> int:
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def run_partitioned(ray, cfg, step, num_parts: int) -> list[dict[str, Any]]:
+    """Every part of ``step`` through a Ray Data pipeline; the parts' summaries in part order."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items([{"part": i} for i in range(num_parts)], override_num_blocks=num_parts)
+    if step.uses_model:
+        actors = max(1, min(num_parts, gpus if gpus else cpus))
+        ds = ds.map_batches(_PartActor, fn_constructor_args=(cfg, step.name, num_parts), batch_size=1,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                            num_gpus=1 if gpus else 0, num_cpus=1, max_restarts=RETRIES)
+    else:
+        ds = ds.map_batches(_part_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
+                            compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1,
+                            max_retries=RETRIES)
+    rows = sorted(ds.take_all(), key=lambda r: int(r["part"]))
+    return [json.loads(r["summary"]) for r in rows]
+
+
+def _run_single(cfg, name: str) -> bool:
+    from sapretrain.curation.curate import run_step
+
+    run_step(cfg, name, Parts(), progress=False)
+    return True
+
+
+def run_on_ray(cfg, num_parts: int | None = None, address: str | None = None, log=print) -> None:
+    """Run every step but the report on Ray (started here when not already, then stopped)."""
+    from sapretrain.curation.curate import steps
+    from sapretrain.curation.stage import merge_summaries
+
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        n = num_parts or default_parts(ray)
+        log(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs; "
+            f"{n} parts per step")
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        for step in steps(cfg)[:-1]:
+            if step.partitioned:
+                summaries = run_partitioned(ray, cfg, step, n)
+                if step.name != "positives_embed" and all(s.get("records") is not None for s in summaries):
+                    from sapretrain.curation.curate import _stage_line
+
+                    log(_stage_line({**merge_summaries(summaries), "stage": step.stage}))
+            else:  # positives_index: one task (a GPU for faiss when there is one)
+                task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_run_single)
+                ray.get(task.remote(cfg, step.name))
+    finally:
+        if started:
+            ray.shutdown()
