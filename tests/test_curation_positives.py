@@ -11,6 +11,7 @@ import torch
 from sapretrain.config import load_config
 from sapretrain.curation import positives as P
 from sapretrain.curation.positives import IVFIndex, PositivesConfig, choose_partners, make_positives, search_exact
+from sapretrain.jobs import Parts
 
 CONFIG = P.__file__.rsplit("/sapretrain/", 1)[0] + "/configs/curation/positives.yaml"
 
@@ -165,21 +166,69 @@ def test_end_to_end_with_minilm(tmp_path, embedder, monkeypatch):
     assert summary["kept"] == len(kept) and summary["dropped"]["no_positive"] >= 1
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["score_percentiles"]["p50"] > 0.7
     assert list(kept) == [r["id"] for r in read(out)]  # input order
-    # same result with IVF over all lists, and through two parts (embed, search, write per part)
+    # same result with IVF over all lists, and through two parts (embed[2] -> index -> search[2] -> write[2])
     ivf = small_cfg("search.exact_max=1", "search.ivf.backend=torch", "search.ivf.nlist=3", "search.ivf.nprobe=3")
-    for step in ("embed", "search", "write"):
-        for part in (0, 1):
-            make_positives(src, str(tmp_path / "p.jsonl"), ivf, part, 2, step, progress=False)
+    run_in_parts(src, str(tmp_path / "p.jsonl"), ivf, 2)
     parts = read(tmp_path / "p-part00000-of00002.jsonl") + read(tmp_path / "p-part00001-of00002.jsonl")
     assert {r["id"]: r["positive"] for r in parts} == {i: r["positive"] for i, r in kept.items()}
+
+
+def run_in_parts(src, out, cfg, n):
+    """embed[n] -> index[1] -> search[n] -> write[n], as a scheduler runs them."""
+    for part in range(n):
+        make_positives(src, out, cfg, Parts(part, n), "embed", progress=False)
+    make_positives(src, out, cfg, stage="index", progress=False)
+    for step in ("search", "write"):
+        for part in range(n):
+            make_positives(src, out, cfg, Parts(part, n), step, progress=False)
+    return [r for part in range(n) for r in read(Parts(part, n).output(out))]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_parts_give_the_partners_of_one_process(tmp_path, embedder, monkeypatch, n):
+    monkeypatch.setattr(P, "TextEmbedder", lambda *a, **k: embedder)
+    src = write_samples(tmp_path / "in.jsonl", ["{broken", json.dumps({"id": "x", "image": "i.jpg"})])
+    whole = make_positives(src, str(tmp_path / "whole.jsonl"), small_cfg(), progress=False)
+    records = run_in_parts(src, str(tmp_path / "p.jsonl"), small_cfg(), n)
+    assert {(r["id"], r["positive"]) for r in records} == {(r["id"], r["positive"]) for r in read(tmp_path / "whole.jsonl")}
+    assert records == read(tmp_path / "whole.jsonl")  # contiguous parts: in part order, the one-process output
+    summaries = [json.loads(open(Parts(p, n).output(str(tmp_path / "p.jsonl")) + ".summary.json").read())
+                 for p in range(n)]
+    assert sum(s["records"] for s in summaries) == whole["records"] == len(TRIPLETS) + 2
+    dropped = {}
+    for s in summaries:
+        for reason, count in s["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    assert dropped == whole["dropped"] and whole["dropped"]["bad_json"] == 1
+
+
+def test_search_parts_need_the_index_step_and_the_same_num_parts(tmp_path, embedder, monkeypatch):
+    monkeypatch.setattr(P, "TextEmbedder", lambda *a, **k: embedder)
+    src, out, cfg = write_samples(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), small_cfg()
+    for part in range(2):
+        make_positives(src, out, cfg, Parts(part, 2), "embed", progress=False)
+    with pytest.raises(ValueError, match="run the index step first"):
+        make_positives(src, out, cfg, Parts(1, 2), "search", progress=False)
+    with pytest.raises(ValueError, match="made with --num-parts 2, this step runs with --num-parts 3"):
+        make_positives(src, out, cfg, Parts(0, 3), "search", progress=False)
+    with pytest.raises(ValueError, match="made with --num-parts 2, this step runs with --num-parts 1"):
+        make_positives(src, out, cfg, stage="write", progress=False)
+    with pytest.raises(ValueError, match="stage=all runs every step in one process"):
+        make_positives(src, out, cfg, Parts(0, 2), progress=False)
+    assert make_positives(src, out, cfg, stage="index", progress=False)["index"]["method"] == "exact"
+    assert make_positives(src, out, cfg, Parts(1, 2), "search", progress=False)["search"]["searched"] >= 1
+    with pytest.raises(ValueError, match="finish stage=search on every part"):
+        make_positives(src, out, cfg, Parts(1, 2), "write", progress=False)
 
 
 def test_search_waits_for_all_embedding_parts(tmp_path, embedder, monkeypatch):
     monkeypatch.setattr(P, "TextEmbedder", lambda *a, **k: embedder)
     src = write_samples(tmp_path / "in.jsonl")
-    make_positives(src, str(tmp_path / "o.jsonl"), small_cfg(), 0, 2, "embed", progress=False)
+    make_positives(src, str(tmp_path / "o.jsonl"), small_cfg(), Parts(0, 2), "embed", progress=False)
     with pytest.raises(ValueError, match="finish stage=embed on every part"):
-        make_positives(src, str(tmp_path / "o.jsonl"), small_cfg(), 1, 2, "search", progress=False)
+        make_positives(src, str(tmp_path / "o.jsonl"), small_cfg(), Parts(1, 2), "search", progress=False)
+    with pytest.raises(ValueError, match="finish stage=embed on every part"):
+        make_positives(src, str(tmp_path / "o.jsonl"), small_cfg(), stage="index", progress=False)
 
 
 def test_embedding_resume_and_text_cache(tmp_path, embedder, monkeypatch):
@@ -201,7 +250,7 @@ def test_embedding_resume_and_text_cache(tmp_path, embedder, monkeypatch):
     before = embedder.embedded
     with pytest.raises(RuntimeError):
         make_positives(src, out, cfg, stage="embed", progress=False)
-    done = P.committed_chunks(P.Work(out, cfg).emb, ".emb.npy")
+    done = P.committed_chunks(P.Work.part_dir(P.Work(out, cfg).emb, 0, 1), ".emb.npy")
     assert done == {0, 1}
     monkeypatch.setattr(P, "embed_chunk", real)
     calls.clear()
@@ -290,22 +339,25 @@ def faiss_run(tmp_path, monkeypatch, clustered_vectors):
     def run(name, *overrides, part=0, parts=1, stage="all"):
         cfg = load_config(PositivesConfig, CONFIG, ["embed.chunk_size=500", "search.exact_max=100",
                                                     "search.ivf.recall_sample=500", "min_score=0", *overrides])
-        return make_positives(src, str(tmp_path / name), cfg, part, parts, stage, progress=False), cfg
+        return make_positives(src, str(tmp_path / name), cfg, Parts(part, parts), stage, progress=False), cfg
 
     run.builds, run.tmp = builds, tmp_path
     return run
 
 
-def top1(tmp, name, cfg, chunks=6):
+def top1(tmp, name, cfg):
     work = P.Work(str(tmp / name), cfg)
-    return P._load_results(work, chunks)
+    return P._load_results(work, P.chunk_layout(work, None))
 
 
 def test_faiss_index_built_once_across_chunks_and_parts(faiss_run):
-    for stage in ("embed", "search", "write"):
+    for part in (0, 1):
+        faiss_run("f.jsonl", part=part, parts=2, stage="embed")
+    faiss_run("f.jsonl", stage="index")
+    for stage in ("search", "write"):
         for part in (0, 1):
             result, cfg = faiss_run("f.jsonl", part=part, parts=2, stage=stage)
-    assert len(faiss_run.builds) == 1  # 6 chunks, 2 parts, one build: part 1 loaded part 0's index
+    assert len(faiss_run.builds) == 1  # 6 chunks, 2 parts, one build: the index step's, loaded by both parts
     work = P.Work(str(faiss_run.tmp / "f.jsonl"), cfg)
     assert P.storage.exists(f"{work.search}/index.faiss")
     meta = result["search"]
@@ -351,7 +403,7 @@ def test_faiss_search_resumes_after_a_kill_with_the_saved_index(faiss_run, monke
         faiss_run("f.jsonl", stage="search")
     _, cfg = faiss_run("f.jsonl", stage="embed")
     work = P.Work(str(faiss_run.tmp / "f.jsonl"), cfg)
-    assert P.committed_chunks(work.search, ".topk.npz") == {0}
+    assert P.committed_chunks(P.Work.part_dir(work.search, 0, 1), ".topk.npz") == {0}
     monkeypatch.setattr(P.FaissSearcher, "search", real)
     result, _ = faiss_run("f.jsonl", stage="search")
     assert result["search"]["searched"] == 5 and len(faiss_run.builds) == 1  # the saved index, not a new one

