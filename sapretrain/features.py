@@ -19,7 +19,8 @@ same records in the same order (a record whose images do not decode is skipped a
 Each shard is written to a temporary file, committed whole (rename / one upload), then its
 ``_progress`` file is written; a re-run keeps committed shards, so a killed run resumes, and shards
 are byte-identical to an uninterrupted run on the same device. ``part``/``num_parts`` split the
-shards as ``tools/make_shards.py`` does (shard ``i`` of the sorted list goes to part ``i % N``).
+shards as ``tools/make_shards.py`` does (part ``I`` of ``N`` takes the ``I``-th contiguous share of
+the sorted list, ``jobs.Parts.share``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 
 from sapretrain import jsonl, storage, tars
 from sapretrain.data.loader import decode_image, list_shards, open_shard
-from sapretrain.shards.manifest import SkipLog
+from sapretrain.jobs import Parts, SkipLog
 from sapretrain.data.batch import build_preprocess
 from sapretrain.model.saclip import SAClip, SAClipConfig, build_saclip
 from sapretrain.shards import schema
@@ -156,8 +157,7 @@ def cache_features(shards: str, output: str, model: SAClip, image_size: int | No
     """Write this part's missing feature shards for the shard set ``shards``; finalize when all are done."""
     from tqdm import tqdm
 
-    if not 0 <= part < num_parts:
-        raise ValueError(f"--part {part} must be in [0, --num-parts {num_parts})")
+    parts = Parts(part, num_parts)
     start = time.time()
     output = str(output).rstrip("/")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,7 +170,7 @@ def cache_features(shards: str, output: str, model: SAClip, image_size: int | No
               "model": model_identity(model, image_size)}
     claim_output(output, header)
 
-    mine = [i for i in range(len(sources)) if i % num_parts == part]
+    mine = list(parts.share(len(sources)))
     _remove_stale_temps(output, {names[i] for i in mine})
     todo = [i for i in mine if not storage.exists(_progress_url(output, names[i]))]
     model = model.to(device).eval()

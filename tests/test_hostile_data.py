@@ -98,9 +98,9 @@ def test_jsonl_reader_steps_over_an_overlong_line_without_holding_it(tmp_path):
 
 def test_stage_lines_count_the_readers_reasons_and_stay_writable(tmp_path):
     path = write_lines(tmp_path / "in.jsonl", [{"id": 1}, *[line for line, _ in HOSTILE_LINES.values()]])
-    from sapretrain.curation.stage import iter_chunks
+    from sapretrain.jobs import iter_chunks, plan_segments
 
-    (chunk, lines), = list(iter_chunks(str(path), 100, 0, 1))
+    (chunk, lines), = list(iter_chunks(plan_segments([str(path)]), 100))
     records, bad = parse_lines(lines)
     assert records == [{"id": 1}]
     assert Counter(b["drop_reason"] for b in bad) == Counter(reason for _, reason in HOSTILE_LINES.values())

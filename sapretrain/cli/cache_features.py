@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from sapretrain.config import ConfigError, load_config
+from sapretrain.jobs import add_part_arguments, parts_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="torch seed before building the model (default: run.seed, or 0)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (6 per record)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the shards this process writes")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the shards are split")
+    add_part_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides (with --config)")
     args = parser.parse_args(argv)
+    try:
+        parts_from_args(args)  # a wrong --part fails before any work
+    except ValueError as e:
+        parser.error(str(e))
 
     from sapretrain.features import build_frozen_model, cache_features
     from sapretrain.model.saclip import SAClipConfig

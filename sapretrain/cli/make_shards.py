@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from sapretrain.config import ConfigError, load_config
+from sapretrain.jobs import add_part_arguments, parts_from_args
 from sapretrain.jsonl import UnreadableInput
 
 if TYPE_CHECKING:
@@ -29,14 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help=f"output directory or fsspec URL (default for the embedded set: {DEFAULT_OUTPUT})")
     parser.add_argument("--config", help="ShardConfig YAML (default: configs/shards.yaml values built in)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
-    parser.add_argument("--part", type=int, default=0, help="which part of the shards this process writes")
-    parser.add_argument("--num-parts", type=int, default=1, help="into how many parts the shards are split")
+    add_part_arguments(parser)
     parser.add_argument("--scenes", type=int, default=4000, help="embedded default: synthetic training scenes")
     parser.add_argument("--with-manifest", action="append", default=[], metavar="JSONL",
                         help="embedded default: a local manifest added to the scenes (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. image_size=256")
     args = parser.parse_args(argv)
+    try:
+        parts_from_args(args)  # a wrong --part fails before any work
+    except ValueError as e:
+        parser.error(str(e))
     from sapretrain.shards.writer import ShardConfig, make_shards  # imports open_clip: not for --help
 
     progress = not args.no_progress

@@ -1,8 +1,9 @@
 """Curated manifest + images → WebDataset tar shards (the logic behind ``tools/make_shards.py``).
 
 Work is cut into shards of ``shard_size`` consecutive records before any image is opened, so
-shard ``i`` always holds the same records: ``--part I --num-parts N`` writes the shards with
-``i % N == I``, and a re-run skips every shard already committed. A shard is written to a
+shard ``i`` always holds the same records: ``--part I --num-parts N`` writes the ``I``-th
+contiguous share of the shards (``jobs.Parts.share``), and a re-run skips every shard already
+committed. A shard is written to a
 temporary file and committed whole (rename locally, a single upload on object stores), then its
 ``_progress/<shard>.json`` is written; only a shard with that file counts as done. When every
 shard is done, ``sizes.json`` and ``summary.json`` are written. Nothing in the output depends on
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from sapretrain import storage
 from sapretrain.config import dump_config
+from sapretrain.jobs import Parts
 from sapretrain.shards.manifest import ManifestIndex, SkipLog
 from sapretrain.shards import schema
 from sapretrain.shards.schema import BadSample
@@ -178,8 +180,7 @@ def make_shards(
     The plan's SQLite file lives in a temporary directory under ``work_dir`` (default: the
     system's, ``$TMPDIR``), removed on return; it needs about the manifest's size on disk.
     """
-    if not 0 <= part < num_parts:
-        raise ValueError(f"--part {part} must be in [0, --num-parts {num_parts})")
+    parts = Parts(part, num_parts)
     start = time.time()
     manifest, output = str(manifest), str(output).rstrip("/")
     SpanTokenizer(cfg.tokenizer, cfg.context_length)  # fail fast on an unsupported tokenizer
@@ -190,8 +191,8 @@ def make_shards(
         os.makedirs(work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="make_shards-", dir=work_dir) as scratch:
         plan = plan_shards(manifest, os.path.join(scratch, "plan.sqlite"), cfg.shard_size, skips)
-        mine = [i for i in range(plan.shard_count) if i % num_parts == part]
-        remove_stale_temps(output, set(mine), sole_writer=num_parts == 1)
+        mine = list(parts.share(plan.shard_count))
+        remove_stale_temps(output, set(mine), sole_writer=parts.whole)
         todo = [i for i in mine if not storage.exists(progress_url(output, i))]
         written = run_shards(output, cfg, plan, todo, workers, progress)
     summary = finalize(output, manifest, plan.samples_read, plan.shard_count, plan.merged, skips)
