@@ -62,7 +62,7 @@ def test_parts_run_step_by_step_give_the_one_process_samples(one_process, tmp_pa
     for a, b in zip(parted["stages"], report["stages"]):
         assert (a["stage"], a["records"], a["kept"], a["dropped"]) == (b["stage"], b["records"], b["kept"], b["dropped"])
     # A finished part does nothing when run again (a requeued array task), and says so.
-    again = subprocess.run([sys.executable, "-m", "sapretrain", "curate", "--config", str(CONFIG), "--step", "rois",
+    again = subprocess.run([sys.executable, "-m", "sapretrain.cli", "curate", "--config", str(CONFIG), "--step", "rois",
                             "--part", "1", "--num-parts", "3", "--no-progress", f"output_dir={tmp_path}"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr

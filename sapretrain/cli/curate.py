@@ -77,6 +77,10 @@ def _slurm(cfg, args) -> int:
             raise ValueError(f"--sbatch {item!r}: expected OPTION=VALUE or STEP:OPTION=VALUE")
         step, colon, key = key.rpartition(":")
         (options.setdefault(step, {}) if colon else options)[key] = value
+    from sapretrain import storage
+
+    if not args.slurm_dir and storage.is_url(cfg.output_dir):
+        raise ValueError(f"output_dir {cfg.output_dir} is not a local folder: give --slurm-dir for the job scripts")
     out_dir = args.slurm_dir or f"{cfg.output_dir.rstrip('/')}/slurm"
     scripts = write_scripts(cfg, args.config, args.overrides, args.num_parts, out_dir, options)
     print(f"wrote {len(scripts)} job scripts and {out_dir}/submit.sh ({args.num_parts} parts per step)")

@@ -55,7 +55,7 @@ CONFIGS = "configs/curation"  # shipped with the package (sapretrain.resources)
 class SourceConfig:
     reader: str = "coco"  # a sources.READERS name: coco, vg, wds, csv, tsv, jsonl
     options: dict[str, Any] = field(default_factory=dict)  # the reader's options (as collect_captions' flags)
-    limit: int | None = None  # at most this many caption records
+    limit: int | None = None  # at most this many caption records (in N parts: each its share)
 
 
 @dataclass
@@ -154,10 +154,14 @@ def _collect(cfg: CurationConfig, out: str, parts: Parts, progress: bool) -> dic
         lines = sum(1 for _ in _iter_jsonl(out))
         if not lines:
             raise ValueError(f"{out} exists but holds no caption records: delete it to collect them")
-        return {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {}}
+        summary = {"stage": "captions", "records": lines, "kept": lines, "dropped": {}, "examples": {},
+                   "collected_beforehand": True}
+        storage.write_bytes_atomic(f"{out}.summary.json", json.dumps(summary, indent=1).encode())
+        return summary
     mine = parts.output(out)
-    report = collect(cfg.source.reader, out, dict(cfg.source.options), parts, limit=cfg.source.limit,
-                     progress=progress)
+    # The limit is the run's: each part takes its share of it.
+    limit = None if cfg.source.limit is None else len(parts.share(cfg.source.limit))
+    report = collect(cfg.source.reader, out, dict(cfg.source.options), parts, limit=limit, progress=progress)
     if report.already_done:
         if storage.exists(f"{mine}.summary.json"):
             return {**json.loads(storage.read_bytes(f"{mine}.summary.json")), "already_done": True}
