@@ -96,6 +96,7 @@ class PositiveSettings:
 class CurationConfig:
     output_dir: str = "data/curation/default"
     chunk_size: int = 5000  # records per committed chunk in the per-record stages
+    workers: int = 1  # processes per record stage (samples, filter, negatives, rois); extract: extract.workers
     source: SourceConfig = field(default_factory=SourceConfig)
     # Exclusion lists (builtin:vsr, VSR/SugarCrepe/DoTA files, plain lists; exclude.py): samples of
     # these images are dropped as excluded_eval_image before they become samples.
@@ -278,7 +279,7 @@ def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: b
         stages = {} if stages is None else stages
         if name not in stages:
             stages[name] = _record_stage(name, cfg)
-        summary = run_stage(stages[name], src, out, StageConfig(cfg.chunk_size), parts, progress)
+        summary = run_stage(stages[name], src, out, StageConfig(cfg.chunk_size, cfg.workers), parts, progress)
     if not summary.get("already_done"):
         timing = {"step": name, "part": parts.to_list(), "seconds": round(time.time() - started, 3)}
         storage.write_bytes_atomic(f"{out_dir}/steps/{parts.output(name + '.json')}", json.dumps(timing).encode())
