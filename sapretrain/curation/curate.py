@@ -186,7 +186,8 @@ def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class Step:
     """One schedulable step: ``partitioned`` steps run as parts; ``uses_model`` ones load a model
-    (actor pools and GPUs on the Ray engine, a GPU on SLURM when asked for)."""
+    worth keeping between parts (an actor pool on the Ray engine, a GPU per actor when the cluster
+    has GPUs; SLURM's GPU steps are ``slurm.GPU_STEPS``)."""
 
     name: str
     stage: str  # the report row it belongs to (positives_* -> positives)
