@@ -37,7 +37,7 @@ def one_process(tmp_path_factory):
 def test_the_steps_of_a_run():
     cfg = load_curation_config(str(CONFIG))
     names = [s.name for s in steps(cfg)]
-    assert names == ["captions", "extract_svo", "samples", "negatives", "rois", "positives_embed", "positives_index",
+    assert names == ["captions", "extract_svo", "samples", "rois", "negatives", "positives_embed", "positives_index",
                      "positives_search", "positives_write", "report"]
     single = {s.name for s in steps(cfg) if not s.partitioned}
     assert single == {"positives_index", "report"}

@@ -249,7 +249,7 @@ def test_the_hand_written_example_runs_the_same_command(tmp_path):
 
 @needs_steps
 def test_the_real_steps_make_the_documented_chain(tmp_path):
-    names = ["captions", "extract_svo", "samples", "negatives", "rois", "positives_embed", "positives_index",
+    names = ["captions", "extract_svo", "samples", "rois", "negatives", "positives_embed", "positives_index",
              "positives_search", "positives_write", "report"]
     cfg = load_curation_config(str(CONFIG), [])
     assert [s.name for s in curate.steps(cfg)] == names

@@ -10,7 +10,7 @@ Engines: local (default: every step in this process), ray (``--engine ray [--add
 every step is done). slurm (``--engine slurm --num-parts N [--sbatch time=12:00:00 ...]
 [--submit]``): one sbatch job array per step in OUTPUT_DIR/slurm (or ``--slurm-dir``), chained with
 ``--dependency=afterok``, and submit.sh; ``--submit`` submits them (docs/curation.md "Running on
-SLURM"). Steps: captions, extract_svo, samples, [relation_filter], negatives, rois,
+SLURM"). Steps: captions, extract_svo, samples, [relation_filter], rois, negatives,
 positives_embed, positives_index, positives_search, positives_write, report.
 
 Stages (collect, extract_svo, samples, relation filter, negatives, ROIs, positives), their files

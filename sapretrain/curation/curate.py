@@ -13,8 +13,8 @@ stage, and inside it at the chunk, where it stopped):
     2 triplets.jsonl    extract_svo: + triplets (extract.py)
     3 samples.jsonl     one sample per (caption, triplet) (samples.py); images on ``exclude`` lists dropped (exclude.py)
     4 filtered.jsonl    relation classifier, when ``filter.model`` is set (relation_filter.py)
-    5 negatives.jsonl   + negative caption, rules or LLM (negatives.py)
-    6 rois.jsonl        + subject/object boxes, ground truth or detector (rois.py)
+    5 rois.jsonl        + subject/object boxes, ground truth or detector (rois.py)
+    6 negatives.jsonl   + negative caption, rules or LLM (negatives.py)
     7 curated.jsonl     + positive partner (positives.py): the curated manifest for make_shards
 
 **Steps and engines.** ``steps(cfg)`` is the run as steps: the stages above, positives split into
@@ -96,7 +96,7 @@ class PositiveSettings:
 class CurationConfig:
     output_dir: str = "data/curation/default"
     chunk_size: int = 5000  # records per committed chunk in the per-record stages
-    workers: int = 1  # processes per record stage (samples, filter, negatives, rois); extract: extract.workers
+    workers: int = 1  # processes per record stage (samples, filter, rois, negatives); extract: extract.workers
     source: SourceConfig = field(default_factory=SourceConfig)
     # Exclusion lists (builtin:vsr, VSR/SugarCrepe/DoTA files, plain lists; exclude.py): samples of
     # these images are dropped as excluded_eval_image before they become samples.
@@ -180,7 +180,9 @@ def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
     plan = [("captions", "captions.jsonl"), ("extract_svo", "triplets.jsonl"), ("samples", "samples.jsonl")]
     if cfg.filter.model:
         plan.append(("relation_filter", "filtered.jsonl"))
-    return plan + [("negatives", "negatives.jsonl"), ("rois", "rois.jsonl"), ("positives", "curated.jsonl")]
+    # Boxes before negatives: ground-truth matching is cheap and drops most samples of COCO-like
+    # sources (nouns the annotations do not cover), while a negative costs a parse to validate.
+    return plan + [("rois", "rois.jsonl"), ("negatives", "negatives.jsonl"), ("positives", "curated.jsonl")]
 
 
 @dataclass(frozen=True)
