@@ -378,7 +378,7 @@ def test_make_shards_is_byte_identical_to_the_in_memory_writer(tmp_path):
     shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
     for index, chunk in enumerate(shards):
         write_shard(str(reference), cfg, index, chunk)
-    finalize(str(reference), manifest, samples_read, len(shards), merged, skips)
+    finalize(str(reference), manifest, [manifest], samples_read, len(shards), merged, skips)
     assert files_of(out) == files_of(reference)
 
 

@@ -4,6 +4,10 @@ r"""Curated manifest + images → WebDataset tar shards.
     sapretrain make-shards --manifest curated.jsonl --output s3://bucket/shards \
         [--config configs/shards.yaml] [--workers 8] [--part 0 --num-parts 16] [image_size=256 ...]
 
+--manifest takes what every stage's input takes: a file or fsspec URL, a glob, a brace pattern, or
+a partitioned curation output (curated.jsonl standing for curated-part00000-of00004.jsonl ...); the
+files are read in order as one manifest, each file's relative image paths against its own folder.
+
 Re-running resumes: committed shards are kept, the rest are written. Parts can run on different
 machines; the part that completes the set writes sizes.json and summary.json.
 """
@@ -16,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from sapretrain.config import ConfigError, load_config
 from sapretrain.jobs import add_part_arguments, parts_from_args
-from sapretrain.jsonl import UnreadableInput
 
 if TYPE_CHECKING:
     from sapretrain.shards.writer import ShardReport
@@ -26,7 +29,9 @@ DEFAULT_OUTPUT = "data/shards/demo"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", help="curated manifest JSONL (path or fsspec URL); omit for the embedded default")
+    parser.add_argument("--manifest", help="curated manifest JSONL: a path or fsspec URL, a glob or brace pattern, or a "
+                        "partitioned output whose part files (NAME-partIIIII-ofNNNNN.jsonl) are the input; several "
+                        "files are read in order as one manifest; omit for the embedded default")
     parser.add_argument("--output", help=f"output directory or fsspec URL (default for the embedded set: {DEFAULT_OUTPUT})")
     parser.add_argument("--config", help="ShardConfig YAML (default: configs/shards.yaml values built in)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         report = make_shards(manifest, output, cfg, args.part, args.num_parts, args.workers, progress)
-    except (FileNotFoundError, UnreadableInput) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: an unreadable file, a pattern matching nothing, a missing part
         print(f"make_shards: {e}", file=sys.stderr)
         return 1
     print(format_report(report))

@@ -9,6 +9,10 @@ temporary file and committed whole (rename locally, a single upload on object st
 shard is done, ``sizes.json`` and ``summary.json`` are written. Nothing in the output depends on
 time, worker count or interruption, so a resumed run is byte-identical to an uninterrupted one.
 
+The manifest is anything ``jobs.expand_inputs`` takes, read in order as one manifest
+(``shards.manifest``): e.g. the part files of a partitioned curation run give the same shards as
+their concatenation.
+
 Memory does not grow with the manifest: ``plan_shards`` streams it once into a local SQLite file
 (``ManifestIndex``: valid samples by id and each valid line's text) and numbers the records there
 with SQL; each shard then loads only its own records from that file. Every part makes the same
@@ -34,7 +38,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from tqdm import tqdm
 
@@ -54,7 +58,7 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 class ShardConfig:
     """How curated samples become shards.
 
-    Run: ``python tools/make_shards.py --manifest M.jsonl --output DIR|URL [--config configs/shards.yaml] [key=value ...]``
+    Run: ``python tools/make_shards.py --manifest M.jsonl|GLOB|URL --output DIR|URL [--config configs/shards.yaml] [key=value ...]``
     """
 
     image_size: int = 224  # shorter side of the stored image (CLIP's input size)
@@ -94,6 +98,7 @@ class ShardPlan:
     """
 
     path: str
+    manifest_files: tuple[str, ...]  # the manifest's files, in reading order
     samples_read: int  # valid samples (first line of each id)
     records: int
     merged: int  # mutual pairs that became one record
@@ -112,17 +117,18 @@ class ShardPlan:
         manifest = ManifestIndex.open(self.path)
         try:
             rows = manifest.con.execute(
-                "SELECT a.text, p.text FROM records r JOIN lines a ON a.line = r.anchor JOIN lines p ON p.line = r.partner"
-                " WHERE r.k >= ? AND r.k < ? ORDER BY r.k",
+                "SELECT a.text, a.file, p.text, p.file FROM records r JOIN lines a ON a.line = r.anchor"
+                " JOIN lines p ON p.line = r.partner WHERE r.k >= ? AND r.k < ? ORDER BY r.k",
                 (index * self.shard_size, (index + 1) * self.shard_size),
             )
-            return [(manifest.sample(a), manifest.sample(p)) for a, p in rows]
+            return [(manifest.sample(a, a_file), manifest.sample(p, p_file)) for a, a_file, p, p_file in rows]
         finally:
             manifest.close()
 
 
-def plan_shards(manifest: str, path: str, shard_size: int, skips: SkipLog) -> ShardPlan:
-    """Index ``manifest`` into the SQLite file ``path`` and number its records there.
+def plan_shards(manifest: str | Iterable[str], path: str, shard_size: int, skips: SkipLog) -> ShardPlan:
+    """Index ``manifest`` (one or more files, ``shards.manifest``) into the SQLite file ``path``
+    and number its records there.
 
     Each valid sample, in manifest order, is the anchor of one record with its ``positive`` as
     partner, except: a partner that is no valid sample (``missing_partner``), one that is the
@@ -162,11 +168,11 @@ def plan_shards(manifest: str, path: str, shard_size: int, skips: SkipLog) -> Sh
         samples_read = len(index)
     finally:
         index.close()
-    return ShardPlan(path, samples_read, records, merged, shard_size)
+    return ShardPlan(path, tuple(index.files), samples_read, records, merged, shard_size)
 
 
 def make_shards(
-    manifest: str,
+    manifest: str | Iterable[str],
     output: str,
     cfg: ShardConfig,
     part: int = 0,
@@ -177,12 +183,16 @@ def make_shards(
 ) -> ShardReport:
     """Write this part's missing shards; finalize when all parts are done. See module docs.
 
+    ``manifest``: anything ``jobs.expand_inputs`` takes (a file or URL, a glob, a brace pattern, a
+    list, a partitioned output standing for its part files), read in order as one manifest.
+
     The plan's SQLite file lives in a temporary directory under ``work_dir`` (default: the
     system's, ``$TMPDIR``), removed on return; it needs about the manifest's size on disk.
     """
     parts = Parts(part, num_parts)
     start = time.time()
-    manifest, output = str(manifest), str(output).rstrip("/")
+    manifest = str(manifest) if isinstance(manifest, (str, os.PathLike)) else [str(m) for m in manifest]
+    output = str(output).rstrip("/")
     SpanTokenizer(cfg.tokenizer, cfg.context_length)  # fail fast on an unsupported tokenizer
     claim_output(output, cfg)
 
@@ -195,7 +205,7 @@ def make_shards(
         remove_stale_temps(output, set(mine), sole_writer=parts.whole)
         todo = [i for i in mine if not storage.exists(progress_url(output, i))]
         written = run_shards(output, cfg, plan, todo, workers, progress)
-    summary = finalize(output, manifest, plan.samples_read, plan.shard_count, plan.merged, skips)
+    summary = finalize(output, manifest, plan.manifest_files, plan.samples_read, plan.shard_count, plan.merged, skips)
     return ShardReport(
         output=output,
         shards_total=plan.shard_count,
@@ -401,8 +411,10 @@ class HashingWriter:
         return self.size
 
 
-def finalize(output: str, manifest: str, samples_read: int, shard_count: int, merged: int, skips: SkipLog):
-    """Write sizes.json and summary.json once every shard is done; None while some are missing."""
+def finalize(output: str, manifest: str | list[str], manifest_files: Iterable[str], samples_read: int, shard_count: int,
+             merged: int, skips: SkipLog):
+    """Write sizes.json and summary.json once every shard is done; None while some are missing.
+    The summary names the manifest as given and every file it was read from."""
     stats = []
     for index in range(shard_count):
         url = progress_url(output, index)
@@ -415,6 +427,7 @@ def finalize(output: str, manifest: str, samples_read: int, shard_count: int, me
     summary = {
         "schema": schema.SCHEMA_VERSION,
         "manifest": manifest,
+        "manifest_files": list(manifest_files),
         "samples_read": samples_read,
         "records": sum(sizes.values()),
         "mutual_pairs_merged": merged,
