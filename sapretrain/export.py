@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 from sapretrain import jsonl, storage
 from sapretrain.config import ConfigError, load_config
-from sapretrain.shards.manifest import SkipLog
+from sapretrain.jobs import SkipLog, expand_inputs
 
 MODEL_TAGS = ["sapretrain", "sa-clip", "clip", "spatial-reasoning", "zero-shot-image-classification"]
 DATASET_TAGS = ["sapretrain", "sa-clip", "webdataset", "spatial-reasoning"]
@@ -274,10 +274,11 @@ def _results_section(results: Sequence[tuple[str, dict]], label: str) -> list[st
 # ----- dataset card
 
 
-def manifest_stats(url: str) -> dict[str, Any]:
-    """Sources, licences, relations and kinds of a curated manifest."""
+def manifest_stats(urls: list[str]) -> dict[str, Any]:
+    """Sources, licences, relations and kinds of a curated manifest (its files, in order)."""
     sources, licences, relations, kinds, samples = Counter(), Counter(), Counter(), Counter(), 0
-    for _, record in jsonl.read_records(url, SkipLog()):  # streamed; lines that are not records do not count
+    records = (record for url in urls for _, record in jsonl.read_records(url, SkipLog()))
+    for record in records:  # streamed; lines that are not records do not count
         samples += 1
         sources[str(record.get("source", "?"))] += 1
         licences[str(record.get("license") or "unspecified")] += 1
@@ -298,10 +299,18 @@ def dataset_card(shards: str, cfg: ExportConfig | None = None, manifest: str | N
     if not isinstance(summary, dict):
         raise FileNotFoundError(f"--dataset-card {shards}: no summary.json (written by make_shards when every "
                                 "shard is done)")
+    given = manifest
     manifest = manifest or summary.get("manifest")
-    stats = manifest_stats(manifest) if manifest and storage.exists(manifest) else None
-    if curation_report is None and manifest:
-        guess = f"{manifest.rsplit('/', 1)[0]}/report.json" if "/" in manifest else "report.json"
+    if isinstance(manifest, list):  # make_shards called from Python with a list of files
+        manifest = manifest[0] if len(manifest) == 1 else ", ".join(manifest)
+    # The files make_shards read (a glob or a partitioned manifest names several), else the one given.
+    try:
+        files = expand_inputs(given) if given else summary.get("manifest_files") or ([manifest] if manifest else [])
+    except ValueError:  # a partitioned manifest with a part missing: not reachable
+        files = []
+    stats = manifest_stats(files) if files and all(storage.exists(f) for f in files) else None
+    if curation_report is None and files:
+        guess = f"{files[0].rsplit('/', 1)[0]}/report.json" if "/" in files[0] else "report.json"
         curation_report = guess if storage.exists(guess) else None
     report = read_json(curation_report) if curation_report else None
     licences = sorted((stats or {}).get("licenses", {}))

@@ -79,13 +79,23 @@ def local_ray():
 
 def test_the_ray_engine_gives_the_same_samples_and_resumes_by_part(one_process, local_ray, tmp_path):
     out, report = one_process
-    cfg = load_curation_config(str(CONFIG), [f"output_dir={tmp_path}"])
+    (tmp_path / "shards.yaml").write_text("image_size: 64\nroi_size: 64\nshard_size: 8\n")
+    cfg = load_curation_config(str(CONFIG), [f"output_dir={tmp_path}", f"shards.output={tmp_path}/shards",
+                                             f"shards.config={tmp_path}/shards.yaml"])
+    assert [s.name for s in steps(cfg)][-2:] == ["shards", "report"]
     lines = []
     ray_report = run_curation(cfg, engine="ray", num_parts=2, log=lines.append)
     assert curated_set(tmp_path) == curated_set(out)
     assert ray_report["samples"] == report["samples"]
     assert any("2 parts per step" in line for line in lines)
     assert len(part_files(str(tmp_path / "rois.jsonl"))) == 2
+    # The shards, written by the workers from the manifest's part files, pass the checker.
+    from sapretrain.shards.check import check_shards
+
+    check = check_shards(str(tmp_path / "shards"))
+    assert check.ok, check.problems
+    assert ray_report["shards"]["samples_read"] == report["samples"] and ray_report["shards"]["shards"] >= 2
+    assert "Shards:" in (tmp_path / "report.md").read_text()
 
     # A lost part (its output gone, as after a node failure) is redone alone on the next run.
     lost = part_files(str(tmp_path / "rois.jsonl"))[1]

@@ -187,6 +187,7 @@ def test_dataset_card_counts_match_summary(tmp_path):
     assert "| rois | 14 | 12 | no_box: 2 |" in card
     # Without the manifest, the card says what it cannot list; the default licence is then "other".
     summary["manifest"] = str(tmp_path / "gone.jsonl")
+    summary["manifest_files"] = [str(tmp_path / "gone.jsonl")]  # the files make_shards read, moved away
     (shards / "summary.json").write_text(json.dumps(summary))
     card = dataset_card(str(shards))
     assert "not reachable" in card and front_matter(card)["license"] == "other"

@@ -93,6 +93,13 @@ class PositiveSettings:
 
 
 @dataclass
+class ShardSettings:
+    output: str | None = None  # shards folder or URL: make_shards is the run's last step; None: stop at the manifest
+    config: str = "configs/shards.yaml"  # ShardConfig YAML (image and ROI sizes, shard size ...)
+    workers: int = 1  # processes per shards part
+
+
+@dataclass
 class CurationConfig:
     output_dir: str = "data/curation/default"
     chunk_size: int = 5000  # records per committed chunk in the per-record stages
@@ -107,6 +114,7 @@ class CurationConfig:
     negatives: NegativeSettings = field(default_factory=NegativeSettings)
     rois: RoiSettings = field(default_factory=RoiSettings)
     positives: PositiveSettings = field(default_factory=PositiveSettings)
+    shards: ShardSettings = field(default_factory=ShardSettings)
 
 
 def _resolve(path: str, config_dir: Path | None, key: str) -> str:
@@ -137,6 +145,8 @@ def load_curation_config(path: str | None, overrides: list[str] | None = None) -
                          ("positives", "config")):
         obj = getattr(cfg, section)
         setattr(obj, key, _resolve(getattr(obj, key), config_dir, f"{section}.{key}"))
+    if cfg.shards.output:
+        cfg.shards.config = _resolve(cfg.shards.config, config_dir, "shards.config")
     cfg.exclude = [p if p.startswith(BUILTIN_PREFIX) else _resolve(p, config_dir, "exclude")
                    for p in cfg.exclude]
     return cfg
@@ -211,6 +221,8 @@ def steps(cfg: CurationConfig) -> list[Step]:
                     for s in POSITIVE_STEPS]
         else:
             out.append(Step(name, name, file, uses_model=name in models))
+    if cfg.shards.output:  # workers write the shards of their share; the last part finalizes
+        out.append(Step("shards", "shards", cfg.shards.output))
     return out + [Step("report", "report", "report.json", partitioned=False)]
 
 
@@ -265,6 +277,8 @@ def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: b
         return finish(cfg)
     if name == "captions":
         summary = _collect(cfg, out, parts, progress)
+    elif name == "shards":
+        summary = _shards(cfg, f"{out_dir}/curated.jsonl", parts, progress)
     elif name == "extract_svo":
         from sapretrain.curation.extract import ExtractConfig, extract_file
 
@@ -286,6 +300,21 @@ def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: b
     if not summary.get("already_done"):
         timing = {"step": name, "part": parts.to_list(), "seconds": round(time.time() - started, 3)}
         storage.write_bytes_atomic(f"{out_dir}/steps/{parts.output(name + '.json')}", json.dumps(timing).encode())
+    return summary
+
+
+def _shards(cfg: CurationConfig, manifest: str, parts: Parts, progress: bool) -> dict[str, Any]:
+    """This part's shards of the curated manifest (whole or its part files)."""
+    from sapretrain.config import load_config
+    from sapretrain.shards.writer import ShardConfig, make_shards
+
+    report = make_shards(manifest, cfg.shards.output, load_config(ShardConfig, cfg.shards.config), parts.part,
+                         parts.num_parts, cfg.shards.workers, progress)
+    summary = {"stage": "shards", "output": report.output, "shards_total": report.shards_total,
+               "shards_written": report.shards_written, "records_written": report.records_written,
+               "finalized": report.finalized}
+    if report.shards_written == 0 and report.shards_skipped:
+        summary["already_done"] = True
     return summary
 
 
@@ -324,6 +353,10 @@ def finish(cfg: CurationConfig) -> dict[str, Any]:
         spent = sum(v for k, v in seconds.items() if k == name or k.startswith(f"{name}_"))
         rows.append({**stage_summary(out), "stage": name, "output": out, "seconds": round(spent, 1)})
     report = build_report(cfg, rows, rows[-1]["output"])
+    if cfg.shards.output and storage.exists(f"{cfg.shards.output.rstrip('/')}/summary.json"):
+        shards = json.loads(storage.read_bytes(f"{cfg.shards.output.rstrip('/')}/summary.json"))
+        report["shards"] = {"output": cfg.shards.output, "shards": len(shards.get("shards", [])),
+                            "records": shards.get("records"), "samples_read": shards.get("samples_read")}
     write_report(report, out_dir)
     return report
 
@@ -428,6 +461,10 @@ def format_report(report: dict[str, Any]) -> str:
     for s in report["stages"]:
         drops = ", ".join(f"{k}: {v}" for k, v in sorted((s["dropped"] or {}).items())) or "-"
         lines.append(f"| {s['stage']} | {s['records']} | {s['kept']} | {drops} | {s['seconds']} |")
+    if report.get("shards"):
+        sh = report["shards"]
+        lines += ["", f"Shards: {sh['shards']} tars, {sh['records']} records from {sh['samples_read']} samples "
+                      f"in {sh['output']}"]
     lines += ["", "Kinds: " + (", ".join(f"{k} {v}" for k, v in report["kinds"].items()) or "-"),
               "", "Top relations: " + (", ".join(f"{k} ({v})" for k, v in list(report["relations"].items())[:20]) or "-"),
               "", "## Kept (first samples)", ""]
