@@ -9,9 +9,13 @@
 **One part convention.** Part ``I`` of ``N`` takes the ``I``-th of ``N`` contiguous, near-equal
 shares of the job's units: ``Parts.share(n)`` for ``n`` countable units (input files, images,
 output shards, feature sources) and ``plan_segments`` for line inputs, whose units are bytes.
-Every process reads only its share: a line input is split by file and, inside a plain
-(uncompressed) file, by byte range; a compressed file cannot be entered in the middle, so it
-belongs whole to the part its first byte falls in. Shares are contiguous, so the parts' outputs
+Every process reads only its share of a line input: with at least as many files as parts, a
+contiguous share of the files, whole (so part ``I`` of ``N`` reading the ``N`` part files of the step
+before reads exactly file ``I``, and parts of consecutive steps line up one to one: a pipeline can
+stream part ``I`` through every step, SLURM can chain array tasks one to one); with fewer files,
+a share of their bytes, split inside a plain (uncompressed) file by byte range; a compressed file
+cannot be entered in the middle, so it belongs whole to the part its first byte falls in. Shares
+are contiguous, so the parts' outputs
 read in part order are the whole input in order: a one-part run and the concatenation of an
 ``N``-part run hold the same lines in the same order.
 
@@ -204,9 +208,12 @@ def _size(url: str) -> int:
 
 
 def plan_segments(urls: list[str], parts: Parts = Parts(), sizes: list[int] | None = None) -> list[Segment]:
-    """This part's share of the bytes of ``urls`` read one after the other (see the module doc)."""
+    """This part's share of ``urls`` read one after the other (see the module doc): whole files
+    when there are at least as many files as parts, else a share of their bytes."""
     if not urls:
         raise ValueError("no input files")
+    if len(urls) >= parts.num_parts:  # part I of N reading the N part files of a step: file I
+        return [Segment(urls[i]) for i in parts.share(len(urls))]
     sizes = [_size(u) for u in urls] if sizes is None else sizes
     total = sum(sizes)
     lo, hi = total * parts.part // parts.num_parts, total * (parts.part + 1) // parts.num_parts
@@ -222,6 +229,19 @@ def plan_segments(urls: list[str], parts: Parts = Parts(), sizes: list[int] | No
         if start < end:
             segments.append(Segment(url, start - first, None if end == last and start == first else end - first))
     return segments
+
+
+def part_segments(inputs: str | list[str], parts: Parts = Parts()) -> list[Segment]:
+    """This part's segments of ``inputs`` (``plan_segments(expand_inputs(inputs), parts)``), except
+    that part ``I`` of ``N`` reading the output of an earlier run in ``N`` parts takes its file
+    ``OUT-partIIIII-ofNNNNN`` as soon as that exists, whether or not the other parts are written
+    yet: so a pipeline streams part ``I`` from step to step (the same file ``plan_segments`` would
+    give it once every part is there)."""
+    if isinstance(inputs, str) and not parts.whole and not storage.exists(inputs):
+        own = parts.output(inputs)
+        if storage.exists(own):
+            return [Segment(own)]
+    return plan_segments(expand_inputs(inputs), parts)
 
 
 class _Window:

@@ -105,3 +105,16 @@ def test_the_ray_engine_gives_the_same_samples_and_resumes_by_part(one_process, 
     run_curation(cfg, engine="ray", num_parts=2, log=lambda _: None)
     assert (tmp_path / "steps" / "rois-part00000-of00002.json").read_text() == before  # not rerun
     assert curated_set(tmp_path) == curated_set(out)
+
+
+def test_streaming_steps_form_one_pipeline_when_the_cluster_has_room():
+    from sapretrain.curation.ray_engine import pipelines
+
+    cfg = load_curation_config(str(CONFIG))
+    names = lambda groups: [[s.name for s in g] for g in groups]  # noqa: E731
+    assert names(pipelines(steps(cfg)[:-1], cpus=4)) == [
+        ["captions", "extract_svo", "samples", "rois", "negatives", "positives_embed"], ["positives_index"],
+        ["positives_search"], ["positives_write"]]
+    # Two CPUs hold one actor pool and the tasks: the model steps start new pipelines.
+    assert names(pipelines(steps(cfg)[:-1], cpus=2))[:3] == [["captions", "extract_svo", "samples"],
+                                                            ["rois", "negatives"], ["positives_embed"]]

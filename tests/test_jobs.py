@@ -7,7 +7,8 @@ import gzip
 import pytest
 
 from sapretrain import jobs
-from sapretrain.jobs import Parts, SkipLog, expand_inputs, iter_chunks, iter_lines, part_files, plan_segments
+from sapretrain.jobs import (Parts, Segment, SkipLog, expand_inputs, iter_chunks, iter_lines, part_files, part_segments,
+                             plan_segments)
 
 
 def write_files(tmp_path):
@@ -122,3 +123,28 @@ def test_skip_log_merge_keeps_counts_and_the_first_examples():
     from sapretrain.shards.manifest import SkipLog as ManifestSkipLog
 
     assert ManifestSkipLog is SkipLog and jobs.MAX_EXAMPLES == 5
+
+
+def test_with_as_many_files_as_parts_each_part_reads_whole_files(tmp_path):
+    """Part I of N over the N part files of a step reads exactly file I: steps line up one to one."""
+    files = []
+    for i, n in enumerate((5, 1, 9, 0)):
+        path = tmp_path / f"a-part{i:05d}-of00004.jsonl"
+        path.write_text("".join(f'{{"f": {i}, "n": {k}}}\n' for k in range(n)))
+        files.append(str(path))
+    assert expand_inputs(str(tmp_path / "a.jsonl")) == files
+    for part in range(4):
+        assert plan_segments(files, Parts(part, 4)) == [Segment(files[part])]
+    assert [s.url for s in plan_segments(files, Parts(1, 2))] == files[2:]  # more files than parts: whole files
+    one = plan_segments(files[:1], Parts(1, 2))  # fewer files than parts: bytes
+    assert one and one[0].start > 0
+
+
+def test_a_part_takes_its_file_of_the_step_before_while_others_are_still_being_written(tmp_path):
+    (tmp_path / "a-part00001-of00003.jsonl").write_text('{"n": 1}\n')
+    out = str(tmp_path / "a.jsonl")
+    assert part_segments(out, Parts(1, 3)) == [Segment(str(tmp_path / "a-part00001-of00003.jsonl"))]
+    with pytest.raises(ValueError, match="2 of its 3 part files are missing"):
+        part_segments(out, Parts(0, 3))  # its own file is not there yet: the full check speaks
+    with pytest.raises(ValueError, match="part files are missing"):
+        part_segments(out, Parts(1, 2))  # another N: not its file

@@ -206,6 +206,7 @@ class Step:
     output: str  # its file in output_dir
     partitioned: bool = True
     uses_model: bool = False
+    barrier: bool = False  # its parts need every part of the step before (not only part I)
 
 
 POSITIVE_STEPS = ("embed", "index", "search", "write")
@@ -217,13 +218,14 @@ def steps(cfg: CurationConfig) -> list[Step]:
     out = []
     for name, file in stage_plan(cfg):
         if name == "positives":
-            out += [Step(f"positives_{s}", name, file, partitioned=s != "index", uses_model=s in ("embed", "search"))
-                    for s in POSITIVE_STEPS]
+            # embed streams; the index reads every embedding, search the index, write every search result.
+            out += [Step(f"positives_{s}", name, file, partitioned=s != "index", uses_model=s in ("embed", "search"),
+                         barrier=s != "embed") for s in POSITIVE_STEPS]
         else:
             out.append(Step(name, name, file, uses_model=name in models))
     if cfg.shards.output:  # workers write the shards of their share; the last part finalizes
-        out.append(Step("shards", "shards", cfg.shards.output))
-    return out + [Step("report", "report", "report.json", partitioned=False)]
+        out.append(Step("shards", "shards", cfg.shards.output, barrier=True))  # plans the whole manifest
+    return out + [Step("report", "report", "report.json", partitioned=False, barrier=True)]
 
 
 def _record_stage(name: str, cfg: CurationConfig):

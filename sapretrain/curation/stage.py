@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sapretrain import jsonl, storage
-from sapretrain.jobs import Parts, SkipLog, add_part_arguments, expand_inputs, iter_chunks, plan_segments
+from sapretrain.jobs import Parts, SkipLog, add_part_arguments, iter_chunks, part_segments
 
 FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the input
 
@@ -257,8 +257,7 @@ def run_stage(stage: Stage, inputs, output: str, cfg: StageConfig | None = None,
     cfg = cfg or StageConfig()
     if cfg.chunk_size < 1 or cfg.workers < 1:
         raise ValueError("chunk_size and workers must be >= 1")
-    urls = expand_inputs(inputs)
-    segments = plan_segments(urls, parts)
+    segments = part_segments(inputs, parts)
     out = parts.output(output)
     workdir, summary_url = f"{out}.chunks", f"{out}.summary.json"
     made_from = {"stage": stage.name, **stage.fingerprint(), "input": segments_fingerprint(segments)}
