@@ -118,3 +118,6 @@ def test_streaming_steps_form_one_pipeline_when_the_cluster_has_room():
     # Two CPUs hold one actor pool and the tasks: the model steps start new pipelines.
     assert names(pipelines(steps(cfg)[:-1], cpus=2))[:3] == [["captions", "extract_svo", "samples"],
                                                             ["rois", "negatives"], ["positives_embed"]]
+    # One GPU: one GPU actor per pipeline, however many CPUs.
+    assert names(pipelines(steps(cfg)[:-1], cpus=16, gpus=1))[:3] == [["captions", "extract_svo", "samples"],
+                                                                     ["rois", "negatives"], ["positives_embed"]]

@@ -72,17 +72,19 @@ def default_parts(ray) -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def pipelines(all_steps, cpus: int) -> list[list]:
+def pipelines(all_steps, cpus: int, gpus: int = 0) -> list[list]:
     """The steps as consecutive groups: partitioned steps that stream (part ``I`` of a step reads
     only part ``I`` of the one before: ``jobs.part_segments``) form one pipeline; a step that needs
     every part of the one before (``barrier``) starts a new group, and a one-process step is a group
-    of its own. A pipeline holds at least one actor per model step at once, plus a CPU for its tasks:
-    a group that would need more CPUs than the cluster has is split (else it would wait forever)."""
+    of its own. A pipeline holds at least one actor per model step at once (each with a GPU when
+    there are GPUs), plus a CPU for its tasks: a group that would need more CPUs or GPUs than the
+    cluster has is split (else it would wait forever)."""
+    room = cpus - 1 if not gpus else min(cpus - 1, gpus)  # actors one pipeline can hold at once
     groups: list[list] = []
     for step in all_steps:
         group = groups[-1] if groups else []
         actors = sum(s.uses_model for s in group) + step.uses_model
-        if step.partitioned and group and group[-1].partitioned and not step.barrier and actors + 1 <= cpus:
+        if step.partitioned and group and group[-1].partitioned and not step.barrier and actors <= room:
             group.append(step)
         else:
             groups.append([step])
@@ -133,7 +135,7 @@ def run_on_ray(cfg, num_parts: int | None = None, address: str | None = None, lo
             f"{n} parts per step")
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        for group in pipelines(steps(cfg)[:-1], cpus):
+        for group in pipelines(steps(cfg)[:-1], cpus, gpus):
             if group[0].partitioned:
                 results = run_pipeline(ray, cfg, group, n)
                 for step in group:
