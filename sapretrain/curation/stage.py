@@ -342,8 +342,8 @@ def _summary(stage: Stage, inputs, counts: list[dict]) -> dict[str, Any]:
 
 
 def merge_summaries(summaries: list[dict]) -> dict[str, Any]:
-    """One summary for the parts of a partitioned stage (records, kept, drops and examples summed;
-    stage-specific numbers summed where they are numbers)."""
+    """One summary for the parts of a partitioned stage: records, kept, drops and examples summed,
+    and the number of parts (stage-specific fields are left out)."""
     skips, merged = SkipLog(), {"records": 0, "kept": 0}
     for s in summaries:
         merged["records"] += s.get("records", 0)
