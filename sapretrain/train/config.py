@@ -2,8 +2,8 @@
 
     accelerate launch launch/pretrain.py --config configs/paper.yaml optim.lr=3e-4 data.batch_pairs=256
 
-Sections: ``model`` (SAClipConfig), ``data`` (LoaderConfig), ``loss`` (LossConfig), ``optim`` and
-``run`` below. Unknown keys are errors, and so are values out of range (each dataclass's
+Sections: ``model`` (SAClipConfig), ``data`` (LoaderConfig), ``loss`` (LossConfig), ``optim``,
+``run`` and ``eval`` (validation on held-out shards during training, docs/training.md) below. Unknown keys are errors, and so are values out of range (each dataclass's
 ``__post_init__``: the error names the key and the value, before any set-up); the resolved tree is
 saved in the run directory and in every checkpoint.
 """
@@ -68,6 +68,36 @@ class RunConfig:
 
 
 PRECISIONS = ("no", "fp16", "bf16")
+SPATIAL_PROBE_MIN = 8  # scenes: one per relation configuration of the synthetic scenes at least
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training (sapretrain/train/validate.py, docs/training.md).
+
+    The validation set is the first ``batches x batch_pairs`` records of ``shards`` in their listed
+    order (the same set for any number of processes); every rank reads its share and the numbers
+    are reduced over all of them.
+    """
+
+    every: int = 0  # steps between validations (and one at the last step); 0: off
+    shards: str = ""  # held-out shards, in the forms data.shards takes (never the training shards)
+    features: str | None = None  # feature shards of eval.shards (tools/cache_features.py): no vision tower pass
+    batches: int = 4  # global batches per validation: bounds its cost (fewer if the shards hold fewer)
+    batch_pairs: int | None = None  # pairs per global validation batch; null: data.batch_pairs
+    workers: int = 2  # DataLoader workers per rank for the validation reads (0: in the training process)
+    spatial_probe: int = 0  # held-apart synthetic scenes for the relation probe with gold boxes; 0: off
+
+    def __post_init__(self):
+        require(self.every >= 0, "eval.every", self.every, "must be >= 0 (steps between validations; 0: off)")
+        require(self.every == 0 or bool(str(self.shards).strip() or self.features), "eval.shards", self.shards,
+                "must name the held-out shards (a directory, brace pattern or comma list) when eval.every > 0")
+        require(self.batches > 0, "eval.batches", self.batches, "must be > 0 (global batches per validation)")
+        require(self.batch_pairs is None or self.batch_pairs > 0, "eval.batch_pairs", self.batch_pairs,
+                "must be > 0 (pairs per global validation batch), or null for data.batch_pairs")
+        require(self.workers >= 0, "eval.workers", self.workers, "must be >= 0 (0: read in the training process)")
+        require(self.spatial_probe == 0 or self.spatial_probe >= SPATIAL_PROBE_MIN, "eval.spatial_probe",
+                self.spatial_probe, f"must be 0 (off) or >= {SPATIAL_PROBE_MIN} scenes")
 
 
 @dataclass
@@ -77,12 +107,23 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # Each rank's share (batch_pairs / world size, checked at start-up) splits into accum_freq
         # micro-batches; on one rank that is this.
         require(self.data.batch_pairs % self.optim.accum_freq == 0, "data.batch_pairs", self.data.batch_pairs,
                 f"must be divisible by optim.accum_freq={self.optim.accum_freq} (equal micro-batches)")
+        # Held-out means not trained on: the same spec would report training-set numbers as validation.
+        if self.eval.every:
+            for key, held_out, trained in (("shards", self.eval.shards, self.data.shards),
+                                           ("features", self.eval.features, self.data.features)):
+                require(not held_out or _spec(held_out) != _spec(trained), f"eval.{key}", held_out,
+                        f"must not be the training data (data.{key}): validation needs held-out shards")
+
+
+def _spec(spec: str | None) -> str:
+    return ",".join(part.strip().rstrip("/") for part in str(spec or "").split(","))
 
 
 def _finite(value) -> bool:
