@@ -121,6 +121,7 @@ INVARIANT = frozenset(
     "species series sheep deer fish aircraft people police cattle skis tennis".split()
 )
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+NOUN_MEMO = 100_000  # memoised nouns per matcher (the memo starts over when full)
 
 
 class NounMatcher:
@@ -144,6 +145,19 @@ class NounMatcher:
         self.hypernyms = {" ".join(WORD.findall(w.lower())): frozenset(cats) for w, cats in hypernyms.items()}
         self.vocab = frozenset(self.category) | frozenset(self.hypernyms)
         self.phrases = frozenset(v for v in self.vocab if " " in v)
+        self._nouns: dict[tuple[str, str | None], str] = {}  # noun() memo: names and heads repeat
+
+    def noun(self, text: str, head: str | None = None) -> str:
+        """The noun of a part (``text`` with its ``head`` lemma) or of an object/class name."""
+        if type(text) is not str or not (head is None or type(head) is str):
+            return self._noun(text, head)
+        key = (text, head)
+        found = self._nouns.get(key)
+        if found is None:
+            if len(self._nouns) >= NOUN_MEMO:
+                self._nouns.clear()
+            found = self._nouns[key] = self._noun(text, head)
+        return found
 
     def singular(self, word: str) -> str:
         word = word.lower()
@@ -168,8 +182,7 @@ class NounMatcher:
             return word[:-2]
         return stem
 
-    def noun(self, text: str, head: str | None = None) -> str:
-        """The noun of a part (``text`` with its ``head`` lemma) or of an object/class name."""
+    def _noun(self, text: str, head: str | None) -> str:
         words = WORD.findall(str(text).lower())
         head = self.singular(head.lower()) if head else None
         if head is None:

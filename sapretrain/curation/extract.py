@@ -81,7 +81,7 @@ def caption_problem(caption, max_chars: int = 1000) -> str | None:
 
 def process_lines(nlp, lines: list[str], batch_size: int = 256, max_chars: int = 1000) -> str:
     """Output JSONL text for ``lines`` (input JSONL lines, blank ones already removed)."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in process_records(nlp, lines, batch_size, max_chars))
+    return jsonl.dump_lines(process_records(nlp, lines, batch_size, max_chars)).decode("utf-8")
 
 
 def process_records(nlp, lines: list[str], batch_size: int = 256, max_chars: int = 1000) -> list[dict]:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapretrain import storage
+from sapretrain import jsonl, storage
 from sapretrain.curation.stage import committed_chunks, dropped_output, ensure_settings, parse_lines
 from sapretrain.jobs import Parts, SkipLog, iter_chunks, part_segments
 
@@ -984,10 +984,10 @@ def run_write(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = 
                 else:
                     r = {**records[0], "positive": ids[int(partner[g])], "positive_score": round(float(score[g]), 4)}
                     kept_scores.append(float(score[g]))
-                    f_out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f_out.write(jsonl.dumps(r) + "\n")
                     continue
                 skips.add(r["drop_reason"], {k: r[k] for k in ("id", "caption", "raw", "drop_detail") if k in r})
-                f_drop.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f_drop.write(jsonl.dumps(r) + "\n")
     storage.commit(tmp_out, out)
     storage.commit(tmp_drop, dropped_output(out))
     summary = {"stage": "positives", "input": input_url, "part": parts.to_list(),

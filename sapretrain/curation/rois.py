@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sapretrain import storage
-from sapretrain.boxes import Choice, NounMatcher, choose_boxes, clip_box, clip_detections
+from sapretrain.boxes import Choice, Detection, NounMatcher, as_detection, choose_boxes, clip_box, clip_detections
 from sapretrain.boxes import iou  # noqa: F401 (re-exported for eval/run.py)
 from sapretrain.config import load_config, to_dict
 from sapretrain.detector import DetectorError, YoloDetector  # noqa: F401 (YoloDetector re-exported)
@@ -204,6 +204,7 @@ class RoiStage:
         out: list[dict | None] = [None] * len(records)
         pending: list[tuple[int, dict[str, str], Choice | None]] = []  # for the detector
         sizes: dict[str, tuple[int, int] | None] = {}
+        gt_seen: dict[str, tuple] = {}
         for k, record in enumerate(records):
             nouns = self.nouns(record)
             if nouns is None:
@@ -227,7 +228,7 @@ class RoiStage:
                 w, h = sizes[ref]
                 record = {**record, "width": w, "height": h}
                 records[k] = record
-            choice = choose(self.matcher, nouns, gt_instances(objects, w, h, self.cfg.min_box_size), self.cfg)
+            choice = choose(self.matcher, nouns, self._gt(gt_seen, record.get("image"), objects, w, h), self.cfg)
             if choice.boxes is not None:
                 out[k] = {**record, "boxes": choice.boxes, "box_source": "gt"}
             elif self.cfg.detector.enabled and self.cfg.detector.fallback_for_gt_sources:
@@ -237,6 +238,17 @@ class RoiStage:
         if pending:
             self._detect(records, pending, out)
         return out  # type: ignore[return-value]
+
+    def _gt(self, seen: dict[str, tuple], ref, objects: list, w, h) -> list[Detection]:
+        """``gt_instances`` as detections. The samples of one caption (and the captions of one
+        image) carry the same objects, so within a chunk each image's are converted once."""
+        hit = seen.get(ref) if isinstance(ref, str) else None
+        if hit is not None and hit[0] == (w, h) and hit[1] == objects:
+            return hit[2]
+        found = [as_detection(d) for d in gt_instances(objects, w, h, self.cfg.min_box_size)]
+        if isinstance(ref, str):
+            seen[ref] = ((w, h), objects, found)
+        return found
 
     def _detect(self, records: list[dict], pending: list, out: list) -> None:
         """Boxes for ``pending`` records from detections made once per image, in batches."""

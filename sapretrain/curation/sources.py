@@ -916,7 +916,7 @@ def collect(
                 if limit is not None and report.records >= limit:
                     break
                 try:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    f.write(jsonl.dumps(record) + "\n")
                 except UnicodeEncodeError:
                     report.skips.add("bad_encoding", f"{record.get('id')}: not valid UTF-8")
                     continue

@@ -192,7 +192,7 @@ def parse_lines(lines: list) -> tuple[list[dict], list[dict]]:
 
 
 def _dumps(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    return jsonl.dump_lines(records)
 
 
 def add_counts(total: dict, counts: dict) -> dict:
