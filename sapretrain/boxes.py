@@ -121,7 +121,7 @@ INVARIANT = frozenset(
     "species series sheep deer fish aircraft people police cattle skis tennis".split()
 )
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
-NOUN_MEMO = 100_000  # memoised nouns per matcher (the memo starts over when full)
+NOUN_MEMO = 100_000  # memoised nouns and levels per matcher (a memo starts over when full)
 
 
 class NounMatcher:
@@ -145,7 +145,8 @@ class NounMatcher:
         self.hypernyms = {" ".join(WORD.findall(w.lower())): frozenset(cats) for w, cats in hypernyms.items()}
         self.vocab = frozenset(self.category) | frozenset(self.hypernyms)
         self.phrases = frozenset(v for v in self.vocab if " " in v)
-        self._nouns: dict[tuple[str, str | None], str] = {}  # noun() memo: names and heads repeat
+        self._nouns: dict[tuple[str, str | None], str] = {}  # noun() and level() memos: names repeat
+        self._levels: dict[tuple[str, str], int | None] = {}
 
     def noun(self, text: str, head: str | None = None) -> str:
         """The noun of a part (``text`` with its ``head`` lemma) or of an object/class name."""
@@ -200,6 +201,15 @@ class NounMatcher:
 
     def level(self, noun: str, name: str) -> int | None:
         """0 same noun, 1 same category, 2 hypernym; None: no match."""
+        key = (noun, name)
+        if key in self._levels:
+            return self._levels[key]
+        if len(self._levels) >= NOUN_MEMO:
+            self._levels.clear()
+        found = self._levels[key] = self._level(noun, name)
+        return found
+
+    def _level(self, noun: str, name: str) -> int | None:
         if not noun or not name:
             return None
         if noun == name:

@@ -39,7 +39,7 @@ batch are set to the nouns of its samples.
 
 **Drops** (``drop_reason``; ``drop_detail`` says which part and what was there): ``no_box`` (a
 part has no candidate), ``same_box`` (both parts only match one instance), ``unreadable_image``,
-``bad_triplet`` (no usable ``triplet``).
+``bad_triplet`` (no usable ``triplet``). A drop record is the sample without ``objects``.
 """
 from __future__ import annotations
 
@@ -147,7 +147,10 @@ def image_size(ref: str) -> tuple[int, int] | None:
 
 
 def _drop(record: dict, reason: str, detail: str | None = None) -> dict:
-    out = {**record, "drop_reason": reason}
+    """The drop record: the sample without its image's ``objects`` (the input line has them, and
+    ``detail`` names the boxes that were there), so most of the drop file is not the boxes."""
+    out = {k: v for k, v in record.items() if k != "objects"}
+    out["drop_reason"] = reason
     if detail:
         out["drop_detail"] = detail
     return out

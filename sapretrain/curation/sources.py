@@ -137,7 +137,15 @@ def positive_int(value: Any) -> int | None:
 
 
 def _numbers(values) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    """Every value a finite int or float (not a bool)."""
+    for v in values:
+        kind = type(v)
+        if kind is float:
+            if not math.isfinite(v):
+                return False
+        elif kind is not int and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            return False
+    return True
 
 
 def xywh_to_xyxy(x: Any, y: Any, w: Any, h: Any, width: int | None = None, height: int | None = None):
