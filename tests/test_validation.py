@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import synthetic_shards
+from conftest import PROJECT_ROOT, synthetic_shards
 from sapretrain.config import ConfigError, load_config
 from sapretrain.eval.shards import score_shards
 from sapretrain.losses import SAClipLoss
@@ -213,6 +213,42 @@ def test_two_processes_give_the_numbers_of_one(held_out, tmp_path):
         assert two[key] == one[key], key
     for key in ("val/contrastive_u_loss", "val/contrastive_v_loss", "val/triplet_loss", "val/clip_loss", "val/loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+# ----- in the trainer
+
+
+def _trainer_validates() -> bool:
+    from sapretrain.train.trainer import MetricsLog
+
+    return hasattr(MetricsLog, "log_validation")
+
+
+@pytest.mark.skipif(not _trainer_validates(), reason="the trainer does not call validate.py yet (issue 17, item 4 hook)")
+def test_a_run_validates_and_trains_exactly_as_without(held_out, tmp_path):
+    """launch/pretrain.py with eval.every=2: validations at steps 2 and 4 in metrics.jsonl, and
+    the training losses bit for bit those of the same run without validation."""
+    from test_train import PRETRAIN, cpu_env, overrides
+
+    train = synthetic_shards(tmp_path / "train", scenes=32, shard_size=4)
+    cmd = [sys.executable, PRETRAIN, "--config", str(PROJECT_ROOT / "configs" / "demo.yaml")]
+    runs = {}
+    for name, extra in (("plain", {}), ("validated", {"eval.every": 2, "eval.shards": held_out, "eval.batches": 2})):
+        out = tmp_path / name
+        run = subprocess.run(cmd + overrides(train, out, steps=4, **extra), env=cpu_env(), capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = (read_metrics(out / "metrics.jsonl"), run.stdout, out)
+    plain, (validated, stdout, out) = runs["plain"][0], runs["validated"]
+    val = [r for r in validated if "val/loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val/pairs"] == 16 for r in val)
+    assert "validation at step 4/4" in stdout
+
+    def training(records):  # the logged training numbers, without the timings
+        return [{k: v for k, v in r.items() if k not in ("pairs_per_s", "data_fraction")} for r in records if "loss" in r]
+
+    assert len(training(plain)) == 4 and training(validated) == training(plain)
+    assert (out / "training.png").stat().st_size > 0
 
 
 # ----- the curves
