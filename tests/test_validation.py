@@ -162,6 +162,27 @@ def test_r1_counts_the_same_image_as_right_and_a_tie_as_wrong():
     assert i2t.item() == 1  # only sample 1 finds its own caption strictly first
 
 
+def test_feature_shards_validate_like_the_pixels(held_out, accelerator, tmp_path):
+    """eval.features (the locked tower's cached outputs) gives the pixel shards' numbers, within fp16."""
+    from sapretrain.features import build_frozen_model, cache_features
+    from sapretrain.model.saclip import SAClipConfig
+
+    model = build_frozen_model(SAClipConfig(name="sa-tiny", pretrained=None), seed=0)
+    cache_features(str(held_out), str(tmp_path / "feat"), model, batch_size=8, progress=False)
+    common = ["model.lock_image=true", "eval.every=1", "eval.batches=2", "data.batch_pairs=8"]
+    live = build_validation(config(*common, f"eval.shards={held_out}"), model, accelerator).run(model, SAClipLoss(config().loss))
+    feat = build_validation(config(*common, f"eval.features={tmp_path / 'feat'}"), model, accelerator).run(
+        model, SAClipLoss(config().loss))
+    assert feat["val/pairs"] == live["val/pairs"] == 16
+    for key in ("val/contrastive_u_loss", "val/contrastive_v_loss", "val/triplet_loss"):
+        assert feat[key] == pytest.approx(live[key], abs=5e-3), key
+    for key in ("val/relation_accuracy", "val/image_to_text_r1", "val/text_to_image_r1"):
+        assert abs(feat[key] - live[key]) <= 1 / 32, key  # a near-tie may flip with fp16 features
+    with pytest.raises(SystemExit, match="eval.features"):  # features of another tower are refused
+        other = build_frozen_model(SAClipConfig(name="sa-tiny", pretrained=None), seed=1)
+        build_validation(config(*common, f"eval.features={tmp_path / 'feat'}"), other, accelerator)
+
+
 # ----- two processes
 
 
