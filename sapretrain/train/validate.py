@@ -89,7 +89,11 @@ class Validation:
         return step % self.cfg.every == 0 or step == self.last_step
 
     def loader(self) -> Loader:
-        """A fresh loader at the start of the set: the same batches at every validation."""
+        """A fresh loader at the start of the set: the same batches at every validation.
+
+        Built from the cut shard list itself (``build_loader`` lists whole shards, and asks for a
+        shard per reader, which a prefix cut inside one shard need not have: here readers may
+        share a shard, each reading its own records of it)."""
         a = self.accelerator
         return Loader(self.loader_cfg, self.preprocess, a.process_index, a.num_processes, self.shards,
                       self.context_length)
@@ -131,9 +135,10 @@ def build_validation(cfg: TrainConfig, model, accelerator, log_line: Callable = 
     else:
         preprocess = build_preprocess(model)
     # Unshuffled, one reader stream per worker: every rank reads a contiguous part of the prefix
-    # (a shard may be split between readers), so the set is the same for any world size.
+    # (a shard may be split between readers), so the set is the same for any world size. No worker
+    # without a batch to make.
     loader_cfg = replace(cfg.data, shards=ev.shards or spec, features=ev.features, batch_pairs=pairs,
-                         workers=ev.workers, shuffle_shards=False, shuffle_buffer=0, resampled=False)
+                         workers=min(ev.workers, batches), shuffle_shards=False, shuffle_buffer=0, resampled=False)
     probe = SpatialProbe(ev.spatial_probe) if ev.spatial_probe else None
     log_line(f"eval: every {ev.every} steps on {batches * pairs} held-out pairs ({batches} x {pairs}) of {spec}"
              + (f", spatial probe on {ev.spatial_probe} scenes (gold boxes)" if probe else ""))
