@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import random
+import signal
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -603,7 +604,7 @@ class Loader:
         epoch = self._epoch
         dataset = _RankStream(self, epoch, self._batch, list(self._raw))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
         try:
             for batch, info in _clean_storage_errors(loader):
                 self._raw[info["worker"]] = info["raw"]
@@ -639,6 +640,14 @@ class Loader:
         out["batches"] = self._delivered
         out["records"] = self._delivered * self.pairs_per_rank
         return out
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the trainer's stop signals (SIGUSR1, SIGTERM): SLURM signals every
+    process of a job step, and a worker killed by one would fail the main process's next batch while
+    it writes its preemption checkpoint. Workers end with their main process."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _clean_storage_errors(batches: Iterable) -> Iterator:

@@ -1,7 +1,11 @@
 """The SA-CLIP training loop (``launch/pretrain.py`` is its command line).
 
 Sections, top to bottom: set-up (accelerator, model, loss, optimizer, schedule), one training
-step (with feature-cached accumulation), checkpoints and resume, logging, the loop.
+step (with feature-cached accumulation), checkpoints and resume, preemption, logging, the loop.
+
+On SIGUSR1 or SIGTERM every rank finishes its step, a checkpoint is written at one step all ranks
+agree on, and the process exits with ``REQUEUE_EXIT_CODE`` (75); ``--resume auto`` continues
+exactly there (``launch/slurm/pretrain.sbatch`` turns this into ``scontrol requeue``).
 """
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -299,6 +305,67 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume.rstrip("/")
 
 
+# ----- preemption
+
+# Exit status of a run stopped by a signal after its checkpoint (EX_TEMPFAIL, "try again"): the
+# work is not done, run the same command again with --resume auto. Not a config field: launchers
+# and batch scripts test for it (launch/slurm/pretrain.sbatch).
+REQUEUE_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """SIGUSR1 / SIGTERM → every rank stops after the same step.
+
+    The handler only sets a flag (it may fire on some ranks only, or in different steps). Ranks
+    agree through a MAX all-reduce of that flag: started without waiting (``async_op``) after every
+    step and read after the next one, so the read waits for a collective that finished a step ago
+    (on CUDA through a pinned copy and an event, so the host never waits for the step it has just
+    queued): no per-step stall, one tiny collective per step. A signal during step s stops the run
+    after step s + 1 on every rank (one process: after step s).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._read = None  # reads the result of the reduction started after the previous step
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        # Also runs in forked DataLoader workers that inherit it (loader.py ignores these signals
+        # there): a flag in their memory, harmless.
+        self.signum = signum
+
+    def agreed(self, accelerator) -> bool:
+        """Called by every rank once per step, at the same point: True on all ranks at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        stop = self._read() if self._read is not None else False
+        self._read = self._start(accelerator.device)
+        return stop
+
+    def _start(self, device):
+        flag = torch.tensor([int(self.signum is not None)], dtype=torch.int32, device=device)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        if flag.is_cuda:
+            work.wait()  # the current stream waits for the collective, the host does not
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return lambda: (done.synchronize(), bool(host.item()))[1]
+        return lambda: (work.wait(), bool(flag.item()))[1]
+
+
 # ----- logging
 
 
@@ -354,6 +421,15 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Position:
+    """Train to ``cfg.optim.steps``; on SIGUSR1/SIGTERM checkpoint and ``SystemExit(REQUEUE_EXIT_CODE)``."""
+    with StopRequest() as stop:  # installed first: a signal during set-up stops after the first step
+        pos, stopped = _train(cfg, resume, stop)
+    if stopped:
+        raise SystemExit(REQUEUE_EXIT_CODE)
+    return pos
+
+
+def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Position, bool]:
     accelerator = build_accelerator(cfg)
     check_world_size(cfg, accelerator.num_processes)
     from accelerate.utils import set_seed
@@ -383,6 +459,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
     metrics = MetricsLog(cfg, accelerator, pos.step)
 
     model.train()
+    stopped = False
     window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
     loader = build_loader(
         cfg.data, preprocess, accelerator.process_index, accelerator.num_processes,
@@ -427,13 +504,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
                     "data_fraction": window["data"] / elapsed,
                 })
                 window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
-            if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps:
-                save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos, loader.state_dict())
-            if pos.step >= cfg.optim.steps:
+            stopped = stop.agreed(accelerator) and pos.step < cfg.optim.steps
+            if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps or stopped:
+                url = save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos, loader.state_dict())
+            if stopped:
+                by = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+                accelerator.print(f"stopped by {by} after step {pos.step}: checkpoint {url}; exit status "
+                                  f"{REQUEUE_EXIT_CODE} (run again with --resume auto)", flush=True)
+            if pos.step >= cfg.optim.steps or stopped:
                 break
             fetch_start = time.perf_counter()
         if yielded == 0:
             raise SystemExit(f"epoch {loader.epoch} yielded no batch: data.batch_pairs is larger than the dataset")
+        if stopped:
+            break
     accelerator.end_training()
     if accelerator.is_main_process and os.path.exists(metrics.path):
         from sapretrain.train.plots import plot_metrics
@@ -441,7 +525,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Position:
         png = plot_metrics(metrics.path, os.path.join(log_dir(cfg), "training.png"))
         if png:
             print(f"training curves: {png}")
-    return pos
+    return pos, stopped
 
 
 def batches_or_stop(loader, pos: Position):
