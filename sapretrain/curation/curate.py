@@ -197,9 +197,9 @@ def stage_plan(cfg: CurationConfig) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Step:
-    """One schedulable step: ``partitioned`` steps run as parts; ``uses_model`` ones load a model
-    worth keeping between parts (an actor pool on the Ray engine, a GPU per actor when the cluster
-    has GPUs; SLURM's GPU steps are ``slurm.GPU_STEPS``)."""
+    """One schedulable step: ``partitioned`` steps run as parts; ``uses_model`` ones run a neural
+    model that wants a GPU where there is one (a GPU actor pool on the Ray engine; SLURM's GPU
+    steps are ``slurm.GPU_STEPS``). The parse (``extract_svo``) is CPU work."""
 
     name: str
     stage: str  # the report row it belongs to (positives_* -> positives)
@@ -214,7 +214,7 @@ POSITIVE_STEPS = ("embed", "index", "search", "write")
 
 def steps(cfg: CurationConfig) -> list[Step]:
     """The run as steps, in order (see the module doc)."""
-    models = {"extract_svo", "relation_filter", "rois"} | ({"negatives"} if cfg.negatives.mode == "llm" else set())
+    models = {"relation_filter", "rois"} | ({"negatives"} if cfg.negatives.mode == "llm" else set())
     out = []
     for name, file in stage_plan(cfg):
         if name == "positives":
@@ -268,7 +268,8 @@ def _input_of(cfg: CurationConfig, step: Step) -> str | None:
 def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: bool = True,
              stages: dict | None = None) -> dict[str, Any]:
     """Run part ``parts`` of step ``name``; returns its summary (``already_done`` when it was).
-    ``stages`` keeps record stages (and their loaded models) between calls in one process."""
+    ``stages`` keeps record stages and loaded models (the positives' embedder) between calls in
+    one process."""
     step = find_step(cfg, name)
     if not step.partitioned and not parts.whole:
         raise ValueError(f"step {name} runs as one process: no --part/--num-parts")
@@ -293,14 +294,15 @@ def run_step(cfg: CurationConfig, name: str, parts: Parts = Parts(), progress: b
 
         floor = [] if cfg.positives.min_score is None else [f"min_score={cfg.positives.min_score}"]
         summary = make_positives(src, out, load_config(PositivesConfig, cfg.positives.config, floor), parts=parts,
-                                 stage=name.split("_", 1)[1], progress=progress)
+                                 stage=name.split("_", 1)[1], progress=progress,
+                                 models=stages)
     else:
         stages = {} if stages is None else stages
         if name not in stages:
             stages[name] = _record_stage(name, cfg)
         summary = run_stage(stages[name], src, out, StageConfig(cfg.chunk_size, cfg.workers), parts, progress)
     if not summary.get("already_done"):
-        timing = {"step": name, "part": parts.to_list(), "seconds": round(time.time() - started, 3)}
+        timing = {"step": name, "part": parts.to_list(), "started": round(started, 3), "seconds": round(time.time() - started, 3)}
         storage.write_bytes_atomic(f"{out_dir}/steps/{parts.output(name + '.json')}", json.dumps(timing).encode())
     return summary
 

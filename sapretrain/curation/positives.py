@@ -781,9 +781,15 @@ def _segments(input_url: str, parts: Parts) -> list:
 
 
 def run_embed(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = Parts(),
-              progress: bool = True, embedder: TextEmbedder | None = None) -> dict[str, Any]:
+              progress: bool = True, embedder: TextEmbedder | None = None,
+              models: dict | None = None) -> dict[str, Any]:
     """Step 1 for this part's chunks; returns ``{"chunks": the part's chunks, "embedded": now}``.
-    When all are committed, the part's ``done.json`` records the rows of each (``chunk_layout``)."""
+    When all are committed, the part's ``done.json`` records the rows of each (``chunk_layout``).
+    ``models``: where a process keeps the embedder it built, for its next parts."""
+    e = cfg.embed
+    key = ("positives_embedder", TextEmbedder, e.model, e.device, e.max_length, e.batch_size, e.cache_size)
+    if embedder is None and models is not None:
+        embedder = models.get(key)
     work = Work(output, cfg)
     ensure_settings(f"{work.emb}/config.json", {**Work.embed_settings(cfg), "num_parts": parts.num_parts})
     folder = Work.part_dir(work.emb, parts.part, parts.num_parts)
@@ -795,8 +801,9 @@ def run_embed(input_url: str, output: str, cfg: PositivesConfig, parts: Parts = 
             if chunk in done:
                 continue
             if embedder is None:
-                e = cfg.embed
                 embedder = TextEmbedder(e.model, e.device, e.max_length, e.batch_size, e.cache_size)
+                if models is not None:
+                    models[key] = embedder
             out = embed_chunk(embedder, lines, cfg.embed.template)
             file = lambda kind: work.emb_file(parts.part, parts.num_parts, chunk, kind)  # noqa: E731
             storage.write_bytes_atomic(file("ids.json"), json.dumps(out["ids"]).encode())
@@ -1016,12 +1023,12 @@ def score_percentiles(scores: list[float]) -> dict[str, float]:
 
 
 def make_positives(input_url: str, output: str, cfg: PositivesConfig | None = None, parts: Parts = Parts(),
-                   stage: str = "all", progress: bool = True) -> dict[str, Any]:
+                   stage: str = "all", progress: bool = True, models: dict | None = None) -> dict[str, Any]:
     """Run ``stage`` for this part; returns what it did (for write and all: the summary, also
     saved as ``OUT.summary.json``). ``all`` runs embed, index, search and write in this one
     process (one part); with ``N`` parts run embed on every part, index once, then search and write
     on every part. ``index`` is one process (its ``parts`` is ignored, but an ``N > 1`` given must
-    be the embeddings' ``N``)."""
+    be the embeddings' ``N``). ``models``: a process's kept models (``run_embed``)."""
     cfg = cfg or PositivesConfig()
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -1035,7 +1042,7 @@ def make_positives(input_url: str, output: str, cfg: PositivesConfig | None = No
         return {"index": run_index(output, cfg, None if parts.whole else parts.num_parts)}
     result: dict[str, Any] = {}
     if stage in ("all", "embed"):
-        result["embed"] = run_embed(input_url, output, cfg, parts, progress)
+        result["embed"] = run_embed(input_url, output, cfg, parts, progress, models=models)
     if stage == "all":
         result["index"] = run_index(output, cfg, 1)
     if stage in ("all", "search"):

@@ -10,12 +10,15 @@ pipeline: a part goes on to the next step as soon as it is done, with no barrier
 a step that needs every part of the one before (``Step.barrier``: positives_search after the
 index, positives_write, shards) starts a new pipeline. Within a pipeline:
 
-- steps without a model (collect, samples, rule negatives, positives_write) run as Ray tasks, one
-  CPU each;
-- model steps (extract_svo, relation_filter, rois, positives_embed, positives_search, LLM
-  negatives) run on an autoscaling actor pool (``ActorPoolStrategy``): each actor builds the stage
-  and loads its model once and then takes part after part; with GPUs in the cluster each actor
-  asks for one (``num_gpus=1``);
+- on a cluster without GPUs every step runs as Ray tasks of one CPU. Ray reuses a CPU task's
+  worker process, and the stages and their models (spaCy, the relation filter, the detector,
+  MiniLM) are kept per process and per config, so each worker loads a model once, and a CPU is
+  held only while a part runs. (Actors would each hold a CPU for the whole pipeline: on 2 CPUs
+  an idle ROI actor left one CPU for every other step, and the parts went through one at a time.)
+- on a cluster with GPUs the model steps (relation_filter, rois, positives_embed,
+  positives_search, LLM negatives) run on autoscaling actor pools (``ActorPoolStrategy``), one
+  GPU per actor, each actor building its stage and loading its model once and then taking part
+  after part (Ray does not reuse a GPU task's worker, so tasks would reload the model each part);
 - ``positives_index`` builds the run's one index once, in one task (a GPU when there is one), and
   saves it in the work folder, where every search part reads it.
 
@@ -29,6 +32,7 @@ stopped; Ray itself retries a task or restarts an actor that died with its node
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 from sapretrain.jobs import Parts
@@ -58,8 +62,21 @@ def _part_batch(batch: dict, cfg, name: str, num_parts: int, stages: dict | None
     return {**batch, f"step:{name}": [_run_part(cfg, name, int(p), num_parts, stages) for p in batch["part"]]}
 
 
+_WORKER_STAGES: dict[str, dict] = {}  # per worker process: config -> its stages and models
+_WORKER_CONFIGS = 4  # configs whose stages a worker keeps (a long-lived cluster runs many curations)
+
+
+def _task_batch(batch: dict, cfg, name: str, num_parts: int) -> dict:
+    """``_part_batch`` for a task: the stages (and models) this worker process built for ``cfg``
+    before are reused."""
+    key = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    if key not in _WORKER_STAGES and len(_WORKER_STAGES) >= _WORKER_CONFIGS:
+        _WORKER_STAGES.pop(next(iter(_WORKER_STAGES)))
+    return _part_batch(batch, cfg, name, num_parts, _WORKER_STAGES.setdefault(key, {}))
+
+
 class _PartActor:
-    """Ray Data actor for model steps: the stage (and its model) is built once per actor."""
+    """Ray Data actor for model steps on GPUs: the stage (and its model) is built once per actor."""
 
     def __init__(self, cfg, name: str, num_parts: int):
         self.cfg, self.name, self.num_parts, self.stages = cfg, name, num_parts, {}
@@ -76,10 +93,10 @@ def pipelines(all_steps, cpus: int, gpus: int = 0) -> list[list]:
     """The steps as consecutive groups: partitioned steps that stream (part ``I`` of a step reads
     only part ``I`` of the one before: ``jobs.part_segments``) form one pipeline; a step that needs
     every part of the one before (``barrier``) starts a new group, and a one-process step is a group
-    of its own. A pipeline holds at least one actor per model step at once (each with a GPU when
-    there are GPUs), plus a CPU for its tasks: a group that would need more CPUs or GPUs than the
-    cluster has is split (else it would wait forever)."""
-    room = cpus - 1 if not gpus else min(cpus - 1, gpus)  # actors one pipeline can hold at once
+    of its own. With GPUs a pipeline holds at least one GPU actor per model step at once, plus a
+    CPU for its tasks: a group that would need more GPUs or CPUs than the cluster has is split (else
+    it would wait forever). Without GPUs every step is tasks, and nothing else splits a group."""
+    room = min(cpus - 1, gpus) if gpus else len(all_steps)  # actors one pipeline can hold at once
     groups: list[list] = []
     for step in all_steps:
         group = groups[-1] if groups else []
@@ -99,13 +116,13 @@ def run_pipeline(ray, cfg, group, num_parts: int) -> dict[str, list[dict[str, An
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"part": i} for i in range(num_parts)], override_num_blocks=num_parts)
     for step in group:
-        if step.uses_model:
-            actors = max(1, min(num_parts, gpus if gpus else cpus))
+        if step.uses_model and gpus:
             ds = ds.map_batches(_PartActor, fn_constructor_args=(cfg, step.name, num_parts), batch_size=1,
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                                num_gpus=1 if gpus else 0, num_cpus=1, max_restarts=RETRIES)
+                                batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_parts, gpus))),
+                                num_gpus=1, num_cpus=1, max_restarts=RETRIES)
         else:
-            ds = ds.map_batches(_part_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
+            ds = ds.map_batches(_task_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
                                 compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1,
                                 max_retries=RETRIES)
     rows = sorted(ds.take_all(), key=lambda r: int(r["part"]))
