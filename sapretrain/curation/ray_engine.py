@@ -26,8 +26,9 @@ The parts read the previous step's part files and write their own (``sapretrain.
 ``output_dir``, which must be storage every node sees (a shared file system or ``s3://``). Resume
 is the parts' own: a finished part returns at once and a killed one continues at its last
 committed chunk, so a re-run after a kill, a lost node or a failed task goes on where the run
-stopped; Ray itself retries a task or restarts an actor that died with its node
-(``max_retries`` / ``max_restarts``). Parts default to twice the cluster's CPUs (at least 2).
+stopped. Within a run, Ray Data's own defaults apply: a task lost with its worker or node is run
+again and a lost actor restarted (no limit), while an exception raised by a step stops the run
+(the re-run then continues). Parts default to twice the cluster's CPUs (at least 2).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import Any
 
 from sapretrain.jobs import Parts
 
-RETRIES = 3  # a task or actor lost with its node is retried / restarted this often
+INDEX_RETRIES = 3  # the index task, lost with its node, is run again this often
 
 
 def _ray():
@@ -120,11 +121,10 @@ def run_pipeline(ray, cfg, group, num_parts: int) -> dict[str, list[dict[str, An
             ds = ds.map_batches(_PartActor, fn_constructor_args=(cfg, step.name, num_parts), batch_size=1,
                                 batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_parts, gpus))),
-                                num_gpus=1, num_cpus=1, max_restarts=RETRIES)
+                                num_gpus=1, num_cpus=1)
         else:
             ds = ds.map_batches(_task_batch, fn_args=(cfg, step.name, num_parts), batch_size=1, batch_format="numpy",
-                                compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1,
-                                max_retries=RETRIES)
+                                compute=ray.data.TaskPoolStrategy(size=min(num_parts, cpus)), num_cpus=1)
     rows = sorted(ds.take_all(), key=lambda r: int(r["part"]))
     return {step.name: [json.loads(r[f"step:{step.name}"]) for r in rows] for step in group}
 
@@ -160,7 +160,7 @@ def run_on_ray(cfg, num_parts: int | None = None, address: str | None = None, lo
                     if step.name != "positives_embed" and all(s.get("records") is not None for s in summaries):
                         log(_stage_line({**merge_summaries(summaries), "stage": step.stage}))
             else:  # positives_index: one task (a GPU for faiss when there is one)
-                task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_run_single)
+                task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=INDEX_RETRIES)(_run_single)
                 ray.get(task.remote(cfg, group[0].name))
     finally:
         if started:
