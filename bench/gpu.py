@@ -2,7 +2,7 @@
 """GPU training throughput: our trainer's step (live frozen tower and feature cache, torch.compile
 on and off) beside open_clip_train's own training step, same GPU, same data, same model, one run.
 
-    python bench/gpu.py --json gpu.json                    # ViT-B-32, random init, locked tower, bf16, 512 pairs: ~4-6 min on one GPU
+    python bench/gpu.py --json gpu.json                    # ViT-B-32, random init, locked tower, bf16, 512 pairs, one GPU
     python bench/gpu.py --configs open_clip,live,cached    # eager only (no compile time)
     python bench/gpu.py --device cpu --tiny                # sa-tiny, 4 pairs, a few steps: ~30 s on 2 cores (what the test runs)
 
@@ -43,7 +43,15 @@ Counting: a sample is one image with its caption; N pairs = 2N samples on both s
 warm-up and timed steps, reset after freeing the previous row (model, optimizer state, gradients,
 activations, the batch on the device); on CPU the process's peak RSS sampled during the row
 (process-wide: it includes the held batches and what the allocator kept from earlier rows).
-``--json PATH`` writes every number (and each step's time) for a device run to bring back.
+``--json PATH`` writes every number (and each step's time) for a device run to bring back; it is
+rewritten after every row, so a run cut short keeps what it measured. A row that fails (an
+out-of-memory, a compile error) is reported as failed and the other rows still run; the exit
+status is then 1.
+
+Time on one GPU (an estimate: this has not yet run on one): data ~30 s (synthetic scenes, shards
+at 224 px, features cached by the tower on the GPU, 2 batches of each mode read), each eager row
+~10 s, each compiled row its inductor compilation (a minute or two; the trimmed caption length
+makes a second batch shape, so a recompilation too), under 8 minutes in all.
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -296,12 +305,14 @@ def summarise(name: str, times: list[float], memory: int, args) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's rate over the eager open_clip row, and over open_clip with the same compile setting."""
-    by_name = {r["name"]: r for r in rows}
-    base = by_name[BASELINE]["samples_per_s"]
+    """Each row's rate over the eager open_clip row, and over open_clip with the same compile
+    setting (None where that row is missing or failed)."""
+    by_name = {r["name"]: r for r in rows if "error" not in r}
     for r in rows:
-        r["ratio_vs_baseline"] = r["samples_per_s"] / base
-        same = by_name.get(BASELINE + "+compile" if r["compile"] else BASELINE)
+        if "error" in r:
+            continue
+        base, same = by_name.get(BASELINE), by_name.get(BASELINE + "+compile" if r["compile"] else BASELINE)
+        r["ratio_vs_baseline"] = r["samples_per_s"] / base["samples_per_s"] if base else None
         r["ratio_vs_same_compile"] = r["samples_per_s"] / same["samples_per_s"] if same else None
 
 
@@ -316,12 +327,17 @@ def print_table(result: dict) -> None:
     header = (f"{'configuration':<38} {'samples/s':>10} {'median':>9} {'ms/step':>8} {'x o_c':>6} "
               f"{'x o_c same compile':>18} {mem:>13} {'warm-up s':>9}")
     print(header + "\n" + "-" * len(header))
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
     for r in result["rows"]:
-        same = f"{r['ratio_vs_same_compile']:.2f}x" if r["ratio_vs_same_compile"] is not None else "-"
+        if "error" in r:
+            print(f"{r['label']:<38} FAILED: {r['error']}")
+            continue
         print(f"{r['label']:<38} {r['samples_per_s']:>10.1f} {r['median_samples_per_s']:>9.1f} {r['ms_per_step']:>8.1f} "
-              f"{r['ratio_vs_baseline']:>5.2f}x {same:>18} {r['peak_memory_bytes'] / 2**20:>13.0f} {r['warmup_s']:>9.1f}")
-    print(f"x o_c: samples/s over '{label(BASELINE)}' measured in this run "
-          f"({result['rows'][0]['samples_per_s']:.1f} samples/s)")
+              f"{ratio(r['ratio_vs_baseline']):>6} {ratio(r['ratio_vs_same_compile']):>18} "
+              f"{r['peak_memory_bytes'] / 2**20:>13.0f} {r['warmup_s']:>9.1f}")
+    base = next((r for r in result["rows"] if r["name"] == BASELINE and "error" not in r), None)
+    if base:
+        print(f"x o_c: samples/s over '{label(BASELINE)}' measured in this run ({base['samples_per_s']:.1f} samples/s)")
     print(f"total {result['total_s']:.0f} s (data {result['data_s']:.0f} s)")
 
 
@@ -398,7 +414,7 @@ def main(argv=None) -> dict:
     frozen = build_frozen_model(base.model, base.run.seed)  # the tower the trainer builds (same seed)
     size = frozen.clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    shards = prepare(work, args.records, size, args.workers)
+    shards = prepare(work, args.records, size, max(1, args.workers))
     features = work / "features"
     cache_features(str(shards), str(features), frozen, batch_size=256, device=device, progress=False)
     live_cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, shards=str(shards)))
@@ -415,30 +431,39 @@ def main(argv=None) -> dict:
           f"({data_s:.0f} s)", flush=True)
 
     accelerator = build_accelerator(live_cfg)
-    rows = []
-    for name in args.configs:
-        kind, compiled = name.split("+")[0], name.endswith("+compile")
-        fresh_device(cuda)
-        t = time.perf_counter()
-        with PeakRSS() if not cuda else contextlib.nullcontext() as rss:
-            if kind == "open_clip":
-                times = run_openclip(live_cfg, batches["live"], compiled, args, sync, device)
-            else:
-                times = run_ours(live_cfg if kind == "live" else feat_cfg, accelerator, batches[kind], compiled, args, sync)
-        memory = torch.cuda.max_memory_allocated() if cuda else rss.peak
-        rows.append(summarise(name, times, memory, args))
-        print(f"{label(name)}: {rows[-1]['samples_per_s']:.1f} samples/s ({time.perf_counter() - t:.0f} s)", flush=True)
-    add_ratios(rows)
-
     result = {
         "device": device, "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "open_clip": open_clip.__version__, "compile_backend": args.compile_backend,
         "model": args.model, "precision": args.precision, "pairs": args.pairs, "samples_per_step": 2 * args.pairs,
         "records": args.records, "warmup": args.warmup, "steps": args.steps, "batches": args.batches,
         "memory": "cuda_max_memory_allocated" if cuda else "peak_rss_sampled",
-        "threads": torch.get_num_threads(), "rows": rows, "data_s": data_s,
-        "total_s": time.perf_counter() - started,
+        "threads": torch.get_num_threads(), "rows": [], "data_s": data_s, "complete": False,
     }
+    for name in args.configs:
+        kind, compiled = name.split("+")[0], name.endswith("+compile")
+        fresh_device(cuda)
+        t = time.perf_counter()
+        try:  # a failing row (an OOM, a compile error) is reported; the other rows still run
+            with PeakRSS() if not cuda else contextlib.nullcontext() as rss:
+                if kind == "open_clip":
+                    times = run_openclip(live_cfg, batches["live"], compiled, args, sync, device)
+                else:
+                    cfg = live_cfg if kind == "live" else feat_cfg
+                    times = run_ours(cfg, accelerator, batches[kind], compiled, args, sync)
+            memory = torch.cuda.max_memory_allocated() if cuda else rss.peak
+            result["rows"].append(summarise(name, times, memory, args))
+            print(f"{label(name)}: {result['rows'][-1]['samples_per_s']:.1f} samples/s "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            accelerator.free_memory()
+            result["rows"].append({"name": name, "label": label(name), "compile": compiled,
+                                   "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        add_ratios(result["rows"])
+        result["total_s"] = time.perf_counter() - started
+        if args.json:  # after every row: a run cut short still brings back what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    result["complete"] = True
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -447,8 +472,10 @@ def main(argv=None) -> dict:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+    failed = [r["name"] for r in result["rows"] if "error" in r]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
     return result
-
 
 if __name__ == "__main__":
     main()

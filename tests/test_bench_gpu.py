@@ -99,6 +99,28 @@ def test_add_ratios_uses_the_rows_given():
             {"name": "live+compile", "compile": True, "samples_per_s": 150.0}]
     bench.add_ratios(rows)  # no compiled baseline in this run: no same-compile ratio
     assert rows[1]["ratio_vs_baseline"] == 1.5 and rows[1]["ratio_vs_same_compile"] is None
+    rows = [{"name": "open_clip", "compile": False, "error": "OutOfMemoryError"},
+            {"name": "cached", "compile": False, "samples_per_s": 150.0}]
+    bench.add_ratios(rows)  # a failed baseline: no ratio at all, rather than one against another row
+    assert "ratio_vs_baseline" not in rows[0] and rows[1]["ratio_vs_baseline"] is None
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--configs", "open_clip,cached+compile,cached",
+         "--compile-backend", "no_such_backend", "--warmup", "1", "--steps", "1", "--workers", "0", "--threads", "1",
+         "--json", str(tmp_path / "result.json")],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1 and "failed: cached+compile" in done.stderr, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["open_clip", "cached", "cached+compile"] and result["complete"]  # CONFIGS order
+    assert "no_such_backend" in rows["cached+compile"]["error"]
+    assert rows["cached"]["samples_per_s"] > 0
+    assert rows["cached"]["ratio_vs_baseline"] == pytest.approx(rows["cached"]["samples_per_s"] / rows["open_clip"]["samples_per_s"])
+    assert re.search(r"^ours, feature cache, compiled +FAILED: .*no_such_backend", done.stdout, re.M)
 
 
 def test_arguments():
