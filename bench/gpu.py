@@ -48,7 +48,7 @@ rewritten after every row, so a run cut short keeps what it measured. A row that
 out-of-memory, a compile error) is reported as failed and the other rows still run; the exit
 status is then 1.
 
-Time on one GPU (an estimate: this has not yet run on one): data ~30 s (synthetic scenes, shards
+Time on one GPU (an estimate: this has not yet run on one): data under a minute (scenes, shards
 at 224 px, features cached by the tower on the GPU, 2 batches of each mode read), each eager row
 ~10 s, each compiled row its inductor compilation (a minute or two; the trimmed caption length
 makes a second batch shape, so a recompilation too), under 8 minutes in all.
@@ -109,12 +109,15 @@ def prepare(work: Path, records: int, size: int, workers: int) -> Path:
 
 
 def read_batches(cfg, preprocess, count: int, context_length: int, pin: bool) -> list[dict]:
-    """The first ``count`` batches of the project's loader for ``cfg.data`` (held on the CPU)."""
+    """The first ``count`` batches of the project's loader for ``cfg.data`` (held on the CPU).
+
+    Read in this process (``data.workers`` 0): DataLoader workers would pass each 512-pair pixel
+    batch (1.9 GB of float32) through /dev/shm, which containers often keep small."""
     from sapretrain.data.loader import build_loader
 
-    loader = iter(build_loader(cfg.data, preprocess, 0, 1, context_length=context_length))
+    loader = iter(build_loader(dataclasses.replace(cfg.data, workers=0), preprocess, 0, 1, context_length=context_length))
     batches = [next(loader) for _ in range(count)]
-    del loader  # stops the DataLoader workers
+    del loader
     if pin:
         batches = [{k: v.pin_memory() if not v.is_pinned() else v for k, v in b.items()} for b in batches]
     return batches
@@ -360,7 +363,7 @@ def parse(argv=None):
                         f"must include {BASELINE}")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (the test uses aot_eager)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes for writing the data and DataLoader workers for reading it")
+                        help="processes writing the synthetic scenes and shards")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--work", help="keep the data here (default: a temporary directory)")
@@ -406,7 +409,7 @@ def main(argv=None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
     overrides = [
         f"model.name={args.model}", "model.pretrained=null", "model.lock_image=true",
-        f"data.batch_pairs={args.pairs}", f"data.workers={args.workers}", "data.shuffle_buffer=0",
+        f"data.batch_pairs={args.pairs}", "data.shuffle_buffer=0",
         "data.resampled=true", f"run.precision={args.precision}", "run.trackers=[]",
         f"run.output_dir={work / 'run'}", f"optim.steps={args.warmup + args.steps}",
     ]
