@@ -34,7 +34,7 @@ import random
 import signal
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import braceexpand
@@ -101,13 +101,19 @@ class Shard:
 
 @dataclass(frozen=True)
 class Slice:
-    """Records ``[start, stop)`` of one shard, read by reader ``worker`` of ``rank``."""
+    """Records ``[start, stop)`` of one shard, read by reader ``worker`` of ``rank``; with ``keep``,
+    only those record indices of the range (what an elastic resume found unread there)."""
 
     url: str
     start: int
     stop: int
     rank: int = 0
     worker: int = 0
+    keep: tuple[int, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.keep) if self.keep is not None else self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -208,23 +214,119 @@ def reader_batches(batches: int, workers: int, worker: int) -> int:
 def plan_epoch(shards: list[Shard], world_size: int, workers: int, pairs_per_rank: int, batches: int,
                epoch: int, seed: int, shuffle: bool) -> list[Slice]:
     """Cut the epoch's record stream into one contiguous run of records per (rank, reader)."""
+    return cut(epoch_stream(shards, epoch, seed, shuffle), reader_quotas(world_size, workers, pairs_per_rank, batches))
+
+
+def epoch_stream(shards: list[Shard], epoch: int, seed: int, shuffle: bool) -> list[Slice]:
+    """The epoch's records in order: whole shards, shuffled with ``(seed, epoch)`` when ``shuffle``."""
     order = list(shards)
     if shuffle:
         seeded(seed, epoch, "shards").shuffle(order)
-    stream = ((s.url, s.records) for s in order if s.records > 0)
-    url, left, offset = None, 0, 0
-    slices = []
-    for rank in range(world_size):
-        for worker in range(workers):
-            need = reader_batches(batches, workers, worker) * pairs_per_rank
-            while need > 0:
-                if left == 0:
-                    url, left = next(stream)
-                    offset = 0
-                take = min(need, left)
-                slices.append(Slice(url, offset, offset + take, rank, worker))
-                offset, left, need = offset + take, left - take, need - take
-    return slices
+    return [Slice(s.url, 0, s.records) for s in order if s.records > 0]
+
+
+def reader_quotas(world_size: int, workers: int, pairs_per_rank: int, batches: int,
+                  start: int = 0) -> list[tuple[int, int, int]]:
+    """``(rank, reader, records)`` in plan order: what each reader owes for batches ``[start, batches)``."""
+    return [(rank, w, (reader_batches(batches, workers, w) - reader_batches(start, workers, w)) * pairs_per_rank)
+            for rank in range(world_size) for w in range(workers)]
+
+
+def take(sl: Slice, n: int) -> tuple[Slice, Slice | None]:
+    """The first ``n`` records of ``sl`` and the rest (None when nothing is left)."""
+    if n >= sl.size:
+        return sl, None
+    if sl.keep is None:
+        return replace(sl, stop=sl.start + n), replace(sl, start=sl.start + n)
+    head, tail = sl.keep[:n], sl.keep[n:]
+    return replace(sl, stop=head[-1] + 1, keep=head), replace(sl, start=tail[0], keep=tail)
+
+
+def cut(stream: Iterable[Slice], quotas: list[tuple[int, int, int]]) -> list[Slice]:
+    """Consecutive runs of ``stream`` for the readers of ``quotas``, in order (a slice may be split
+    between two readers). A stream that runs short leaves the last readers short."""
+    stream = iter(stream)
+    current: Slice | None = None
+    out = []
+    for rank, worker, need in quotas:
+        while need > 0:
+            if current is None:
+                current = next(stream, None)
+                if current is None:
+                    return out
+            head, current = take(current, need)
+            out.append(replace(head, rank=rank, worker=worker))
+            need -= head.size
+    return out
+
+
+def unread(slices: list[Slice], raw: int, bufsize: int, rng: random.Random) -> list[Slice]:
+    """What a reader of ``slices`` had not yet taken from its shuffle buffer after ``raw`` records,
+    in its read order (as slices): the buffer's content and everything after it.
+
+    Replays ``shuffle_records`` itself on record positions: its draws depend only on how many
+    records entered the buffer, so no shard is read. Exact when every record of the part read
+    reached the buffer (records dropped before it, as missing or damaged, shift the replay).
+    """
+    total = sum(sl.size for sl in slices)
+    if raw >= total:
+        return []
+    pending: set[int] = set()  # positions that entered the buffer (or are entering) and did not leave
+    entered = 0
+
+    def positions():
+        nonlocal entered
+        for j in range(total):
+            pending.add(j)
+            entered = j + 1
+            yield j
+        yield PassEnd(0)
+
+    for j in itertools.islice(shuffle_records(positions(), bufsize, rng), raw):
+        pending.discard(j)
+    left = sorted(pending)
+    out, base, i = [], 0, 0
+    for sl in slices:
+        lo, hi = base, base + sl.size
+        base = hi
+        record = (lambda o: sl.keep[o]) if sl.keep is not None else (lambda o: sl.start + o)
+        buffered = []
+        while i < len(left) and left[i] < hi:
+            buffered.append(record(left[i] - lo))
+            i += 1
+        if buffered:
+            out.append(replace(sl, start=buffered[0], stop=buffered[-1] + 1, keep=tuple(buffered)))
+        if max(lo, entered) < hi:
+            _, rest = take(sl, max(lo, entered) - lo) if entered > lo else (None, sl)
+            out.append(rest)
+    return out
+
+
+def plan_resumed(shards: list[Shard], epoch: int, seed: int, shuffle: bool, bufsize: int, batch_pairs: int,
+                 batches: int, segments: list[dict], world_size: int, workers: int, start: int) -> list[Slice]:
+    """The plan for batches ``[start, batches)`` of an epoch begun under other layouts (elastic resume).
+
+    ``segments``: the layouts the epoch ran under so far, oldest first, each ``{"world_size",
+    "readers", "start", "raw"}`` with ``raw[rank][reader]`` its readers' positions when it ended.
+    Each segment's plan is replayed and what its readers left unread (``unread``) is, in plan
+    order, the stream the next one cuts; the last stream is cut for this layout's readers.
+    """
+    stream = epoch_stream(shards, epoch, seed, shuffle)
+    for seg in segments:
+        world, readers = int(seg["world_size"]), int(seg["readers"])
+        plan = cut(stream, reader_quotas(world, readers, batch_pairs // world, batches, int(seg["start"])))
+        stream = [rest for rank in range(world) for w in range(readers)
+                  for rest in unread([sl for sl in plan if sl.rank == rank and sl.worker == w],
+                                     int(seg["raw"][rank][w]), bufsize, seeded(seed, epoch, rank, w, "buffer"))]
+    have, need = sum(sl.size for sl in stream), (batches - start) * batch_pairs
+    if have < need and stream:
+        # Only after records were lost to bad data in the part already read: top up from the start
+        # of what is left (those records are then read twice this epoch).
+        log.warning("epoch %d: %d records left unread for %d needed by the %d remaining batches (records were "
+                    "lost to bad data before the resume); %d are read twice", epoch, have, need, batches - start,
+                    need - have)
+        stream = itertools.cycle(stream)
+    return cut(stream, reader_quotas(world_size, workers, batch_pairs // world_size, batches, start))
 
 
 # ---------------------------------------------------------------- pipeline stages
@@ -317,7 +419,8 @@ def read_records(src: Iterable, counters: Counters, opener: Callable = open_shar
 
 
 def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dict]:
-    expected, got = sl.stop - sl.start, 0
+    expected, got = sl.size, 0
+    wanted = set(sl.keep) if sl.keep is not None else None
     try:
         stream = opener(sl.url)
     except storage.StorageUnavailable:
@@ -328,7 +431,9 @@ def _read_slice(sl: Slice, counters: Counters, opener: Callable) -> Iterator[dic
     try:
         with stream:
             # Records before the slice are stepped over unread; the one after it is never read.
-            for record in tars.records(stream, sl.url, skip=sl.start):
+            for index, record in enumerate(tars.records(stream, sl.url, skip=sl.start), sl.start):
+                if wanted is not None and index not in wanted:
+                    continue  # read before the resume; stepped over (its bytes are read)
                 got += 1
                 yield record
                 if got == expected:
@@ -485,14 +590,15 @@ def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_len
 class _RankStream(IterableDataset):
     """The rest of one epoch for one rank; each DataLoader worker runs one reader's pipeline."""
 
-    def __init__(self, loader: "Loader", epoch: int, start_batch: int, raw: list[int]):
+    def __init__(self, loader: "Loader", epoch: int, start_batch: int, raw: list[int],
+                 plan: dict[int, list[Slice]]):
         super().__init__()
         self.cfg, self.shards = loader.cfg, loader.shards
         self.rank, self.world_size, self.readers = loader.rank, loader.world_size, loader.readers
         self.pairs, self.batches = loader.pairs_per_rank, loader.batches_per_epoch
         self.preprocess, self.context_length = loader.preprocess, loader.context_length
         self.vocab_size = loader.vocab_size
-        self.epoch, self.start_batch, self.raw = epoch, start_batch, raw
+        self.epoch, self.start_batch, self.raw, self.plan = epoch, start_batch, raw, plan
 
     def __iter__(self):
         info = get_worker_info()
@@ -509,9 +615,7 @@ class _RankStream(IterableDataset):
         if cfg.resampled:
             source = lambda: resampled_source(self.shards, seeded(*key, "shards"), counters)  # noqa: E731
         else:
-            plan = plan_epoch(self.shards, self.world_size, self.readers, self.pairs, self.batches,
-                              self.epoch, cfg.seed, cfg.shuffle_shards)
-            mine = [s for s in plan if s.rank == self.rank and s.worker == worker]
+            mine = self.plan[worker]
             source = lambda: epoch_source(mine, counters)  # noqa: E731
         done = self.raw[worker]
         max_streak = BAD_STREAK_SHARDS * max(s.records for s in self.shards)
@@ -550,6 +654,9 @@ class Loader:
                        f"batch_pairs={cfg.batch_pairs} seed={cfg.seed} buffer={cfg.shuffle_buffer} "
                        f"shuffle_shards={cfg.shuffle_shards} resampled={cfg.resampled}"
                        + (" features" if cfg.features else ""))
+        self.order = _order(self.layout)  # the layout without world size and workers: the epoch's record order
+        # The epoch's plan segment: begun at batch `_start` after the layouts of `_segments` (elastic resumes).
+        self._start, self._segments = 0, []
         self._epoch, self._batch, self._raw = 0, 0, self._raw_at(0)
         self._totals: dict[str, Any] = _empty_stats()
         self._live: dict[int, dict] = {}  # reader -> its latest counters in the running iteration
@@ -570,27 +677,82 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batch": self._batch, "rank": self.rank, "raw": list(self._raw),
-                "layout": self.layout}
+                "layout": self.layout, "world_size": self.world_size, "readers": self.readers,
+                "start": self._start, "segments": [dict(seg) for seg in self._segments]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` at the next iteration (``raw`` is used only from this rank's state)."""
+    def needs_every_rank(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` is an epoch-mode position of the same record order under another world
+        size or worker count: resuming it exactly (elastic) needs every rank's state of it."""
+        return (not self.cfg.resampled and _order(state.get("layout", "")) == self.order
+                and _geometry(state) != (self.world_size, self.readers))
+
+    def load_state_dict(self, state: dict[str, Any], every_rank: list[dict[str, Any]] | None = None) -> None:
+        """Continue from ``state`` at the next iteration (``raw`` is used only from this rank's state).
+
+        Under another world size or worker count (``needs_every_rank``) pass ``every_rank``, the
+        states of all ranks that wrote it (index = rank): the records they had not consumed are
+        re-planned over this layout's ranks and readers (docs/loader.md, "Elastic resume")."""
+        if self.needs_every_rank(state):
+            if every_rank is None:
+                raise ValueError(f"data position written by {_geometry(state)[0]} rank(s) x {_geometry(state)[1]} "
+                                 f"reader(s), this loader has {self.world_size} x {self.readers}: pass every "
+                                 "rank's state (every_rank=[...]) to resume it")
+            self._resume_elastic(state, every_rank)
+            return
         if state.get("layout", self.layout) != self.layout:
             log.warning("resuming data position %s written with layout [%s] under layout [%s]: the order "
                         "will differ from an uninterrupted run", state, state["layout"], self.layout)
-        raw = state.get("raw") if state.get("rank") == self.rank and state.get("layout") == self.layout else None
-        self._seek(int(state["epoch"]), int(state["batch"]), raw)
+            self._seek(int(state["epoch"]), int(state["batch"]))
+            return
+        raw = state.get("raw") if state.get("rank") == self.rank else None
+        self._seek(int(state["epoch"]), int(state["batch"]), raw, int(state.get("start", 0)),
+                   list(state.get("segments", [])))
 
-    def _seek(self, epoch: int, batch: int, raw: list[int] | None = None) -> None:
+    def _resume_elastic(self, state: dict[str, Any], every_rank: list[dict[str, Any]]) -> None:
+        world, readers = _geometry(state)
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if len(every_rank) != world or any(
+                (int(s.get("rank", r)), int(s["epoch"]), int(s["batch"]), len(s["raw"])) != (r, epoch, batch, readers)
+                or _order(s.get("layout", "")) != self.order for r, s in enumerate(every_rank)):
+            raise ValueError(f"every_rank must hold the {world} ranks' states of one checkpoint, in rank order "
+                             f"(epoch {epoch}, batch {batch}, {readers} reader(s) each)")
+        if batch >= self.batches_per_epoch:
+            self._seek(epoch + 1, 0)
+            return
+        ended = {"world_size": world, "readers": readers, "start": int(state.get("start", 0)),
+                 "raw": [[int(n) for n in s["raw"]] for s in every_rank]}
+        self._seek(epoch, batch, None, batch, [dict(seg) for seg in state.get("segments", [])] + [ended])
+        log.info("data: epoch %d resumed at batch %d under %d rank(s) x %d reader(s) from a position of %d x %d: "
+                 "the records not yet consumed are re-planned", epoch, batch, self.world_size, self.readers,
+                 world, readers)
+
+    def _seek(self, epoch: int, batch: int, raw: list[int] | None = None, start: int = 0,
+              segments: list[dict] | None = None) -> None:
         if batch < 0 or epoch < 0:
             raise ValueError(f"data position epoch={epoch} batch={batch} must not be negative")
         if batch >= self.batches_per_epoch:
-            epoch, batch, raw = epoch + 1, 0, None
+            epoch, batch, raw, start, segments = epoch + 1, 0, None, 0, None
         self._epoch, self._batch = epoch, batch
+        self._start, self._segments = start, list(segments or [])
         self._raw = list(raw) if raw is not None and len(raw) == self.readers else self._raw_at(batch)
 
     def _raw_at(self, batch: int) -> list[int]:
-        """Raw records each reader consumed for the first ``batch`` batches of intact data."""
-        return [reader_batches(batch, self.readers, w) * self.pairs_per_rank for w in range(self.readers)]
+        """Raw records each reader consumed, in the current plan segment, up to ``batch`` batches of intact data."""
+        return [(reader_batches(batch, self.readers, w) - reader_batches(self._start, self.readers, w))
+                * self.pairs_per_rank for w in range(self.readers)]
+
+    def _rank_plan(self, epoch: int) -> dict[int, list[Slice]]:
+        """This rank's slices per reader for the epoch (epoch mode)."""
+        if self.cfg.resampled:
+            return {}
+        cfg = self.cfg
+        if self._segments:
+            plan = plan_resumed(self.shards, epoch, cfg.seed, cfg.shuffle_shards, cfg.shuffle_buffer, cfg.batch_pairs,
+                                self.batches_per_epoch, self._segments, self.world_size, self.readers, self._start)
+        else:
+            plan = plan_epoch(self.shards, self.world_size, self.readers, self.pairs_per_rank, self.batches_per_epoch,
+                              epoch, cfg.seed, cfg.shuffle_shards)
+        return {w: [sl for sl in plan if sl.rank == self.rank and sl.worker == w] for w in range(self.readers)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -602,9 +764,9 @@ class Loader:
         if self._batch >= self.batches_per_epoch:
             self._seek(self._epoch + 1, 0)
         epoch = self._epoch
-        dataset = _RankStream(self, epoch, self._batch, list(self._raw))
+        dataset = _RankStream(self, epoch, self._batch, list(self._raw), self._rank_plan(epoch))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
+                            pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_signals)
         try:
             for batch, info in _clean_storage_errors(loader):
                 self._raw[info["worker"]] = info["raw"]
@@ -642,12 +804,26 @@ class Loader:
         return out
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore the trainer's stop signals (SIGUSR1, SIGTERM): SLURM signals every
-    process of a job step, and a worker killed by one would fail the main process's next batch while
-    it writes its preemption checkpoint. Workers end with their main process."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+def _order(layout: str) -> str:
+    """A layout without its world size and workers: what fixes the epoch's record order."""
+    return " ".join(part for part in layout.split() if not part.startswith(("world=", "workers=")))
+
+
+def _geometry(state: dict[str, Any]) -> tuple[int, int]:
+    """(world size, readers per rank) of a state (states written before they were stored: from the layout)."""
+    if "world_size" in state:
+        return int(state["world_size"]), int(state["readers"])
+    fields = dict(part.split("=", 1) for part in state.get("layout", "").split() if "=" in part)
+    return int(fields.get("world", 0)), int(fields.get("workers", 0))
+
+
+def _worker_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGUSR1, the trainer's stop signal that SLURM delivers to every
+    process of a job step (a worker killed by it would fail the main process while it writes its
+    preemption checkpoint). SIGTERM keeps its default action even when a forked worker inherited
+    the trainer's handler: it is how a worker is ended (DataLoader shutdown, multiprocessing at exit)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _clean_storage_errors(batches: Iterable) -> Iterator:

@@ -250,7 +250,8 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
                     data_state: dict) -> str:
     url = ckpt.checkpoint_dir(cfg.run.output_dir, pos.step)
     accelerator.wait_for_everyone()
-    # Per rank: RNG states and the loader's exact stream position (its skip counts are per rank).
+    # Per rank: RNG states and the loader's exact stream position (its skip counts are per rank;
+    # a resume under another world size reads every rank's, see restore_data_position).
     rank_state = {"rng": ckpt.rng_state(), "data": data_state}
     ckpt.save_tensor_file(rank_state, f"{url}/rank-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -274,13 +275,10 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     return url
 
 
-def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> tuple[Position, dict | None]:
+def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> tuple[Position, dict | None, int]:
+    """Weights, optimizer, schedule, this rank's RNG; returns the position, this rank's data state
+    (None when the checkpoint had fewer ranks than this run) and the checkpoint's world size."""
     state = ckpt.load_tensor_file(f"{url}/state.pt")
-    if state["world_size"] != accelerator.num_processes:
-        raise SystemExit(
-            f"{url} was written by {state['world_size']} processes, this run has {accelerator.num_processes}: "
-            "resume with the same number of processes (the data position is per rank)"
-        )
     try:
         model_ckpt.load_training_weights(model, state, url)
     except model_ckpt.CheckpointError as e:
@@ -290,9 +288,30 @@ def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler)
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
+    if accelerator.process_index >= state["world_size"]:
+        return Position(**state["position"]), None, state["world_size"]  # a new rank: its seeded RNG stays
     rank_state = ckpt.load_tensor_file(f"{url}/rank-{accelerator.process_index}.pt")
     ckpt.set_rng_state(rank_state["rng"])
-    return Position(**state["position"]), rank_state["data"]
+    return Position(**state["position"]), rank_state["data"], state["world_size"]
+
+
+def restore_data_position(loader, url: str, own: dict | None, world_size: int, log=print) -> None:
+    """Put ``loader`` where the checkpoint's data stream was. Same world size and workers: this
+    rank's exact position. Otherwise (elastic, epoch mode) every rank's position is read and the
+    records of the epoch not yet consumed are re-planned over this run's ranks (docs/loader.md)."""
+    state = own if own is not None else ckpt.load_tensor_file(f"{url}/rank-0.pt")["data"]
+    if not loader.needs_every_rank(state):
+        if world_size != loader.world_size:
+            log(f"{url} was written by {world_size} processes, this run has {loader.world_size}; in resampled "
+                "mode the data position is kept but the draws differ from an uninterrupted run")
+        loader.load_state_dict(state)
+        return
+    every_rank = [own if r == loader.rank and own is not None else ckpt.load_tensor_file(f"{url}/rank-{r}.pt")["data"]
+                  for r in range(world_size)]
+    loader.load_state_dict(state, every_rank=every_rank)
+    log(f"elastic resume: the data position of {world_size} process(es) x {state.get('readers', '?')} reader(s) "
+        f"continues under {loader.world_size} x {loader.readers}; the records of epoch {loader.epoch} not yet "
+        "consumed are re-planned over them")
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -341,8 +360,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        # Also runs in forked DataLoader workers that inherit it (loader.py ignores these signals
-        # there): a flag in their memory, harmless.
+        # Forked DataLoader workers inherit it; loader.py makes them ignore SIGUSR1 and gives
+        # SIGTERM back its default action there.
         self.signum = signum
 
     def agreed(self, accelerator) -> bool:
@@ -446,9 +465,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         os.makedirs(log_dir(cfg), exist_ok=True)
         save_config(cfg, f"{cfg.run.output_dir.rstrip('/')}/config.yaml")
     resume_url = resolve_resume(resume, cfg.run.output_dir)
-    pos, data_state = Position(), None
+    pos, data_state, saved_world = Position(), None, accelerator.num_processes
     if resume_url:
-        pos, data_state = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
+        pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     if cfg.run.compile:
         model = torch.compile(model)
@@ -465,8 +484,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         cfg.data, preprocess, accelerator.process_index, accelerator.num_processes,
         epoch=pos.epoch, start_batch=pos.batch, context_length=context_length,
     )
-    if data_state is not None:
-        loader.load_state_dict(data_state)  # this rank's exact stream position
+    if resume_url:
+        restore_data_position(loader, resume_url, data_state, saved_world, accelerator.print)
     while pos.step < cfg.optim.steps:
         fetch_start = time.perf_counter()
         yielded = 0
