@@ -52,10 +52,16 @@ def _kill_leftovers():
     """Whatever a failing test left running (a rank waiting for its peer forever) is killed."""
     started.clear()
     yield
+    import psutil
+
     for proc in started:
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)  # its group: the ranks and their workers
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tree = psutil.Process(proc.pid)
+                for child in tree.children(recursive=True):  # ranks, their workers (torchrun: own sessions)
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                tree.kill()
             proc.wait()
 
 
@@ -175,6 +181,35 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(shards, tmp_path):
     assert 1 <= stop < STEPS and max(losses(out)) == stop
     assert [p.parent.name for p in (out / "checkpoints").glob("step-*/DONE")] == [f"step-{stop:08d}"]
     assert [s["batch"] for s in data_states(out, stop, 2)] == [stop % 4] * 2  # 4 batches per epoch
+
+
+def test_under_accelerate_launch_the_launcher_ignores_sigusr1_and_the_ranks_stop(shards, tmp_path):
+    """The chain pretrain.sbatch runs: the launcher starts with SIGUSR1 ignored (``trap '' USR1``),
+    the signal goes to every process of the tree (as SLURM's cgroup-based signalling of a step does:
+    torchrun starts each rank in a session of its own, out of reach of a process-group signal); the
+    ranks checkpoint and exit 75, which the launcher reports as a failure (status 1: why the script
+    also requeues a non-zero end after its signal)."""
+    import psutil
+
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), PRETRAIN] + train_args(shards, out)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "out", "w"), stderr=open(tmp_path / "err", "w"),
+                            process_group=0, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    started.append(proc)
+    wait_for_step(out, 2, [proc])
+    launcher = psutil.Process(proc.pid)
+    for process in [launcher] + launcher.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGUSR1)
+    code = proc.wait(timeout=120)
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert code == 1, stderr[-3000:]
+    stop = int(re.search(r"stopped by SIGUSR1 after step (\d+): .*exit status 75", stdout).group(1))
+    assert 2 < stop < STEPS and (out / f"checkpoints/step-{stop:08d}/DONE").exists()
+    assert re.search(r"exitcode\s*:\s*75", stderr), stderr[-3000:]  # torchrun's report of the ranks
 
 
 # ----------------------------------------------------------------- the SLURM script, fake SLURM
