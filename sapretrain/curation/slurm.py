@@ -1,4 +1,4 @@
-"""The curation on SLURM: one job array per step, each after the one before succeeded.
+"""The curation on SLURM: one job array per step, each after the one before (part by part where it streams).
 
     scripts = write_scripts(cfg, "configs/curation/coco.yaml", ["output_dir=/data/c"], num_parts=16,
                             out_dir="slurm/coco", sbatch_options={"partition": "cpu", "time": "12:00:00",
@@ -18,28 +18,46 @@ and a step that is not partitioned (``positives_index``, ``report``) is one job 
 ``--step NAME`` alone. Every argument is shell-quoted, so a config path or an override with a
 space or a quote arrives as it was given. ``command`` is what stands for ``sapretrain`` (a string
 split like a shell word list, or a list: ``[sys.executable, "-m", "sapretrain.cli"]``); ``steps``
-replaces ``curate.steps(cfg)`` (anything with ``name`` and ``partitioned``). Scripts of an earlier
-generation in ``OUT_DIR`` (``NN-*.sbatch``) are removed first, so ``submit.sh`` and the folder agree.
+replaces ``curate.steps(cfg)`` (anything with ``name`` and ``partitioned``, and ``barrier``, False
+when missing as in ``curate.Step``). Scripts of an earlier generation in ``OUT_DIR``
+(``NN-*.sbatch``) are removed first, so ``submit.sh`` and the folder agree.
+
+**The chain** (``dependency(step, before)``). Each step but the first waits for the step before:
+
+- ``--dependency=aftercorr:<job id>`` for a *streaming* step: partitioned, not ``barrier``, after a
+  partitioned step. Its task ``I`` starts as soon as task ``I`` of the step before exited 0
+  (both arrays have the same ``N`` tasks), because part ``I`` reads only part ``I`` of the step
+  before (``jobs.part_segments``): ``captions`` → ``extract_svo`` → ``samples`` → ... →
+  ``positives_embed`` run as ``N`` independent pipelines, and a failed part stops only its own.
+- ``--dependency=afterok:<job id>`` otherwise: a ``barrier`` step (its parts read every part of the
+  step before: ``positives_search``, ``positives_write``, ``shards``), a one-process step
+  (``positives_index``, ``report``) and the step after one. ``afterok`` on an array job waits
+  for every task of the array to exit 0.
+
+Each script names its kind in a comment line (``# dependency on the step before: KIND ...``).
 
 ``submit(scripts, sbatch="sbatch") -> list[str]`` submits the scripts in order, each but the first
-with ``--dependency=afterok:<job id of the one before>``, and returns the job ids. ``afterok`` on
-an array job waits for every task of the array to finish with exit code 0. ``SlurmError`` when
-``sbatch`` is not on PATH or refuses a script (the jobs already submitted are named, to
-``scancel``).
+with the dependency its script names on the job of the one before (``afterok`` where a script
+names none, or where the two are not arrays of the same tasks), and returns the job ids.
+``SlurmError`` when ``sbatch`` is not on PATH or refuses a script (the jobs already submitted are
+named, to ``scancel``).
 
 **sbatch options** (``sbatch_options``): a long option name (``time``, ``cpus_per_task`` or
 ``cpus-per-task``) maps to its value (``True``: the bare flag; ``None`` or ``False``: left out);
 a step name maps to a dict of options for that step only, which win over the others. Every step
 starts from ``DEFAULT_OPTIONS`` (one task, 4 CPUs, ``--requeue``, logs appended across requeues,
-``--kill-on-invalid-dep=yes`` so the rest of the chain is cancelled rather than left pending
-when a step fails). ``gpus-per-task`` given for all steps goes only to the model steps that use
-a GPU (``GPU_STEPS``); ``extract_svo`` gets at least ``cfg.extract.workers`` CPUs, the processes
-each of its parts starts. ``array`` and ``dependency`` belong to the generator and are refused.
+``--kill-on-invalid-dep=yes``: what waits for a failed part, its own part of the streaming steps
+after it, then all of the first ``afterok`` step and every step after, is cancelled rather than
+left pending with ``DependencyNeverSatisfied``). ``gpus-per-task`` given for all steps goes only
+to the model steps that use a GPU (``GPU_STEPS``); ``extract_svo`` gets at least
+``cfg.extract.workers`` CPUs, the processes each of its parts starts. ``array`` and
+``dependency`` belong to the generator and are refused.
 
 **Requeue and re-runs.** A step part reads the part files of the step before directly
-(``jobs.expand_inputs``: no merge step), resumes at its last committed chunk, and a part already
+(``jobs.part_segments``: no merge step), resumes at its last committed chunk, and a part already
 finished does nothing and exits 0; so a requeued task continues, and a whole chain submitted again
-(or ``sbatch --array=3,7 NN-step.sbatch`` for two failed parts) redoes only what is missing.
+redoes only what is missing: the failed parts and what was cancelled behind them
+(``sbatch --array=3,7 NN-step.sbatch`` re-runs two parts of one step alone).
 ``launch/slurm/curate.sbatch`` is the same script for one step, written by hand.
 """
 from __future__ import annotations
@@ -65,10 +83,23 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 GPU_STEPS = frozenset({"relation_filter", "rois", "positives_embed", "positives_search"})
 GENERATED = ("array", "dependency")  # set by the generator and submit, never by sbatch_options
 _OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
+DEPENDENCY_LINE = "# dependency on the step before: "  # then the kind (aftercorr, afterok, none)
+_DEPENDENCY = re.compile("^" + re.escape(DEPENDENCY_LINE) + r"(aftercorr|afterok)\b", re.M)
+_ARRAY = re.compile(r"^#SBATCH --array=([0-9,-]+)", re.M)
 
 
 class SlurmError(RuntimeError):
     """sbatch is missing or refused a script."""
+
+
+def dependency(step, before) -> str | None:
+    """How ``step`` waits for the step ``before`` it (None: it is the first): ``aftercorr`` when it
+    streams (partitioned, not ``barrier``, after a partitioned step: part I reads only part I of
+    ``before``), ``afterok`` otherwise (see the module doc)."""
+    if before is None:
+        return None
+    streams = step.partitioned and before.partitioned and not getattr(step, "barrier", False)
+    return "aftercorr" if streams else "afterok"
 
 
 def _option_name(key: str) -> str:
@@ -144,22 +175,30 @@ def write_scripts(cfg: "CurationConfig", config_path: str, overrides: Sequence[s
     for old in out.glob("[0-9][0-9]-*.sbatch"):
         old.unlink()
     options = [step_options(s, cfg, sbatch_options, set(names)) for s in steps]
+    kinds = [dependency(s, before) for s, before in zip(steps, [None, *steps[:-1]])]
     scripts = []
-    for number, (step, opts) in enumerate(zip(steps, options), start=1):
+    for number, (step, opts, kind) in enumerate(zip(steps, options, kinds), start=1):
         path = out / f"{number:02d}-{step.name}.sbatch"
-        path.write_text(_step_script(step, number, len(steps), opts, words, config_path, overrides,
+        path.write_text(_step_script(step, number, len(steps), opts, kind, words, config_path, overrides,
                                      num_parts, max_concurrent, logs, workdir))
         path.chmod(0o755)
         scripts.append(path)
     submit_sh = out / "submit.sh"
-    submit_sh.write_text(_submit_script(steps, scripts, config_path, num_parts))
+    submit_sh.write_text(_submit_script(steps, scripts, kinds, config_path, num_parts))
     submit_sh.chmod(0o755)
     return scripts
 
 
-def _step_script(step, number: int, total: int, options: dict[str, Any], words: list[str], config_path: str,
-                 overrides: Sequence[str], num_parts: int, max_concurrent: int | None, logs: Path,
-                 workdir: Path) -> str:
+_WAITS = {
+    None: "none (the first step)",
+    "aftercorr": "aftercorr (task I starts when task I of it succeeded: part I reads only part I)",
+    "afterok": "afterok (it starts when all of it succeeded)",
+}
+
+
+def _step_script(step, number: int, total: int, options: dict[str, Any], kind: str | None, words: list[str],
+                 config_path: str, overrides: Sequence[str], num_parts: int, max_concurrent: int | None,
+                 logs: Path, workdir: Path) -> str:
     args = [*words, "curate", "--config", str(config_path), "--step", step.name]
     if step.partitioned:
         what = f"parts 0..{num_parts - 1} of {num_parts}, one array task each"
@@ -179,6 +218,7 @@ def _step_script(step, number: int, total: int, options: dict[str, Any], words: 
         "# Written by sapretrain.curation.slurm: submit the whole chain with submit.sh next to it"
         + (f"; re-run some\n# parts alone with `sbatch --array=I,J {number:02d}-{step.name}.sbatch`."
            if step.partitioned else "."),
+        DEPENDENCY_LINE + _WAITS[kind],  # submit() reads the kind here
         *(_sbatch_line(k, v) for k, v in head.items()),
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir))}",
@@ -187,11 +227,12 @@ def _step_script(step, number: int, total: int, options: dict[str, Any], words: 
     ])
 
 
-def _submit_script(steps, scripts: list[Path], config_path: str, num_parts: int) -> str:
+def _submit_script(steps, scripts: list[Path], kinds: list[str | None], config_path: str, num_parts: int) -> str:
     lines = [
         "#!/bin/bash",
         f"# Submits the {len(steps)} curation steps of {config_path} ({num_parts} parts) in order, each",
-        "# with --dependency=afterok on the one before (an array job: all its tasks succeeded).",
+        "# after the one before: --dependency=aftercorr where it streams (array task I starts when task I",
+        "# of the step before succeeded), --dependency=afterok otherwise (all of the step before succeeded).",
         "#   bash submit.sh            # submit; prints one line `STEP JOB_ID` per step",
         "#   bash submit.sh --dry-run  # print the sbatch commands, submit nothing",
         "set -euo pipefail",
@@ -207,9 +248,9 @@ def _submit_script(steps, scripts: list[Path], config_path: str, num_parts: int)
         "    exit 1",
         "fi",
         'JID=""',
-        "step() {  # step NAME SCRIPT: submits SCRIPT after the job in $JID (if any), sets JID to its id",
+        "step() {  # step NAME SCRIPT [KIND]: submits SCRIPT with --dependency=KIND:$JID (the step before), sets JID",
         "    local args=(--parsable)",
-        '    [[ -n $JID ]] && args+=("--dependency=afterok:$JID")',
+        '    [[ -n $JID ]] && args+=("--dependency=${3:?}:$JID")',
         "    if (( DRY_RUN )); then",
         '        echo "sbatch ${args[*]} $2"',
         '        JID="<$1>"',
@@ -220,19 +261,38 @@ def _submit_script(steps, scripts: list[Path], config_path: str, num_parts: int)
         '    echo "$1 $JID"',
         "}",
     ]
-    lines += [f"step {shlex.quote(s.name)} {shlex.quote(p.name)}" for s, p in zip(steps, scripts)]
+    lines += [f"step {shlex.quote(s.name)} {shlex.quote(p.name)}" + (f" {kind}" if kind else "")
+              for s, p, kind in zip(steps, scripts, kinds)]
     return "\n".join(lines) + "\n"
 
 
+def _script_dependency(script: Path, before: Path | None) -> str | None:
+    """The kind ``script`` names (module doc), or afterok where it names none or where ``script`` and
+    ``before`` are not arrays of the same tasks; None for the first."""
+    if before is None:
+        return None
+    try:
+        texts = [script.read_text(), before.read_text()]
+    except (OSError, UnicodeDecodeError):
+        return "afterok"  # sbatch will say what is wrong with it
+    named = _DEPENDENCY.search(texts[0])
+    arrays = [_ARRAY.search(t) for t in texts]
+    same_tasks = all(arrays) and arrays[0].group(1) == arrays[1].group(1)
+    return "aftercorr" if named and named.group(1) == "aftercorr" and same_tasks else "afterok"
+
+
 def submit(scripts: Sequence[str | Path], sbatch: str = "sbatch") -> list[str]:
-    """Submit ``scripts`` in order, each after the one before succeeded; returns their job ids."""
+    """Submit ``scripts`` in order, each after the one before (with the dependency kind its script
+    names: module doc); returns their job ids."""
     exe = shutil.which(sbatch)
     if exe is None:
         raise SlurmError(f"{sbatch!r} is not on PATH: submit from a SLURM login node (the scripts are written; "
                          "bash submit.sh next to them does the same)")
     job_ids: list[str] = []
-    for script in scripts:
-        args = [exe, "--parsable"] + ([f"--dependency=afterok:{job_ids[-1]}"] if job_ids else []) + [str(script)]
+    paths = [Path(s) for s in scripts]
+    for script, before in zip(paths, [None, *paths[:-1]]):
+        kind = _script_dependency(script, before)
+        args = [exe, "--parsable"] + ([f"--dependency={kind}:{job_ids[-1]}"] if kind else []) + [str(script)]
         done = subprocess.run(args, capture_output=True, text=True)
         job_id = done.stdout.strip().split(";", 1)[0]
         if done.returncode != 0 or not job_id:
