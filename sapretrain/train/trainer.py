@@ -301,7 +301,7 @@ def restore_data_position(loader, url: str, own: dict | None, world_size: int, l
     records of the epoch not yet consumed are re-planned over this run's ranks (docs/loader.md)."""
     state = own if own is not None else ckpt.load_tensor_file(f"{url}/rank-0.pt")["data"]
     if not loader.needs_every_rank(state):
-        if world_size != loader.world_size:
+        if world_size != loader.world_size and loader.cfg.resampled:
             log(f"{url} was written by {world_size} processes, this run has {loader.world_size}; in resampled "
                 "mode the data position is kept but the draws differ from an uninterrupted run")
         loader.load_state_dict(state)
