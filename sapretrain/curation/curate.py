@@ -24,7 +24,8 @@ one part of one step: it reads the previous step's output, whole or as its part 
 (``sapretrain.jobs``), so no merge step sits between steps, and a finished part returns at once.
 Engines only schedule ``run_step``: ``local`` runs every step in this process (one part);
 ``ray`` (``ray_engine.py``) runs each step's parts as a Ray Data pipeline on a cluster; ``slurm``
-(``slurm.py``) writes one job array per step chained with ``afterok``. All three produce the same
+(``slurm.py``) writes one job array per step, chained with ``aftercorr`` where a step streams (array
+task I after task I) and ``afterok`` elsewhere. All three produce the same
 curated samples. Each step part's wall time is kept in ``steps/`` for the report.
 
 Dropped records of stage N go to ``<file>.dropped.jsonl`` with their reason; ``report.json`` /
