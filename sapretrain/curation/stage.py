@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sapretrain import jsonl, storage
-from sapretrain.jobs import Parts, SkipLog, add_part_arguments, iter_chunks, part_segments
+from sapretrain.jobs import Parts, SkipLog, add_part_arguments, gc_paused, iter_chunks, part_segments
 
 FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the input
 
@@ -216,15 +216,17 @@ def _process_chunk(stage: Stage, lines: list) -> tuple[list[dict], list[dict]]:
 
 
 def _run_chunk(stage: Stage, workdir: str, chunk: int, lines: list) -> int:
-    kept, dropped = _process_chunk(stage, lines)
+    with gc_paused():  # records are acyclic: no full collections over the models per chunk
+        kept, dropped = _process_chunk(stage, lines)
+        kept_bytes, dropped_bytes = _dumps(kept), _dumps(dropped)
     skips = SkipLog()
     for r in dropped:
         skips.add(r["drop_reason"], {k: r[k] for k in ("id", "caption", "raw", "drop_detail") if k in r})
     counts = {"input": len(lines), "kept": len(kept), "skips": skips.to_dict(),
               "stage": stage.counts(kept) if hasattr(stage, "counts") else {}}
     storage.write_bytes_atomic(f"{workdir}/{chunk:08d}.stats.json", json.dumps(counts).encode())
-    storage.write_bytes_atomic(f"{workdir}/{chunk:08d}.dropped.jsonl", _dumps(dropped))
-    storage.write_bytes_atomic(f"{workdir}/{chunk:08d}.jsonl", _dumps(kept))  # the commit marker
+    storage.write_bytes_atomic(f"{workdir}/{chunk:08d}.dropped.jsonl", dropped_bytes)
+    storage.write_bytes_atomic(f"{workdir}/{chunk:08d}.jsonl", kept_bytes)  # the commit marker
     return len(lines)
 
 
