@@ -34,7 +34,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	for b in shards loader model train featcache svo; do $(PY) bench/$$b.py || exit 1; done
+	for b in shards shards_rss loader model train featcache svo positives curate; do $(PY) bench/$$b.py || exit 1; done
+	$(PY) bench/gpu.py $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--device cpu --tiny')")
 
 clean-demo:
 	rm -rf data/synthetic data/shards/demo data/demo_manifest.jsonl data/detector runs/demo

@@ -3,8 +3,9 @@
     accelerate launch launch/pretrain.py --config configs/paper.yaml optim.lr=3e-4 data.batch_pairs=256
 
 Sections: ``model`` (SAClipConfig), ``data`` (LoaderConfig), ``loss`` (LossConfig), ``optim``,
-``run`` and ``eval`` (validation on held-out shards during training, docs/training.md) below. Unknown keys are errors, and so are values out of range (each dataclass's
-``__post_init__``: the error names the key and the value, before any set-up); the resolved tree is
+``run`` and ``eval`` (validation on held-out shards during training, docs/training.md) below.
+Unknown keys are errors, and so are values out of range (each dataclass's ``__post_init__``: the
+error names the key and the value, before any set-up); the resolved tree is
 saved in the run directory and in every checkpoint.
 """
 from __future__ import annotations

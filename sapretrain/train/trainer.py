@@ -30,6 +30,7 @@ from sapretrain.model import checkpoint as model_ckpt
 from sapretrain.model.saclip import SAClip, build_saclip
 from sapretrain.train import checkpoint as ckpt
 from sapretrain.train.config import TrainConfig
+from sapretrain.train.validate import build_validation, describe
 
 
 # ----- set-up
@@ -435,6 +436,15 @@ class MetricsLog:
             flush=True,
         )
 
+    def log_validation(self, step: int, values: dict[str, float]) -> None:
+        """A validation's ``val/`` numbers: a record of its own in ``metrics.jsonl``, the trackers, a line."""
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+        print(describe(step, self.steps, values), flush=True)
+
 
 # ----- the loop
 
@@ -473,6 +483,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn.to(accelerator.device)
+    validation = build_validation(cfg, accelerator.unwrap_model(model), accelerator, accelerator.print)  # None: off
     if accelerator.is_main_process and cfg.run.trackers:
         accelerator.init_trackers("sapretrain", config=_flat(asdict(cfg)))
     metrics = MetricsLog(cfg, accelerator, pos.step)
@@ -524,6 +535,12 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
                 })
                 window = {"start": time.perf_counter(), "data": 0.0, "pairs": 0}
             stopped = stop.agreed(accelerator) and pos.step < cfg.optim.steps
+            # Before the checkpoint: a run resumed from it never validates this step again. Not
+            # when stopping: the grace period before the kill is for the checkpoint.
+            if validation is not None and validation.due(pos.step) and not stopped:
+                values = validation.run(model, loss_fn)
+                metrics.log_validation(pos.step, values)
+                window["start"] += values["val/seconds"]  # pairs/s counts training time only
             if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps or stopped:
                 url = save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos, loader.state_dict())
             if stopped:
