@@ -64,7 +64,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -73,7 +72,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))  # run from a checkout without installing
 
 CONFIGS = ("open_clip", "open_clip+compile", "live", "live+compile", "cached", "cached+compile")
 BASELINE = "open_clip"
