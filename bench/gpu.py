@@ -26,8 +26,8 @@ Rows (``--configs``, in this order):
 
 What is timed, per row: ``--warmup`` untimed steps (compilation, cuDNN/cuBLAS autotuning, first
 allocations), then ``--steps`` timed steps, ``torch.cuda.synchronize()`` before and after each.
-Ours: one step of ``sapretrain.train.trainer._train``'s loop (``step_ours`` below: ``batch_to``
-the device, ``train_step``, the finite-loss check, gradient clipping, optimizer and scheduler step,
+Ours: one step of ``sapretrain.train.trainer._train``'s loop (``trainer.optimizer_step`` on a batch
+``batch_to`` put on the device: ``train_step``, the finite-loss check, gradient clipping, optimizer and scheduler step,
 ``zero_grad``, logit-scale clamp) with the trainer's own builders (``build_accelerator``,
 ``build_model``, ``SAClipLoss``, ``build_optimizer``, ``warmup_cosine``). open_clip: the time
 between consecutive batches handed to ``train_one_epoch`` (synchronised at each hand-out), i.e.
@@ -125,24 +125,12 @@ def read_batches(cfg, preprocess, count: int, context_length: int, pin: bool) ->
 
 
 def step_ours(accelerator, model, loss_fn, optimizer, scheduler, cfg, batch) -> None:
-    """One optimizer step of ``trainer._train``'s loop, without its logging and checkpoints."""
-    import torch
-
+    """One optimizer step of ``trainer._train``'s loop (``trainer.optimizer_step``), without its
+    logging and checkpoints."""
     from sapretrain.data.batch import batch_to
-    from sapretrain.train.trainer import model_inputs, split_microbatches, sync_loss_gradients, train_step
+    from sapretrain.train.trainer import optimizer_step
 
-    batch = batch_to(batch, accelerator.device)
-    terms = train_step(accelerator, model, loss_fn, split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
-    sync_loss_gradients(accelerator, loss_fn)
-    total = sum(terms.values()).detach()
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss: {terms}")
-    if cfg.optim.grad_clip:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.unwrap_model(model).clamp_logit_scale()
+    optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch_to(batch, accelerator.device), 0)
 
 
 def run_ours(cfg, accelerator, batches: list[dict], compiled: bool, args, sync) -> list[float]:

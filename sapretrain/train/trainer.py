@@ -219,6 +219,29 @@ def train_step(accelerator, model, loss_fn, micro_batches: list[dict]) -> dict[s
     return terms
 
 
+def optimizer_step(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, batch: dict,
+                   step: int) -> dict[str, torch.Tensor]:
+    """Optimizer step ``step`` on one batch already on the device: forward/backward, the finite-loss
+    check, clipping, the update and the logit-scale clamp. Returns the loss terms."""
+    terms = train_step(accelerator, model, loss_fn,
+                       split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
+    sync_loss_gradients(accelerator, loss_fn)
+    total = sum(terms.values()).detach()
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: "
+            + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            + " (lower optim.lr, check the data, or use run.precision=bf16 instead of fp16)"
+        )
+    if cfg.optim.grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.unwrap_model(model).clamp_logit_scale()
+    return terms
+
+
 def sync_loss_gradients(accelerator, loss_fn: SAClipLoss) -> None:
     """Average the loss module's own parameters' gradients over ranks (DDP only wraps the model)."""
     if accelerator.num_processes == 1:
@@ -503,23 +526,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         for batch in batches_or_stop(loader, pos):  # one epoch (or forever, resampled); iterating again continues
             window["data"] += time.perf_counter() - fetch_start
             batch = batch_to(batch, accelerator.device)
-            terms = train_step(accelerator, model, loss_fn,
-                               split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
-            sync_loss_gradients(accelerator, loss_fn)
+            terms = optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch, pos.step + 1)
             yielded += 1
-            total = sum(terms.values()).detach()
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite loss at step {pos.step + 1}: "
-                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    + " (lower optim.lr, check the data, or use run.precision=bf16 instead of fp16)"
-                )
-            if cfg.optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.unwrap_model(model).clamp_logit_scale()
             pos.step += 1
             pos.epoch, pos.batch = loader.epoch, loader.batch
             window["pairs"] += batch["text"].shape[0] // 2 * accelerator.num_processes
