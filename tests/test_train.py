@@ -231,3 +231,16 @@ def test_every_trainable_parameter_gets_a_gradient(terms):
     without = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not without, without
     assert any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_optimizer_is_fused_where_a_gpu_is(monkeypatch, cuda):
+    """AdamW is built as one fused kernel on a GPU machine and as the for-each one on CPU."""
+    from sapretrain.config import load_config
+    from sapretrain.train.config import TrainConfig
+    from sapretrain.train.trainer import build_optimizer
+
+    cfg = load_config(TrainConfig, None, ["model.name=sa-tiny", "model.pretrained=null", "model.lock_image=true"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None, lock_image=True))
+    assert build_optimizer(cfg, model, SAClipLoss(cfg.loss)).defaults["fused"] is cuda
