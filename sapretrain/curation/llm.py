@@ -302,11 +302,24 @@ class AnswerCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._set_wal()
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
             self._db.executescript(_SCHEMA)
         # An older cache kept one JSON file per answer in cache_dir/ab/<key>.json: read on a miss.
         self._legacy = any(p.is_dir() and _LEGACY_DIR.fullmatch(p.name) for p in self.dir.iterdir())
+
+    def _set_wal(self, wait_s: float = 60.0) -> None:
+        """Switch to the WAL journal. SQLite answers "database is locked" at once, without the busy
+        handler, when another process opens the same new file at that moment: retried here."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._lock:
