@@ -235,7 +235,7 @@ def test_every_trainable_parameter_gets_a_gradient(terms):
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_optimizer_is_fused_where_a_gpu_is(monkeypatch, cuda):
-    """AdamW is built as one fused kernel on a GPU machine and as the for-each one on CPU."""
+    """AdamW is built as one fused kernel on a GPU machine and as the default one on CPU."""
     from sapretrain.config import load_config
     from sapretrain.train.config import TrainConfig
     from sapretrain.train.trainer import build_optimizer

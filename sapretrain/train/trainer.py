@@ -138,8 +138,8 @@ def build_optimizer(cfg: TrainConfig, model: SAClip, loss_fn: SAClipLoss) -> tor
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"name": "loss", "params": loss_params, "weight_decay": 0.0})
-    # One fused kernel per step on GPU, where accelerator.prepare moves the parameters; the
-    # for-each implementation on CPU.
+    # One fused kernel per step on GPU, where accelerator.prepare moves the parameters; torch's
+    # default per-parameter implementation on CPU.
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                              fused=torch.cuda.is_available())
 
