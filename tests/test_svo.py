@@ -62,6 +62,67 @@ CONSTRUCTIONS = [
 def test_construction(nlp, caption, expected):
     assert expected in heads(nlp, caption)
 
+# Rules written on fold 0 of `eval-svo --folds 2` (docs/curation.md, "Extraction folds"); each is
+# checked on constructed captions, not on FACTUAL ones.
+GENERAL_RULES = [
+    ("contact clause, fronted object read as compound", "rock lizard is lying on", ("lizard", "lie on", "rock")),
+    ("contact clause, two nouns before a copula", "grey carpet the shoes are on", ("shoe", "on", "carpet")),
+    ("contact clause, copular relative", "a red rug the cats are on", ("cat", "on", "rug")),
+    ("A with B on it", "a truck with boxes on it", ("box", "on", "truck")),
+    ("A with B V-ing from it", "a tree with lights hanging from it", ("light", "hang from", "tree")),
+    ("A with B on top", "a plate with a cookie on top", ("cookie", "on top of", "plate")),
+    ("A with B underneath", "a dress with leggings underneath", ("legging", "underneath", "dress")),
+    ("A with B on C: A stands on C", "pancakes with syrup on a blue plate", ("pancake", "on", "plate")),
+    ("A with B V-ing: A acts", "a woman with a red hat holding an umbrella", ("woman", "hold", "umbrella")),
+    ("container content", "a cup of tea on the desk", ("tea", "in", "cup")),
+    ("container stands somewhere", "a cup of tea on the desk", ("cup", "on", "desk")),
+    ("container, flat", "a tray of muffins", ("muffin", "on", "tray")),
+    ("-ing noun", "railing along the stairs", ("railing", "along", "stair")),
+    ("next to read as infinitive", "red chair next to lamp", ("chair", "next to", "lamp")),
+    ("passive by of a placement verb", "bikes are parked by the fence", ("bike", "park by", "fence")),
+    ("-ing lemma of a silent-e verb", "a lamp shining on the wall", ("lamp", "shine on", "wall")),
+    ("possessive pronoun + part", "a girl with flowers in her hands", ("girl", "have", "hand")),
+    ("with its part", "a kitten with its paw on a ball", ("kitten", "have", "paw")),
+    ("inside of", "a toy inside of a box", ("toy", "inside", "box")),
+]
+
+# What those rules must not produce on the same or nearby captions.
+GENERAL_RULES_NOT = [
+    ("content is not on the location", "a cup of tea on the desk", ("tea", "on", "desk")),
+    ("the placement replaces A with B", "a truck with boxes on it", ("truck", "with", "box")),
+    ("no 'on top' as an object", "a plate with a cookie on top", ("cookie", "on", "top")),
+    ("the possessive replaces A with its part", "a kitten with its paw on a ball", ("kitten", "with", "paw")),
+    ("no possession for a direct object", "a dog lifting its leg", ("dog", "have", "leg")),
+    ("B is not the one acting", "a woman with a red hat holding an umbrella", ("hat", "hold", "umbrella")),
+    ("a verb with an object stays a verb", "men building a wall", ("man", "on", "wall")),
+    ("a copula with a compound subject is no contact clause", "the street light is on", ("light", "on", "street")),
+]
+
+
+@pytest.mark.parametrize("caption,expected", [c[1:] for c in GENERAL_RULES], ids=[c[0] for c in GENERAL_RULES])
+def test_general_rule(nlp, caption, expected):
+    assert expected in heads(nlp, caption)
+
+
+@pytest.mark.parametrize("caption,absent", [c[1:] for c in GENERAL_RULES_NOT], ids=[c[0] for c in GENERAL_RULES_NOT])
+def test_general_rule_does_not(nlp, caption, absent):
+    assert absent not in heads(nlp, caption)
+
+
+def test_contact_clause_subject_span(nlp):
+    (t,) = extract_triplets(nlp("wooden bench old man is sitting on"))
+    assert (t["subj"]["text"], t["rel"]["text"], t["obj"]["text"]) == ("old man", "sitting on", "wooden bench")
+    assert t["rel"]["kind"] == "spatial"
+    assert heads(nlp, "men building a wall") == {("man", "build", "wall")}
+
+
+def test_new_rules_keep_spans_exact(nlp):
+    for caption in ("grey carpet the shoes are on", "a cup of tea on the desk", "a plate with a cookie on top",
+                    "a girl with flowers in her hands", "a tree with lights hanging from it"):
+        for t in extract_triplets(nlp(caption)):
+            for part in ("subj", "rel", "obj"):
+                assert caption[t[part]["start"] : t[part]["end"]] == t[part]["text"] and t[part]["text"]
+
 
 def test_compound_span_and_kinds(nlp):
     (t,) = extract_triplets(nlp("a train on the train track"))
@@ -217,3 +278,76 @@ def test_chunk_size_change_is_refused(tmp_path):
         {"chunk_size": 5, **first["made_from"]}, sort_keys=True))
     with pytest.raises(ValueError, match="chunk_size"):
         extract_file(str(src), str(out), ExtractConfig(chunk_size=7), progress=False)
+
+
+# --------------------------------------------------------------------------- folds
+
+FOLD_CSV = """image_id,region_id,caption,scene_graph
+1,10,a cat on a mat,"( cat , on , mat )"
+1,11,the cat is on the mat,"( cat , on , mat ) , ( mat , is , red )"
+2,20,a dog sleeping on a couch,"( dog , sleep on , couch )"
+3,30,a man riding a horse,"( man , ride , horse )"
+4,40,a cup on a table,"( cup , on , table )"
+5,50,a bird in a tree,"( bird , in , tree )"
+"""
+
+
+def test_fold_split_is_deterministic_disjoint_and_complete():
+    from sapretrain.curation.evaluate import fold_of, split_folds
+
+    keys = [f"img{i % 150}" for i in range(600)]  # 150 images with 4 regions each
+    for k in (2, 5):
+        folds = split_folds(keys, k)
+        assert folds == split_folds(list(keys), k)  # deterministic, no hash seed
+        flat = sorted(i for f in folds for i in f)
+        assert flat == list(range(len(keys)))  # disjoint and covering
+        assert all(len(f) > 0 for f in folds)
+        for f in folds:  # regions of one image stay together
+            assert {fold_of(keys[i], k) for i in f} == {folds.index(f)}
+        by_image = {}
+        for fi, f in enumerate(folds):
+            for i in f:
+                by_image.setdefault(keys[i], set()).add(fi)
+        assert all(len(v) == 1 for v in by_image.values())
+    # a row's fold does not depend on the other rows
+    assert split_folds(keys[::-1], 5)[0] == sorted(len(keys) - 1 - i for i in split_folds(keys, 5)[0])
+    assert fold_of("img7", 5) == fold_of("img7", 5) and 0 <= fold_of("img7", 5) < 5
+    with pytest.raises(ValueError):
+        fold_of("x", 0)
+
+
+def test_evaluate_folds_add_up_to_the_whole(nlp, tmp_path):
+    from sapretrain.curation.evaluate import evaluate, evaluate_folds, factual_keys, load_factual
+
+    path = tmp_path / "f.csv"
+    path.write_text(FOLD_CSV)
+    items, keys = load_factual(str(path)), factual_keys(str(path))
+    assert keys == ["1", "1", "2", "3", "4", "5"]
+    res = evaluate_folds(nlp, items, keys, 2)
+    whole = evaluate(nlp, items, max_errors=0)
+    assert [r["fold"] for r in res["folds"]] == [0, 1]
+    for key in ("captions", "gold", "predicted", "correct"):
+        assert sum(r[key] for r in res["folds"]) == whole[key] == res["all"][key]
+    f1s = [r["f1"] for r in res["folds"]]
+    assert res["spread"]["f1"]["min"] == min(f1s) and res["spread"]["f1"]["max"] == max(f1s)
+    with pytest.raises(ValueError):
+        evaluate_folds(nlp, items, keys[:-1], 2)
+
+
+def test_eval_svo_cli_folds(tmp_path, capsys):
+    from sapretrain.cli.eval_svo import main
+
+    path = tmp_path / "f.csv"
+    path.write_text(FOLD_CSV)
+    assert main(["--factual", str(path), "--errors", "0"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in plain] == ["factual", "factual"]  # unchanged without --folds
+    out_json = tmp_path / "r.json"
+    assert main(["--factual", str(path), "--folds", "2", "--errors-fold", "0", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "factual fold 0/2:" in out and "factual fold 1/2:" in out and "factual over 2 folds: P mean" in out
+    assert "std" in out and "factual all: P" in out
+    saved = json.loads(out_json.read_text())["factual"]
+    assert saved["k"] == 2 and saved["folds"][1]["errors"] == []  # a fold not asked for shows no errors
+    with pytest.raises(SystemExit):
+        main(["--factual", str(path), "--folds", "2", "--errors-fold", "2"])

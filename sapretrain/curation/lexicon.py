@@ -95,7 +95,37 @@ def relation_kind(has_verb: bool, verb_lemma: str | None, preps: list[str], has_
 
 # Verb forms that en_core_web_sm 3.8 lemmatises wrongly (its rules strip "-ing" to an existing
 # shorter verb): "riding" → "rid".
-LEMMA_FIXES = {"riding": "ride", "rides": "ride", "biding": "bide", "hiding": "hide", "siding": "side"}
+# The class: "-ing" of a verb ending in a silent "e" whose stem without it is another verb or
+# noun (shin, din, hop, star, tap…); found by lemmatising "-ing" forms of "-e" verbs.
+LEMMA_FIXES = {
+    "riding": "ride", "rides": "ride", "biding": "bide", "hiding": "hide", "siding": "side",
+    "shining": "shine", "dining": "dine", "pining": "pine", "wading": "wade", "taping": "tape",
+    "hoping": "hope", "staring": "stare", "diving": "dive", "coping": "cope", "moping": "mope",
+    "sparing": "spare", "scaring": "scare",
+}
+
+# Nouns ending in "-ing" that the tagger often takes for a gerund ("awning on the building",
+# "railing along the stairs"): a noun unless the word has a verb's own dependents (object,
+# subject, auxiliary), as in "men building a wall".
+ING_NOUNS = frozenset(
+    """
+    awning building railing ceiling clothing icing frosting topping stuffing bedding siding
+    lining wiring netting fencing paneling panelling flooring carving drawing painting filling
+    marking opening sibling pudding dumpling wedding crossing landing molding
+    moulding stocking tubing padding coating piping roofing seating plating casing housing
+    footing clearing dressing helping lettering
+    """.split()
+)
+
+# Containers: "a mug of coffee" is coffee in a mug, "a plate of food" food on a plate (and the
+# container, not its content, is what stands somewhere: "a mug of coffee on the table" → mug |
+# on | table). The value is the preposition of content to container.
+CONTAINERS = {
+    **dict.fromkeys(
+        """cup mug glass bowl basket box bag bottle jar bucket can carton pot pan vase jug pitcher
+        crate bin barrel tub sack pail kettle teapot cooler container case""".split(), "in"),
+    **dict.fromkeys("plate tray platter saucer".split(), "on"),
+}
 
 # Clothing: "a man in a white shirt" is the relation "wear" (lemma; the span stays "in").
 CLOTHING = frozenset(
@@ -116,5 +146,8 @@ PART_NOUNS = frozenset(
     roof wall handle screen keyboard leaf leaves branch trunk top bottom side edge front back
     corner end part piece blade lid cover base neck mane hoof paw beak fur hair spot stripe
     shade lamp light sign logo letter number button key knob window engine tower frame
+    windshield windscreen bumper headlight headlights taillight grill mirror spoke pedal
+    petal stem horn tusk claw fin feather toe finger thumb knee elbow shoulder whisker
+    chimney steeple
     """.split()
 )

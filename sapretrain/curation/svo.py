@@ -36,7 +36,23 @@ Constructions (one rule each, over the dependency tree, no sentence-specific pat
 - **clothing**: "a man in a white shirt" → man | in (lemma ``wear``, kind action) | shirt.
 - **"A with B in it"** → B | in | A.
 - **tagger slips in fragments**: a plural / bare noun tagged as a verb where a noun must be
-  ("beds in the room", "leaves on the tree are green") is treated as a noun (``_is_noun``).
+  ("beds in the room", "leaves on the tree are green") is treated as a noun (``_is_noun``), as is
+  an "-ing" noun (``lexicon.ING_NOUNS``: "awning on the building") without a verb's own
+  dependents; "chair next to lamp" parsed as an infinitive ("to lamp") is still next to.
+- **contact clauses** (object first, no relative pronoun, stranded final preposition): "rock
+  lizard is lying on" (the object read as a compound of the subject), "grey carpet the shoes are
+  on", "a red rug the cats are on" → shoes | on | carpet (``_contact_clause``).
+- **"A with B" placed**: "a truck with boxes on it", "a tree with lights hanging from it", "a plate
+  with a cookie on top", "a dress with leggings underneath" → B | on / hang from / on top of /
+  underneath | A (instead of A | with | B); "pancakes with syrup on a plate" → pancakes | on |
+  plate (A stands on C unless B is a part or possessed); "a woman with a hat holding an
+  umbrella" → the participle's subject is A.
+- **containers** (``lexicon.CONTAINERS``): "a cup of tea on the desk" → tea | in | cup (span "of")
+  and cup | on | desk ("a plate of food": on).
+- **possessive pronouns on parts**: "a girl with flowers in her hands", "a bear with its paw on
+  a rock" → girl | have | hands (span "her"), not for a direct object ("raising its head").
+- **placement passives**: "bikes parked by the fence" → bikes | parked by | fence (a posture /
+  placement verb's "by" is a place, not an agent).
 
 Spans: ``subj``/``obj`` cover the noun phrase without determiner, numbers or possessives:
 adjectives and compounds are kept ("train track", "large red cube"); ``head`` is the head
@@ -45,15 +61,19 @@ noun's lemma (used for evaluation). ``rel`` spans from its first to its last rel
 the whole range, "at the right side of" includes "the", a pied-piped relative "on which a girl is
 walking" covers "on … walking"; a passive with agent covers "ridden by" (lemma "ride"). The
 copula and auxiliaries are never included (they can only fall inside such a range).
-``rel.lemma`` is the verb lemma + particles + the prepositional part as written (lowercased). ``kind`` follows ``lexicon.relation_kind``.
+``rel.lemma`` is the verb lemma + particles + the prepositional part as written (lowercased;
+"inside of" / "outside of" / "off of" without the redundant "of"). ``kind`` follows ``lexicon.relation_kind``.
 """
 from __future__ import annotations
 
 from .lexicon import (
     CLOSING_PREPS,
     CLOTHING,
+    CONTAINERS,
+    ING_NOUNS,
     LEMMA_FIXES,
     PART_NOUNS,
+    POSTURE_VERBS,
     QUANTITY_NOUNS,
     RELATIONAL_NOUNS,
     SPATIAL_HEADS,
@@ -93,6 +113,7 @@ def load_nlp(name: str | None = None):
 
 NOMINAL_SLOTS = frozenset(("nsubj", "nsubjpass", "dobj", "pobj"))
 VERB_AS_NOUN_TAGS = frozenset(("VBZ", "VBP", "VB"))
+VERB_OWN_DEPS = frozenset(("dobj", "nsubj", "nsubjpass", "aux", "auxpass", "prt", "agent", "neg"))
 FRAGMENT_PREFIX_POS = frozenset(("DET", "ADJ", "NUM", "NOUN", "PROPN"))
 
 
@@ -105,6 +126,9 @@ def _is_noun(tok) -> bool:
     """
     if tok.pos_ in NOUN_POS:
         return True
+    if tok.lower_ in ING_NOUNS and tok.pos_ in ("VERB", "ADJ") and tok.dep_ not in ("acl", "relcl", "xcomp", "advcl", "conj") \
+            and not any(c.dep_ in VERB_OWN_DEPS for c in tok.children):
+        return True  # "awning on the building" (awning tagged VBG), not "men building a wall"
     if tok.pos_ != "VERB":
         return False
     if tok.dep_ in NOMINAL_SLOTS and tok.tag_ in VERB_AS_NOUN_TAGS | {"VBG"}:
@@ -148,11 +172,12 @@ def _nouns(tok) -> list:
     return out
 
 
-def _np_span(head) -> tuple[int, int]:
-    """Character span of the noun phrase of ``head`` without determiner, numbers, possessives."""
+def _np_span(head, floor: int = 0) -> tuple[int, int]:
+    """Character span of the noun phrase of ``head`` without determiner, numbers, possessives
+    (nor tokens before index ``floor``)."""
     start = head.i
     for child in reversed(list(head.lefts)):
-        if child.dep_ not in NP_LEFT_DEPS or child.right_edge.i != start - 1:
+        if child.dep_ not in NP_LEFT_DEPS or child.right_edge.i != start - 1 or child.left_edge.i < floor:
             break
         start = child.left_edge.i
     doc = head.doc
@@ -161,9 +186,10 @@ def _np_span(head) -> tuple[int, int]:
     return doc[start].idx, head.idx + len(head.text)
 
 
-def _part(tok, text: str) -> dict:
-    start, end = _np_span(tok)
-    return {"text": text[start:end], "start": start, "end": end, "head": tok.lemma_.lower()}
+def _part(tok, text: str, floor: int = 0) -> dict:
+    start, end = _np_span(tok, floor)
+    head = tok.lower_ if tok.lower_ in ING_NOUNS else tok.lemma_.lower()  # "awning", not "awne"
+    return {"text": text[start:end], "start": start, "end": end, "head": head}
 
 
 # --------------------------------------------------------------------------- relations
@@ -200,7 +226,8 @@ def _chain(head):
                     continue
             if obj.tag_ in ("WDT", "WP") and cur.head.dep_ == "relcl":
                 obj = cur.head.head  # "sand on which a girl is walking" → sand
-            return (toks, obj) if _is_noun(obj) else None
+            # "it" / "them" is returned too: the caller may resolve it (``_objects``).
+            return (toks, obj) if _is_noun(obj) or obj.lower_ in PRONOUNS_BACK else None
         q = next((c for c in cur.children if c.dep_ in ("prep", "pcomp") and c.pos_ == "ADP"), None)
         if q is None:
             return None
@@ -246,6 +273,177 @@ def _stranded(pred):
     return None
 
 
+PRONOUNS_BACK = frozenset(("it", "them"))
+# Places and views: "a kitchen with tulips on the table", "a street scene with a man on a bike".
+SCENE_NOUNS = frozenset(
+    """
+    scene view picture photo photograph image shot kitchen bathroom bedroom room area street road
+    city town park beach field yard market station airport restaurant store shop office
+    """.split()
+)
+# Prepositions with a redundant "of": the lemma is the short form ("burger inside of paper").
+PREP_SYNONYMS = {"inside of": "inside", "outside of": "outside", "off of": "off"}
+# "A with B on C" (the parser hangs "on C" on B): what stands on C is A ("cupcakes with frosting
+# on a platter"), unless B is a part of A or possessed ("a bear with its paw on a rock").
+SUPPORT_PREPS = frozenset(("on", "upon", "atop"))
+# Bare locative adverbs that place B relative to A in "A with B underneath"; not the particles
+# "on" / "off" / "in" ("with a helmet on" is wearing).
+BARE_LOCATIVES = frozenset("underneath beneath below above behind inside outside atop".split())
+POSSESSIVE_PRONOUNS = frozenset(("its", "his", "her", "their"))
+
+
+def _last_word(doc):
+    i = len(doc) - 1
+    while i > 0 and doc[i].is_punct:
+        i -= 1
+    return doc[i]
+
+
+def _contact_clause(pred):
+    """``(subject, preposition, object, subject floor)`` of an object-first caption with a
+    stranded final preposition and no relative pronoun, or ``None``.
+
+    "table bowl is sitting on", "sandy beach young girl is standing on": the tagger reads the
+    fronted object as a compound of the subject, so the nearest compound noun before the subject
+    is the object and the subject's span starts after it. "green table the vases are on": two
+    nouns before one predicate (subjects or a fronted noun), the first is the object; "a red rug
+    the cats are on": a copular relative clause, the object is the noun it modifies (verbal ones
+    are ``_stranded``'s). Copulas never in the compound form ("street light is on").
+    """
+    last = _last_word(pred.doc)
+    if last.head.i != pred.i or last.i < pred.i or last.dep_ not in ("prep", "prt") or last.lower_ not in SPATIAL_PREPS \
+            or last.n_rights:
+        return None
+    if any(c.dep_ in ("dobj", "attr", "acomp", "agent", "expl") and c.i > pred.i for c in pred.children):
+        return None
+    subjects = [c for c in pred.lefts if c.dep_ == "nsubj" and _is_noun(c) and c.lower_ not in WH_WORDS]
+    if not subjects:
+        return None
+    if pred.dep_ == "relcl":
+        if pred.lemma_ == "be" and _is_noun(pred.head):
+            return subjects[-1], last, pred.head, 0
+        return None
+    if pred.dep_ != "ROOT":
+        return None
+    fronted = [c for c in pred.lefts if c.dep_ in ("npadvmod", "dobj", "nsubj") and _is_noun(c) and c.i < subjects[-1].i]
+    if fronted:
+        return subjects[-1], last, fronted[0], fronted[0].right_edge.i + 1
+    if pred.lemma_ != "be":
+        compounds = [c for c in subjects[0].lefts if c.dep_ in ("compound", "nmod") and _is_noun(c)]
+        if compounds:
+            return subjects[0], last, compounds[-1], compounds[-1].i + 1
+    return None
+
+
+def _with_owner(noun):
+    """The noun whose "with" phrase holds ``noun`` ("a pole with wires", "a bowl filled with
+    fruit": pole, bowl), or ``None``."""
+    while noun.dep_ == "conj" and noun.head.i != noun.i:
+        noun = noun.head
+    h = noun.head
+    if noun.dep_ != "pobj" or h.lower_ != "with":
+        return None
+    owner = h.head
+    if owner.dep_ == "acl" and owner.tag_ == "VBN":
+        owner = owner.head  # "filled with", "covered with", "topped with"
+    return owner if _is_noun(owner) else None
+
+
+def _objects(obj, subjects) -> list:
+    """Object nouns of a relation: ``obj`` and its conjuncts; "it"/"them" is the noun whose "with"
+    phrase the subject is in ("a pole with wires hanging from it" → pole)."""
+    if obj.lower_ not in PRONOUNS_BACK:
+        return _nouns(obj)
+    owners = [_with_owner(s) for s in subjects]
+    return [o for o in dict.fromkeys(owners) if o is not None]
+
+
+def _with_placements(noun):
+    """``("with" token, content nouns, relation tokens, lemma, object)`` for "A with B PREP it / PREP / on top /
+    PREP her N": where B is placed ("a train with a number on it", "a skirt with shorts
+    underneath", "a board with cheese on top" → cheese | on top of | board; "women with knives in
+    their hands" → knife | in | hand, even when the parser hangs "in their hands" on A)."""
+    for w in noun.children:
+        if w.dep_ != "prep" or w.lower_ != "with":
+            continue
+        b = _pobj(w)
+        contents = _nouns(b) if b is not None else []
+        if not contents:
+            continue
+        for c in [*noun.children, *(g for t in contents for g in t.children)]:
+            if c.dep_ != "prep" or c.lower_ not in SPATIAL_PREPS or c.lower_ == "with":
+                continue
+            o = _pobj(c)
+            if o is None:
+                if not c.n_rights and not c.n_lefts and c.lower_ in BARE_LOCATIVES:
+                    yield w, contents, [c], None, noun  # "shorts underneath"
+            elif o.lower_ in PRONOUNS_BACK:
+                yield w, contents, [c], None, noun  # "number on it"
+            elif o.lower_ in RELATIONAL_NOUNS and not list(o.children):
+                yield w, contents, [c, o], f"{c.lower_} {o.lower_} of", noun  # "cheese on top"
+            elif c.head.i == noun.i and c.i > b.i and _is_noun(o) \
+                    and any(g.dep_ == "poss" and g.lower_ in POSSESSIVE_PRONOUNS for g in o.children):
+                yield w, contents, [c], None, o  # "knives in their hands"
+        for v in (g for t in contents for g in t.children if g.dep_ == "acl"):
+            for c in v.children:
+                o = _pobj(c) if c.dep_ == "prep" and c.lower_ in SPATIAL_PREPS else None
+                if o is not None and o.lower_ in PRONOUNS_BACK:
+                    yield w, contents, [v, c], None, noun  # "wires hanging from it"
+
+
+def _supported_whole(content, support):
+    """A in "A with B on C" for B = ``content``, C = ``support`` (see ``SUPPORT_PREPS``), or ``None``."""
+    owner = _with_owner(content)
+    if owner is None or content.head.head.i != owner.i or content.lemma_.lower() in PART_NOUNS:
+        return None
+    if owner.lemma_.lower() in SCENE_NOUNS:
+        return None  # "a kitchen with tulips on the table": the scene holds B, B stands on C
+    if not _is_noun(support) or support.lower_ in RELATIONAL_NOUNS or support.lemma_.lower() in PART_NOUNS:
+        return None  # "a jeep with a bird on the windshield": C is a part of A, B is on it
+    if any(g.dep_ == "poss" for t in (content, support) for g in t.children):
+        return None
+    return owner
+
+
+def _container_of(tok):
+    """The container whose content ``tok`` is ("a mug of coffee": mug for coffee), or ``None``."""
+    h = tok.head
+    if tok.dep_ == "pobj" and h.lower_ == "of" and h.head.i != h.i and h.head.lemma_.lower() in CONTAINERS:
+        return h.head
+    return None
+
+
+def _owned_part(noun) -> bool:
+    """``noun`` is a part with a possessive pronoun ("its paw", "his hands"), not a direct object
+    ("raising its head": the verb already relates the two)."""
+    return noun.lemma_.lower() in PART_NOUNS and _is_noun(noun) and noun.dep_ != "dobj" and any(
+        g.dep_ == "poss" and g.tag_ == "PRP$" and g.lower_ in POSSESSIVE_PRONOUNS for g in noun.children)
+
+
+def _is_attribute(noun) -> bool:
+    """A "with" content that cannot act by itself: clothing, a part, or a content of "filled with"."""
+    lemma = noun.lemma_.lower()
+    return lemma in CLOTHING or noun.lower_ in CLOTHING or lemma in PART_NOUNS or noun.head.head.dep_ == "acl"
+
+
+def _possessor(part):
+    """Who owns ``part`` in "with its paw", "in his hands": the subject of the clause the phrase
+    is in, or the head noun of the phrase; objects and participles are climbed over ("a man
+    holding a cigarette in his mouth": man, not cigarette)."""
+    cur = part
+    for _ in range(8):
+        h = cur.head
+        if h.i == cur.i:
+            return []
+        if h.pos_ in ("VERB", "AUX") and not _is_noun(h):
+            if h.dep_ not in ("acl", "relcl"):
+                return _subjects(h)
+        elif _is_noun(h) and h.dep_ in ("ROOT", "nsubj", "nsubjpass"):
+            return _nouns(h)
+        cur = h
+    return []
+
+
 def _relation_heads(pred, allow_nouns: bool):
     """Children of ``pred`` that start a spatial relation (a preposition or spatial head word)."""
     for c in pred.children:
@@ -286,6 +484,12 @@ def _subjects(pred) -> list:
             # "a man and a woman riding horses": the clause hangs on the last conjunct.
             while head.dep_ == "conj" and _is_noun(head.head):
                 head = head.head
+            owner = _with_owner(head) if pred.tag_ == "VBG" else None
+            if owner is not None and _is_attribute(head) and owner.lemma_.lower() not in SCENE_NOUNS:
+                # "a woman with a purple shirt holding a remote": the participle describes the
+                # noun that has the "with" phrase, not the thing it has (clothing, a part, a
+                # content: "a bowl filled with food sitting on a table").
+                head = owner
             out += _nouns(head)
         elif pred.dep_ in ("conj", "xcomp", "advcl") and pred.head is not pred:
             if _is_noun(pred.head):
@@ -300,7 +504,7 @@ def _verb_lemma(verb) -> str:
     return LEMMA_FIXES.get(low, verb.lemma_.lower())
 
 
-def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, silent=(), lemma=None) -> dict:
+def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, silent=(), lemma=None, subj_floor=0) -> dict:
     toks = sorted(set(rel_toks), key=lambda t: t.i)
     start = toks[0].idx
     end = toks[-1].idx + len(toks[-1].text)
@@ -311,7 +515,8 @@ def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, sile
         prep_toks = toks
         words = []
     if prep_toks:
-        words.append(text[prep_toks[0].idx : prep_toks[-1].idx + len(prep_toks[-1].text)].lower())
+        prep = text[prep_toks[0].idx : prep_toks[-1].idx + len(prep_toks[-1].text)].lower()
+        words.append(PREP_SYNONYMS.get(prep, prep))
     preps = [t.lower_ for t in prep_toks]
     kind = relation_kind(verb is not None, _verb_lemma(verb) if verb is not None else None, preps, has_dobj)
     lemma = lemma or " ".join(words)
@@ -321,27 +526,39 @@ def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, sile
     if lemma in ("have", "wear"):
         kind = "action"
     rel = {"text": text[start:end], "start": start, "end": end, "kind": kind, "lemma": lemma}
-    return {"subj": _part(subj, text), "rel": rel, "obj": _part(obj, text)}
+    return {"subj": _part(subj, text, subj_floor), "rel": rel, "obj": _part(obj, text)}
 
 
 def extract_triplets(doc) -> list[dict]:
     """All SVO triplets of a parsed caption, ordered by position, without duplicates."""
     found: dict = {}
     text = doc.text  # built from the tokens on every access: read it once
+    placed: set = set()  # "with" / preposition tokens already used by "A with B on it"
 
-    def add(subjects, rel_toks, verb, objects, prts=(), has_dobj=False, silent=(), lemma=None):
+    def add(subjects, rel_toks, verb, objects, prts=(), has_dobj=False, silent=(), lemma=None, subj_floor=0):
         for s in subjects:
             for o in objects:
                 if s is o:
                     continue
                 key = (s.i, tuple(sorted(t.i for t in rel_toks)), o.i)
                 if key not in found:
-                    found[key] = _make(text, s, rel_toks, verb, o, prts, has_dobj, silent, lemma)
+                    found[key] = _make(text, s, rel_toks, verb, o, prts, has_dobj, silent, lemma, subj_floor)
 
     for tok in doc:
         pos = tok.pos_
         if pos not in PREDICATE_POS:
+            if tok.dep_ == "poss" and _owned_part(tok.head):
+                # "a bear with its paw", "holding a bat in his hands" → bear | has | paw. Not for
+                # a direct object ("raising its head"): the verb already relates the two.
+                add(_possessor(tok.head), [tok], None, [tok.head], lemma="have")
             continue  # determiners, prepositions, adjectives… are reached from their heads
+        contact = _contact_clause(tok) if pos in ("VERB", "AUX") else None
+        if contact is not None:
+            # "table bowl is sitting on", "green table the vases are on"
+            subj, prep, obj, floor = contact
+            verb = None if tok.lemma_ == "be" else tok
+            add([_resolve(subj)], [prep] if verb is None else [tok, prep], verb, _nouns(obj), subj_floor=floor)
+            continue
         if tok.lemma_ == "be":
             # Copula: the relation is the preposition / spatial phrase, never "is".
             subjects = _subjects(tok)
@@ -361,6 +578,11 @@ def extract_triplets(doc) -> list[dict]:
             prts = [c for c in tok.children if c.dep_ == "prt"]
             agents = [_pobj(c) for c in tok.children if c.dep_ == "agent"]
             agents = [n for a in agents if a is not None for n in _nouns(a)]
+            if agents and _verb_lemma(tok) in POSTURE_VERBS:
+                # "cars are parked by the building": "by" of a placement verb is a place.
+                by = [c for c in tok.children if c.dep_ == "agent"]
+                add(subjects, [tok, *prts, *by], tok, agents, prts)
+                continue
             if agents:
                 # Passive with agent: the agent acts on the patient.
                 by = [c for c in tok.children if c.dep_ == "agent"]
@@ -380,20 +602,41 @@ def extract_triplets(doc) -> list[dict]:
                 for head in _relation_heads(tok, allow_nouns=False):
                     chain = _chain(head) if head.dep_ == "prep" and head.lower_ != "with" else None
                     if chain and head.i > max(d.i for d in dobjs):
-                        add(dobjs, chain[0], None, _nouns(chain[1]))
+                        add(dobjs, chain[0], None, _objects(chain[1], dobjs))
                 continue
             for head in _relation_heads(tok, allow_nouns=False):
                 if head.dep_ == "prt":
                     continue
                 chain = _chain(head)
                 if chain:
-                    add(subjects, [tok, *prts, *chain[0]], tok, _nouns(chain[1]), prts)
+                    # "wires hanging from it" (of "a pole with wires …") → wire | hang from | pole
+                    add(subjects, [tok, *prts, *chain[0]], tok, _objects(chain[1], subjects), prts)
         elif pos in NOUN_POS or pos == "VERB":
-            subjects = [_resolve(tok)]
+            # The container stands somewhere, not its content: "a mug of coffee on the table".
+            subjects = [_container_of(tok) or _resolve(tok)]
             relational = tok.lower_ in RELATIONAL_NOUNS  # "front" of "in front of": no subject
+            for w, contents, rel_toks, lemma, obj in _with_placements(tok) if not relational else ():
+                # "a train with a number on it", "a board with cheese on top"; the placement says
+                # more than "A with B", which is then left out.
+                verb = rel_toks[0] if rel_toks[0].pos_ == "VERB" else None
+                add(contents, rel_toks, verb, _nouns(obj), lemma=lemma)
+                placed.update((w.i, rel_toks[0].i))
+            for c in tok.children if not relational else ():
+                nxt = doc[c.i + 1] if c.i + 1 < len(doc) else None
+                if c.dep_ == "advmod" and c.lower_ in SPATIAL_HEADS and nxt is not None and nxt.lower_ == "to" \
+                        and nxt.dep_ == "aux" and nxt.head.tag_ == "VB" and nxt.head.dep_ == "ROOT" and nxt.head.i > nxt.i:
+                    # "white speaker next to monitor": the tagger reads "to monitor" as an infinitive.
+                    add(subjects, [c, nxt], None, [nxt.head])
             for head in _relation_heads(tok, allow_nouns=False) if not relational else ():
+                if head.i in placed:
+                    continue
                 chain = _chain(head)
                 if not chain:
+                    continue
+                if head.lower_ == "with" and _owned_part(chain[1]):
+                    continue  # "a bear with its paw": the possessive gives bear | has | paw
+                if len(chain[0]) == 1 and head.lower_ in SUPPORT_PREPS and _supported_whole(tok, chain[1]) is not None:
+                    add([_supported_whole(tok, chain[1])], chain[0], None, _nouns(chain[1]))
                     continue
                 inner = _contained(chain[1]) if head.lower_ == "with" else None
                 if inner is not None:
@@ -403,6 +646,11 @@ def extract_triplets(doc) -> list[dict]:
                     add(subjects, chain[0], None, _nouns(chain[1]))
             if tok.lemma_.lower() in QUANTITY_NOUNS or (relational and tok.dep_ in ("pobj", "attr")):
                 continue  # "in the middle of": part of a multi-word preposition, not a part-of
+            container = CONTAINERS.get(tok.lemma_.lower())
+            for c in tok.rights if container and tok.n_rights else ():
+                if c.dep_ == "prep" and c.lower_ == "of" and _pobj(c) is not None:
+                    # "a mug of coffee" → coffee | in | mug (the relation span is "of").
+                    add(_nouns(_pobj(c)), [c], None, [tok], lemma=container)
             for c in tok.lefts if tok.n_lefts else ():
                 if c.dep_ == "poss" and c.i + 1 < len(doc) and doc[c.i + 1].tag_ == "POS" and _is_noun(c):
                     # "the player's socks" → player | has | socks (the relation span is "'s").
