@@ -113,9 +113,32 @@ ING_NOUNS = frozenset(
     lining wiring netting fencing paneling panelling flooring carving drawing painting filling
     marking opening sibling pudding dumpling wedding crossing landing molding
     moulding stocking tubing padding coating piping roofing seating plating casing housing
-    footing clearing dressing helping lettering
+    footing clearing dressing helping lettering morning evening string spring swing sling
+    lightning offspring something nothing everything anything
     """.split()
 )
+
+# Verbs whose passive "with" / "in" names what does it ("a street covered in snow" → snow |
+# cover | street), like an agent's "by".
+COVER_VERBS = frozenset("cover line coat blanket surround litter dot cake".split())
+
+# Verbs of transfer: after their object, "to" / "toward" names the receiver of the action,
+# related to the subject ("a pitcher throwing the ball to the batter" → pitcher | throw to |
+# batter), not a place of the object.
+TRANSFER_VERBS = frozenset("throw toss pass hand give kick hit serve pitch show feed bring deliver send offer".split())
+
+# Light verbs with an event noun as object say what the subject does, not a relation to a
+# thing: "cows taking a walk", "a dog takes a nap on a couch" (→ dog | on | couch).
+LIGHT_VERBS = frozenset("take get make give".split())  # not "have": "a bus has seats"
+EVENT_NOUNS = frozenset(
+    """
+    walk nap break photo picture photograph selfie look rest bath shower drink bite stroll ride
+    swim jump leap turn trip seat glance peek sip
+    """.split()
+)
+
+# "in the distance", "in a row": how far or how arranged, not a relation to an object.
+ADVERBIAL_POBJS = frozenset("distance row".split())
 
 # Containers: "a mug of coffee" is coffee in a mug, "a plate of food" food on a plate (and the
 # container, not its content, is what stands somewhere: "a mug of coffee on the table" → mug |

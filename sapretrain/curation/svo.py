@@ -52,7 +52,21 @@ Constructions (one rule each, over the dependency tree, no sentence-specific pat
 - **possessive pronouns on parts**: "a girl with flowers in her hands", "a bear with its paw on
   a rock" → girl | have | hands (span "her"), not for a direct object ("raising its head").
 - **placement passives**: "bikes parked by the fence" → bikes | parked by | fence (a posture /
-  placement verb's "by" is a place, not an agent).
+  placement verb's "by" is a place, not an agent); **cover passives** (``lexicon.COVER_VERBS``):
+  "a car covered in snow" → snow | covered in (lemma "cover") | car, "with"/"in" act as "by".
+- **more fragment slips**: "lady holding cat" / "old fence surrounding yard" (the participle
+  tagged as a modifier of the last noun) → lady | hold | cat; "duck swimming in pond" (the
+  "-ing" word tagged as a noun with the subject as its compound; lemma by spelling rules,
+  ``_ing_stem``); "folded towel on the rack" (a caption-initial participle with the noun as its
+  object); "oven beside the sink" (an uninflected word tagged as a participle); "a knife on
+  cutting board" (a gerund compound read as a clause); "the bird has beak" ("has" tagged as the
+  noun's auxiliary) → bird | has (lemma ``have``) | beak.
+- **who acts**: a participle after a place or a garment ("a girl at a station carrying a bag")
+  belongs to the noun placed there; a light verb with an event noun ("takes a nap on a rug",
+  ``lexicon.LIGHT_VERBS`` / ``EVENT_NOUNS``) is no relation, its preposition places the
+  subject; after a transfer verb's object, "to" names the receiver ("throwing a frisbee to his
+  friend" → boy | throw to | friend, ``lexicon.TRANSFER_VERBS``); "in the distance", "in a row"
+  are no relation (``lexicon.ADVERBIAL_POBJS``).
 
 Spans: ``subj``/``obj`` cover the noun phrase without determiner, numbers or possessives:
 adjectives and compounds are kept ("train track", "large red cube"); ``head`` is the head
@@ -62,16 +76,20 @@ the whole range, "at the right side of" includes "the", a pied-piped relative "o
 walking" covers "on … walking"; a passive with agent covers "ridden by" (lemma "ride"). The
 copula and auxiliaries are never included (they can only fall inside such a range).
 ``rel.lemma`` is the verb lemma + particles + the prepositional part as written (lowercased;
-"inside of" / "outside of" / "off of" without the redundant "of"). ``kind`` follows ``lexicon.relation_kind``.
+"inside of" / "outside of" / "off of" / "out from" / "in between" shortened, ``PREP_SYNONYMS``). ``kind`` follows ``lexicon.relation_kind``.
 """
 from __future__ import annotations
 
 from .lexicon import (
     CLOSING_PREPS,
     CLOTHING,
+    ADVERBIAL_POBJS,
     CONTAINERS,
+    COVER_VERBS,
+    EVENT_NOUNS,
     ING_NOUNS,
     LEMMA_FIXES,
+    LIGHT_VERBS,
     PART_NOUNS,
     POSTURE_VERBS,
     QUANTITY_NOUNS,
@@ -79,6 +97,7 @@ from .lexicon import (
     SPATIAL_HEADS,
     SPATIAL_PRE_MODIFIERS,
     SPATIAL_PREPS,
+    TRANSFER_VERBS,
     relation_kind,
 )
 
@@ -135,11 +154,21 @@ def _is_noun(tok) -> bool:
         return True  # "painting hung on wall"
     if tok.dep_ == "pcomp" and tok.tag_ == "VBG":
         return all(g.dep_ in ("det", "amod", "compound") for g in tok.children)  # "mounted to building"
-    if tok.tag_ not in VERB_AS_NOUN_TAGS:
+    # "oven under the stove": a word tagged as a participle that has no inflection at all.
+    uninflected = tok.tag_ in ("VBN", "VBD") and tok.lemma_.lower() == tok.lower_
+    if tok.tag_ not in VERB_AS_NOUN_TAGS and not uninflected:
         return False
-    if tok.dep_ != "ROOT" or any(c.dep_ in ("nsubj", "nsubjpass", "dobj", "expl", "aux", "prt") for c in tok.children):
+    if tok.dep_ != "ROOT" or any(
+        c.dep_ in ("nsubj", "nsubjpass", "dobj", "expl", "aux", "prt") and not _particle_of_prep(c) for c in tok.children
+    ):
         return False
     return all(t.pos_ in FRAGMENT_PREFIX_POS for t in tok.doc[: tok.i])
+
+
+def _particle_of_prep(c) -> bool:
+    """"in" of "in between": a particle right before a preposition of the same head."""
+    doc = c.doc
+    return c.dep_ == "prt" and c.i + 1 < len(doc) and doc[c.i + 1].dep_ == "prep" and doc[c.i + 1].head.i == c.head.i
 
 
 def _resolve(tok):
@@ -203,6 +232,10 @@ def _pobj(tok):
     for c in tok.children:
         if c.dep_ == "pcomp" and c.tag_ == "VBG" and all(g.dep_ in ("det", "amod", "compound") for g in c.children):
             return c
+        if c.dep_ == "pcomp" and c.tag_ == "VBG" and c.i == tok.i + 1 and [g.dep_ for g in c.children] == ["dobj"]:
+            d = next(c.children)
+            if d.i == c.i + 1 and d.pos_ in NOUN_POS and not d.n_lefts:
+                return d  # "on cutting board", "in dining room": a gerund compound, not a clause
     return None
 
 
@@ -224,6 +257,8 @@ def _chain(head):
                     toks += [obj, q]
                     cur = q
                     continue
+            if cur.lower_ == "in" and obj.lemma_.lower() in ADVERBIAL_POBJS:
+                return None  # "in the distance", "in a row"
             if obj.tag_ in ("WDT", "WP") and cur.head.dep_ == "relcl":
                 obj = cur.head.head  # "sand on which a girl is walking" → sand
             # "it" / "them" is returned too: the caller may resolve it (``_objects``).
@@ -279,10 +314,13 @@ SCENE_NOUNS = frozenset(
     """
     scene view picture photo photograph image shot kitchen bathroom bedroom room area street road
     city town park beach field yard market station airport restaurant store shop office
+    background foreground distance
     """.split()
 )
 # Prepositions with a redundant "of": the lemma is the short form ("burger inside of paper").
-PREP_SYNONYMS = {"inside of": "inside", "outside of": "outside", "off of": "off"}
+DETERMINER_WORDS = frozenset(("a", "an", "the", "its", "his", "her", "their"))
+PREP_SYNONYMS = {"inside of": "inside", "outside of": "outside", "off of": "off", "out from": "from",
+                 "in between": "between"}
 # "A with B on C" (the parser hangs "on C" on B): what stands on C is A ("cupcakes with frosting
 # on a platter"), unless B is a part of A or possessed ("a bear with its paw on a rock").
 SUPPORT_PREPS = frozenset(("on", "upon", "atop"))
@@ -405,6 +443,15 @@ def _supported_whole(content, support):
     return owner
 
 
+def _canonical(lemma: str) -> str:
+    """``lemma`` with a redundant "of" / "out" dropped (``PREP_SYNONYMS``)."""
+    for long_, short in PREP_SYNONYMS.items():
+        before = lemma[: len(lemma) - len(long_)]
+        if lemma == long_ or (lemma.endswith(" " + long_) and before.split()[-1] not in DETERMINER_WORDS):
+            return before + short  # not "look out from the inside of"
+    return lemma
+
+
 def _container_of(tok):
     """The container whose content ``tok`` is ("a mug of coffee": mug for coffee), or ``None``."""
     h = tok.head
@@ -418,6 +465,15 @@ def _owned_part(noun) -> bool:
     ("raising its head": the verb already relates the two)."""
     return noun.lemma_.lower() in PART_NOUNS and _is_noun(noun) and noun.dep_ != "dobj" and any(
         g.dep_ == "poss" and g.tag_ == "PRP$" and g.lower_ in POSSESSIVE_PRONOUNS for g in noun.children)
+
+
+def _located_in_scene(noun):
+    """X of "X at/in/on N" when N is a place or a garment (``SCENE_NOUNS``, ``CLOTHING``), else ``None``."""
+    prep = noun.head
+    if noun.dep_ != "pobj" or prep.lower_ not in SPATIAL_PREPS or prep.lower_ == "with" or not _is_noun(prep.head):
+        return None
+    lemma = noun.lemma_.lower()
+    return prep.head if lemma in SCENE_NOUNS or lemma in CLOTHING or noun.lower_ in CLOTHING else None
 
 
 def _is_attribute(noun) -> bool:
@@ -436,8 +492,11 @@ def _possessor(part):
         if h.i == cur.i:
             return []
         if h.pos_ in ("VERB", "AUX") and not _is_noun(h):
-            if h.dep_ not in ("acl", "relcl"):
-                return _subjects(h)
+            owners = _subjects(h) if h.dep_ not in ("acl", "relcl") else []
+            if owners and all(o.i != cur.i for o in owners):
+                return owners  # not the part itself: "has his hand extended"
+            if h.dep_ not in ("acl", "relcl") and not owners:
+                return []
         elif _is_noun(h) and h.dep_ in ("ROOT", "nsubj", "nsubjpass"):
             return _nouns(h)
         cur = h
@@ -490,6 +549,10 @@ def _subjects(pred) -> list:
                 # noun that has the "with" phrase, not the thing it has (clothing, a part, a
                 # content: "a bowl filled with food sitting on a table").
                 head = owner
+            elif pred.tag_ == "VBG" and _located_in_scene(head) is not None:
+                # "a boy at an airport carrying a dog", "woman in background wearing a shirt":
+                # a place or a garment does not act; the noun placed there does.
+                head = _located_in_scene(head)
             out += _nouns(head)
         elif pred.dep_ in ("conj", "xcomp", "advcl") and pred.head is not pred:
             if _is_noun(pred.head):
@@ -501,10 +564,67 @@ def _subjects(pred) -> list:
 
 def _verb_lemma(verb) -> str:
     low = verb.lower_
+    if verb.pos_ in NOUN_POS and low.endswith("ing"):
+        return _ing_stem(low)  # "zebra grazing on grass": the tagger's noun is a verb
     return LEMMA_FIXES.get(low, verb.lemma_.lower())
 
 
-def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, silent=(), lemma=None, subj_floor=0) -> dict:
+def _ing_stem(word: str) -> str:
+    """Base form of an "-ing" word by English spelling rules (sitting → sit, lying → lie,
+    grazing → graze); for words the tagger did not read as verbs, so spaCy gave no verb lemma."""
+    if word in LEMMA_FIXES:
+        return LEMMA_FIXES[word]
+    stem = word[:-3]
+    if len(stem) == 2 and stem.endswith("y"):
+        return stem[0] + "ie"
+    if len(stem) >= 3 and stem[-1] == stem[-2] and stem[-1] not in "lsz":
+        return stem[:-1]
+    if stem[-1:] in ("v", "z", "c"):
+        return stem + "e"
+    return stem
+
+
+def _participle_fragment(tok) -> list:
+    """Head nouns of "crumpled paper behind a window", "made bed in room": a caption-initial
+    participle (tagged as a verb with an object) right before its noun, and a preposition after."""
+    doc = tok.doc
+    if any(t.pos_ not in ("DET", "ADV") for t in doc[: tok.i]):
+        return []
+    dobjs = [c for c in tok.children if c.dep_ == "dobj" and c.left_edge.i == tok.i + 1 and _is_noun(c)]
+    if not dobjs or any(c.dep_ in ("aux", "auxpass", "nsubj", "nsubjpass") for c in tok.children):
+        return []
+    return _nouns(dobjs[0])
+
+
+def _fragment_actor(tok):
+    """Subject of a participle tagged as a modifier between two nouns: "lady holding baby"
+    (lady a dependent of the participle), "wooden fence surrounding pier" (fence a sibling)."""
+    head = tok.head
+    if head.i <= tok.i or not _is_noun(head) or head.dep_ == "pobj":
+        return None  # "next to a lake holding a frisbee": inside a prepositional phrase, no fragment
+    for c in tok.lefts:
+        if c.dep_ in ("npadvmod", "nmod", "compound", "nsubj") and c.i == tok.i - 1 and c.pos_ in NOUN_POS:
+            return None if c.lower_ in CLOTHING or c.lemma_.lower() in CLOTHING else c  # a garment does not act
+    prev = tok.doc[tok.i - 1] if tok.i else None
+    if prev is not None and prev.head.i == head.i and prev.dep_ in ("nmod", "compound", "npadvmod") and prev.pos_ in NOUN_POS:
+        return prev
+    return None
+
+
+def _verb_read_noun(tok):
+    """The subject if ``tok`` is an "-ing" noun the tagger made of a verb: "zebra grazing on
+    grass", "window resting against the house" (NN with the real subject as its compound)."""
+    low = tok.lower_
+    if tok.tag_ != "NN" or not low.endswith("ing") or len(low) < 6 or low in ING_NOUNS:
+        return None
+    if tok.dep_ not in ("ROOT", "nsubj") or not any(c.dep_ == "prep" for c in tok.children):
+        return None
+    c = next((c for c in tok.lefts if c.dep_ == "compound" and c.i == tok.i - 1 and c.pos_ in NOUN_POS), None)
+    return c
+
+
+def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, silent=(), lemma=None, subj_floor=0,
+          obj_floor=0) -> dict:
     toks = sorted(set(rel_toks), key=lambda t: t.i)
     start = toks[0].idx
     end = toks[-1].idx + len(toks[-1].text)
@@ -516,17 +636,18 @@ def _make(text: str, subj, rel_toks, verb, obj, prt_etc=(), has_dobj=False, sile
         words = []
     if prep_toks:
         prep = text[prep_toks[0].idx : prep_toks[-1].idx + len(prep_toks[-1].text)].lower()
-        words.append(PREP_SYNONYMS.get(prep, prep))
+        words.append(prep)
     preps = [t.lower_ for t in prep_toks]
     kind = relation_kind(verb is not None, _verb_lemma(verb) if verb is not None else None, preps, has_dobj)
-    lemma = lemma or " ".join(words)
-    if verb is None and lemma in ("in", "with") and obj.lemma_.lower() in CLOTHING:
+    given = lemma is not None
+    lemma = lemma or _canonical(" ".join(words))
+    if verb is None and not given and lemma in ("in", "with") and (obj.lemma_.lower() in CLOTHING or obj.lower_ in CLOTHING):
         # "a man in a white shirt" → man | in (lemma "wear") | shirt.
         lemma = "wear"
     if lemma in ("have", "wear"):
         kind = "action"
     rel = {"text": text[start:end], "start": start, "end": end, "kind": kind, "lemma": lemma}
-    return {"subj": _part(subj, text, subj_floor), "rel": rel, "obj": _part(obj, text)}
+    return {"subj": _part(subj, text, subj_floor), "rel": rel, "obj": _part(obj, text, obj_floor)}
 
 
 def extract_triplets(doc) -> list[dict]:
@@ -535,14 +656,14 @@ def extract_triplets(doc) -> list[dict]:
     text = doc.text  # built from the tokens on every access: read it once
     placed: set = set()  # "with" / preposition tokens already used by "A with B on it"
 
-    def add(subjects, rel_toks, verb, objects, prts=(), has_dobj=False, silent=(), lemma=None, subj_floor=0):
+    def add(subjects, rel_toks, verb, objects, prts=(), has_dobj=False, silent=(), lemma=None, subj_floor=0, obj_floor=0):
         for s in subjects:
             for o in objects:
                 if s is o:
                     continue
                 key = (s.i, tuple(sorted(t.i for t in rel_toks)), o.i)
                 if key not in found:
-                    found[key] = _make(text, s, rel_toks, verb, o, prts, has_dobj, silent, lemma, subj_floor)
+                    found[key] = _make(text, s, rel_toks, verb, o, prts, has_dobj, silent, lemma, subj_floor, obj_floor)
 
     for tok in doc:
         pos = tok.pos_
@@ -588,9 +709,37 @@ def extract_triplets(doc) -> list[dict]:
                 by = [c for c in tok.children if c.dep_ == "agent"]
                 add(agents, [tok, *prts, *by], tok, subjects, prts, has_dobj=True, silent=by)
                 continue
+            if tok.tag_ == "VBN" and _verb_lemma(tok) in COVER_VERBS and subjects and not prts:
+                withs = [c for c in tok.children if c.dep_ == "prep" and c.lower_ in ("with", "in") and _pobj(c) is not None]
+                if withs:
+                    # "a street covered in snow" → snow | cover | street: "with"/"in" acts as "by".
+                    add([n for w in withs for n in _nouns(_pobj(w))], [tok, *withs], tok, subjects, has_dobj=True, silent=withs)
+                    continue
+            if not subjects and tok.dep_ == "ROOT" and tok.tag_ in ("VBD", "VBN"):
+                fragment = _participle_fragment(tok)
+                if fragment:
+                    # "crumpled paper behind a glass window": the participle is an adjective.
+                    for head in _relation_heads(tok, allow_nouns=False):
+                        chain = _chain(head) if head.dep_ == "prep" else None
+                        if chain:
+                            add(fragment, chain[0], None, _nouns(chain[1]))
+                    continue
+            if not subjects and tok.dep_ == "amod" and tok.tag_ == "VBG":
+                actor = _fragment_actor(tok)
+                if actor is not None:
+                    # "lady holding baby", "wooden fence surrounding pier" (tagged as modifiers)
+                    add([actor], [tok, *prts], tok, _nouns(tok.head), prts, has_dobj=True, obj_floor=tok.i + 1)
+                continue
             if not subjects:
                 continue
             dobjs = [n for c in tok.children if c.dep_ == "dobj" for n in _nouns(c)]
+            if dobjs and _verb_lemma(tok) in LIGHT_VERBS and all(d.lemma_.lower() in EVENT_NOUNS for d in dobjs):
+                # "cows taking a walk", "a dog takes a nap on a couch" → dog | on | couch
+                for head in _relation_heads(tok, allow_nouns=False):
+                    chain = _chain(head) if head.dep_ == "prep" and head.lower_ != "with" and head.i > max(d.i for d in dobjs) else None
+                    if chain:
+                        add(subjects, chain[0], None, _nouns(chain[1]))
+                continue
             stranded = _stranded(tok)
             if stranded is not None and not dobjs:
                 # "the sidewalk (that) people are walking on", "rope the man is holding"
@@ -601,7 +750,12 @@ def extract_triplets(doc) -> list[dict]:
                 # "holding an umbrella in his hand": the preposition places the object.
                 for head in _relation_heads(tok, allow_nouns=False):
                     chain = _chain(head) if head.dep_ == "prep" and head.lower_ != "with" else None
-                    if chain and head.i > max(d.i for d in dobjs):
+                    if not chain or head.i < max(d.i for d in dobjs):
+                        continue
+                    if head.lower_ in ("to", "toward", "towards") and _verb_lemma(tok) in TRANSFER_VERBS:
+                        # "throwing the ball to the batter" → pitcher | throw to | batter
+                        add(subjects, [tok, *prts, *chain[0]], tok, _nouns(chain[1]), prts)
+                    else:
                         add(dobjs, chain[0], None, _objects(chain[1], dobjs))
                 continue
             for head in _relation_heads(tok, allow_nouns=False):
@@ -612,8 +766,21 @@ def extract_triplets(doc) -> list[dict]:
                     # "wires hanging from it" (of "a pole with wires …") → wire | hang from | pole
                     add(subjects, [tok, *prts, *chain[0]], tok, _objects(chain[1], subjects), prts)
         elif pos in NOUN_POS or pos == "VERB":
+            actor = _verb_read_noun(tok) if pos in NOUN_POS else None
+            if actor is not None:
+                # "zebra grazing on grass" → zebra | graze on | grass
+                for head in _relation_heads(tok, allow_nouns=False):
+                    chain = _chain(head)
+                    if chain:
+                        add(_nouns(actor), [tok, *chain[0]], tok, _nouns(chain[1]), subj_floor=0)
+                continue
             # The container stands somewhere, not its content: "a mug of coffee on the table".
             subjects = [_container_of(tok) or _resolve(tok)]
+            has = next((c for c in tok.lefts if c.dep_ == "aux" and c.lemma_ == "have"), None) if pos in NOUN_POS else None
+            owners = [n for c in tok.lefts if c.dep_ == "nsubj" for n in _nouns(c)] if has is not None else []
+            if owners:
+                # "the bird has beak": "has" tagged as the noun's auxiliary → bird | has | beak
+                add(owners, [has], None, [tok], lemma="have")
             relational = tok.lower_ in RELATIONAL_NOUNS  # "front" of "in front of": no subject
             for w, contents, rel_toks, lemma, obj in _with_placements(tok) if not relational else ():
                 # "a train with a number on it", "a board with cheese on top"; the placement says
