@@ -5,9 +5,12 @@ r"""Triplet samples JSONL → the same lines plus a ``negative`` caption (SA-CLI
         [--llm-config configs/curation/llm.yaml] [--chunk-size 5000] [--part 0 --num-parts 16] \
         [--no-progress] [swap.enabled=false ...]
 
-Rules (default, offline): inverse relation from the lexicons in --config, else subject–object
-swap for asymmetric relations, else dropped. --mode llm asks the LLM of --llm-config instead.
-Every negative is re-parsed and validated. Dropped lines go to OUT.dropped.jsonl with their
+Rules (default, offline): candidates from the lexicons in --config (inverse relation,
+replacements by an exclusive spatial phrase, subject–object swap for asymmetric relations);
+--mode llm asks the LLM of --llm-config instead. Every candidate is re-parsed and validated and
+checked for fluency; per chunk, the choice is balanced so that a text-only probe cannot tell
+negatives from captions, and the most detectable are dropped (refine.* in --config). Measure the
+result with `sapretrain eval-negatives OUT`. Dropped lines go to OUT.dropped.jsonl with their
 reason; a killed run resumes when re-run with the same arguments. Details:
 sapretrain/curation/negatives.py, docs/curation.md.
 """

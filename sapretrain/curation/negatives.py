@@ -7,9 +7,10 @@ Input: triplet-level samples ``{"id", "caption", "triplet": {"subj", "rel", "obj
 into ``caption``; ``rel`` has ``kind`` and usually ``lemma``, ``subj``/``obj`` usually ``head``).
 Output: the same record plus ``negative = {"caption", "triplet"}`` (docs/manifest.md; the triplet
 is the extractor's, with spans into the negative caption) and ``negative_method``
-(``inverse``, ``swap`` or ``llm``).
+(``inverse``, ``replace``, ``swap`` or ``llm``).
 
-**Rules** (``mode="rules"``), tried in this order:
+**Rules** (``mode="rules"``): every candidate is made, then validated, checked for fluency and
+chosen from (below).
 
 1. *Inverse* from the lexicon (``configs/curation/negatives.yaml``, the project's one relations
    table: maps and symmetry matching are ``sapretrain.relations``'). An **action** relation looks
@@ -18,36 +19,55 @@ is the extractor's, with spans into the negative caption) and ``negative_method`
    past, base; :func:`inflect`), the other key words are replaced in place and a target's extra
    words are inserted after the verb: "a man picking up a ball" → "a man putting down a ball",
    "wearing a hat" → "taking off a hat". A relation with the lemma of an action but written as
-   a preposition ("a man *in* a white shirt", lemma ``wear``) uses ``action.prepositional``
-   ("a man without a white shirt"). Otherwise the longest **spatial** phrase of the lexicon
-   inside the relation span is replaced ("to the left of" → "to the right of", "sitting on" →
-   "sitting under", "walking into" → "walking out of"); for an action relation the phrase must
-   be part of the lemma, so the agent "by" of a passive ("ridden by") is never touched. Only the
-   relation words change; the caption's phrasing, the copula and the rest stay as written.
-2. *Swap* subject and object, if the relation is not listed as symmetric (``swap.symmetric``,
-   matched against the lemma, its verb and the relation text): the two noun phrases are exchanged
-   in the text together with their determiners / numbers / possessives, so "Two dogs are chasing
-   a cat" → "A cat is chasing two dogs" (case of the first word, a/an, and the copula or
-   present-tense verb after the new first phrase are fixed for its number).
-3. Else the record is dropped ``no_negative`` (detail: why).
+   a preposition uses ``action.prepositional`` (empty in the shipped table: "with", "have" and
+   clothing "in" have no opposite, and "without" is a word a text-only model reads off).
+   Otherwise the longest **spatial** phrase of the lexicon inside the relation span is replaced
+   ("to the left of" → "to the right of", "sitting on" → "sitting under", "walking into" →
+   "walking out of"); for an action relation the phrase must be part of the lemma, so the agent
+   "by" of a passive ("ridden by") is never touched. Only the relation words change.
+2. *Replacements* (``replace.groups``): that spatial phrase replaced by each other phrase of a
+   group it is in; a group holds phrases that exclude each other in one scene, never synonyms.
+3. *Swap* subject and object, if the relation is not listed as symmetric (``swap.symmetric``,
+   matched against the lemma, its verb and the relation text) and is not an action written as a
+   preposition: the two noun phrases are exchanged in the text together with their determiners /
+   numbers / possessives, so "Two dogs are chasing a cat" → "A cat is chasing two dogs" (case of
+   the first word, a/an, and the copula or present-tense verb after the new first phrase are
+   fixed for its number).
+4. No candidate: the record is dropped ``no_negative`` (detail: why).
 
-**LLM** (``mode="llm"``): ``sapretrain.curation.llm.generate_negatives_llm`` writes the text;
+**LLM** (``mode="llm"``): ``sapretrain.curation.llm.generate_negatives_llm`` writes one candidate;
 ``None`` drops ``llm_failed``.
 
-**Validation** (both modes): the negative caption is parsed with the SVO extractor and kept only
-if one of its triplets fits. Subject and object match by head noun: the extractor's ``head``
-lemma or the span's last word (lowercased), either way. An *inverse* needs a triplet with the
-original subject and object and a relation lemma different from the original's; a *swap* needs
-the negative's subject = the original object and its object = the original subject (any
-relation); an *LLM* negative may be either (the inverse shape is preferred). The negative's
-``triplet`` is that re-extracted triplet. Otherwise the record is dropped ``negative_invalid``
-with detail ``no_triplet`` (nothing extracted), ``lost_subject`` (no triplet has the expected
-subject), ``lost_object`` (… and object) or ``same_relation``.
+**Validation** (both modes, every candidate): the negative caption is parsed with the SVO
+extractor and kept only if one of its triplets fits. Subject and object match by head noun: the
+extractor's ``head`` lemma or the span's last word (lowercased), either way. An *inverse* or
+*replace* needs a triplet with the original subject and object and a relation lemma different
+from the original's; a *swap* needs the negative's subject = the original object and its object
+= the original subject (any relation); an *LLM* negative may be either (the inverse shape is
+preferred). The negative's ``triplet`` is that re-extracted triplet. A record with no valid
+candidate is dropped ``negative_invalid`` with the first candidate's detail: ``no_triplet``
+(nothing extracted), ``lost_subject`` (no triplet has the expected subject), ``lost_object``
+(… and object), ``same_relation``, ``same_caption`` or ``unattested: <bigrams>`` (fluency).
+
+**Fluency** (``fluency``): a candidate that creates a word bigram that the chunk's captions and
+the ``fluency.corpus`` files never have, although both words are common enough that they should
+(``negeval.NgramStats.unattested``), is rejected: "standing under front of", "holding off".
+
+**Choice** (``refine``; ``negeval.refine_choices``): in a chunk with at least
+``refine.min_samples`` records with a valid candidate, the candidates are chosen jointly so that
+the summed text-feature difference between captions and negatives is as short as possible (a
+linear blind probe has nothing to learn), then probes cross-fitted over caption folds score each
+choice held out and the most detectable are dropped ``negative_detectable`` (detail ``blind
+margin M``) down to ``refine.max_blind_accuracy``, keeping at least ``refine.min_kept``. Smaller
+chunks take the candidate most plausible by the chunk's (subject, relation, object) counts.
+Everything is deterministic, so a resumed run writes the same output.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +86,37 @@ MODES = ("rules", "llm")
 
 
 @dataclass
+class ReplaceConfig:
+    groups: list[list[str]] = field(default_factory=list)  # mutually exclusive spatial phrases
+
+
+@dataclass
+class FluencyConfig:
+    enabled: bool = True
+    min_expected: float = 3.0  # an unseen new bigram is rejected when it was expected this often
+    corpus: list[str] = field(default_factory=list)  # extra caption files (JSONL "caption" or text lines)
+
+
+@dataclass
+class RefineConfig:
+    enabled: bool = True
+    encoder: str = "minilm+ngram"  # negeval encoder: ngram, minilm, a sentence-transformers folder, a+b
+    folds: int = 2
+    rounds: int = 3
+    max_blind_accuracy: float = 0.6
+    min_kept: float = 0.85  # of the chunk's samples with a valid candidate
+    min_samples: int = 200  # smaller chunks are not refined
+    device: str = "auto"
+
+
+@dataclass
 class NegativesConfig:
     spatial: LexiconConfig = field(default_factory=LexiconConfig)
     action: LexiconConfig = field(default_factory=LexiconConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)
+    fluency: FluencyConfig = field(default_factory=FluencyConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     model: str | None = None  # spaCy model for validation (default: svo.load_nlp's choice)
     batch_size: int = 256
 
@@ -78,7 +125,25 @@ def load_negatives_config(path: str | Path | None = DEFAULT_CONFIG, overrides: l
     cfg = load_config(NegativesConfig, path, overrides)
     lexicon_map(cfg.spatial, "spatial")
     lexicon_map(cfg.action, "action")
+    replacements(cfg.replace)
+    if cfg.refine.folds < 2:
+        raise ValueError("refine.folds must be at least 2 (a probe never scores its own training pairs)")
+    if not 0.5 <= cfg.refine.max_blind_accuracy <= 1.0 or not 0.0 <= cfg.refine.min_kept <= 1.0:
+        raise ValueError("refine.max_blind_accuracy must be in [0.5, 1] and refine.min_kept in [0, 1]")
     return cfg
+
+
+def replacements(cfg: ReplaceConfig) -> dict[str, list[str]]:
+    """Phrase → the other phrases of every group it is in (first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for group in cfg.groups:
+        phrases = [_norm(p) for p in group]
+        if len(phrases) < 2 or len(set(phrases)) != len(phrases):
+            raise ValueError(f"replace.groups: {group!r} needs at least two different phrases")
+        for p in phrases:
+            out.setdefault(p, [])
+            out[p] += [q for q in phrases if q != p and q not in out[p]]
+    return out
 
 
 # --------------------------------------------------------------------------- inflection
@@ -211,7 +276,7 @@ def is_plural(np_text: str, head: str | None = None) -> bool:
 @dataclass
 class Candidate:
     caption: str
-    method: str  # inverse | swap
+    method: str  # inverse | replace | swap
 
 
 class Rules:
@@ -222,7 +287,8 @@ class Rules:
         self.spatial, self.action = self.relations.spatial, self.relations.action
         self.prepositional = self.relations.prepositional
         self.swap_enabled = cfg.swap.enabled
-        phrases = sorted(self.spatial, key=len, reverse=True)
+        self.replace = replacements(cfg.replace)
+        phrases = sorted(set(self.spatial) | set(self.replace), key=len, reverse=True)
         self.spatial_re = re.compile(r"(?<![\w'])(" + "|".join(re.escape(p) for p in phrases) + r")(?![\w'])",
                                      re.IGNORECASE) if phrases else None
 
@@ -240,6 +306,39 @@ class Rules:
             return f"symmetric: {symmetric}"
         text = swap(caption, triplet)
         return Candidate(text, "swap") if text is not None else "overlapping spans"
+
+    def candidates(self, caption: str, triplet: dict) -> list[Candidate] | str:
+        """Every rule candidate, inverse first, then replacements, then the swap; or the reason
+        (``drop_detail``) why there is none."""
+        rel = triplet["rel"]
+        lemma = _norm(rel.get("lemma") or rel["text"])
+        out = []
+        text = self.inverse(caption, triplet, lemma)
+        if text is not None:
+            out.append(Candidate(text, "inverse"))
+        m = self._spatial_match(caption, rel["start"], rel["end"], lemma, rel.get("kind") == "action")
+        if m is not None:
+            for alt in self.replace.get(_norm(m.group(0)), []):
+                new = _fix_article(caption[: m.start()] + _match_case(m.group(0), alt) + caption[m.end():], m.start())
+                out.append(Candidate(new, "replace"))
+        why = "no inverse"
+        verb = lemma.split()[0] if lemma.split() else ""
+        if self.swap_enabled:
+            symmetric = self._symmetric(rel, lemma)
+            if symmetric:
+                why = f"symmetric: {symmetric}"
+            elif rel.get("kind") == "action" and not self._starts_with_verb(rel["text"], verb):
+                # An action written as a preposition ("a man in a white shirt", lemma "wear"):
+                # exchanging the phrases gives nonsense ("a white shirt in a man"), not a negative.
+                why = f"implied verb: {verb}"
+            else:
+                text = swap(caption, triplet)
+                if text is not None:
+                    out.append(Candidate(text, "swap"))
+                why = "overlapping spans"
+        seen: set[str] = {_norm(caption)}
+        unique = [c for c in out if not (_norm(c.caption) in seen or seen.add(_norm(c.caption)))]
+        return unique or why
 
     def _symmetric(self, rel: dict, lemma: str) -> str | None:
         return self.relations.symmetric_key(lemma, rel["text"], rel.get("kind") == "action")
@@ -306,17 +405,27 @@ class Rules:
             out = out[:s] + new + out[e:]
         return _fix_article(out, edits[0][0]) if edits[0][0] == words[0].start() else out
 
-    def _replace_spatial(self, caption: str, start: int, end: int, lemma: str, action: bool) -> str | None:
+    def _spatial_match(self, caption: str, start: int, end: int, lemma: str, action: bool,
+                       table: dict | None = None) -> re.Match | None:
+        """The relation's last, longest spatial phrase of ``table`` (default: the lexicon and the
+        replacement groups) inside ``caption[start:end]``."""
         if self.spatial_re is None:
             return None
         matches = list(self.spatial_re.finditer(caption, start, end))
+        if table is not None:
+            matches = [m for m in matches if _norm(m.group(0)) in table]
         if action:
             # Only a preposition that belongs to the relation (not the agent "by" of a passive).
             verbless = " ".join(lemma.split()[1:])
             matches = [m for m in matches if re.search(rf"(?<!\S){re.escape(_norm(m.group(0)))}(?!\S)", verbless)]
         if not matches:
             return None
-        m = max(matches, key=lambda m: (m.end(), m.end() - m.start()))
+        return max(matches, key=lambda m: (m.end(), m.end() - m.start()))
+
+    def _replace_spatial(self, caption: str, start: int, end: int, lemma: str, action: bool) -> str | None:
+        m = self._spatial_match(caption, start, end, lemma, action, self.spatial)
+        if m is None:
+            return None
         new = _match_case(m.group(0), self.spatial[_norm(m.group(0))])
         return _fix_article(caption[: m.start()] + new + caption[m.end():], m.start())
 
@@ -391,7 +500,7 @@ def validate(original: dict, triplets: list[dict], method: str) -> dict | str:
     if not triplets:
         return "no_triplet"
     subj, obj, rel = original["subj"], original["obj"], _rel_key(original["rel"])
-    shapes = {"inverse": [(subj, obj, True)], "swap": [(obj, subj, False)],
+    shapes = {"inverse": [(subj, obj, True)], "replace": [(subj, obj, True)], "swap": [(obj, subj, False)],
               "llm": [(subj, obj, True), (obj, subj, False)]}[method]
     worst = 0  # 0 lost_subject, 1 lost_object, 2 same_relation
     for want_subj, want_obj, need_new_rel in shapes:
@@ -441,6 +550,8 @@ class NegativeStage:
         self.rules = Rules(cfg)
         self.nlp = None
         self.client = None
+        self.encoder = None  # refinement's blind probe encoder, made on first use
+        self.corpus = None   # NgramStats of fluency.corpus, read in setup
 
     def fingerprint(self) -> dict:
         out: dict[str, Any] = {"mode": self.mode, "config": asdict(self.cfg)}
@@ -455,6 +566,10 @@ class NegativeStage:
 
         if self.nlp is None:
             self.nlp = load_nlp(self.cfg.model)
+        if self.cfg.fluency.enabled and self.cfg.fluency.corpus and self.corpus is None:
+            from sapretrain.curation.negeval import NgramStats, read_captions
+
+            self.corpus = NgramStats(read_captions(self.cfg.fluency.corpus))
         if self.mode == "llm" and self.client is None:
             from sapretrain.curation import llm
 
@@ -463,10 +578,9 @@ class NegativeStage:
             self.client = llm.LLMClient(llm_cfg)
 
     def process(self, records: list[dict]) -> list[dict]:
-        if self.nlp is None:
-            self.setup()
+        self.setup()  # idempotent: loads only what is missing
         out: list[dict] = [dict(r) for r in records]
-        todo: list[tuple[int, str, str]] = []  # (index, negative caption, method)
+        todo: list[tuple[int, str, str]] = []  # (index, negative caption, method), candidates in order
         usable = []
         for i, r in enumerate(out):
             problem = check_record(r)
@@ -476,11 +590,11 @@ class NegativeStage:
                 usable.append(i)
         if self.mode == "rules":
             for i in usable:
-                cand = self.rules.candidate(out[i]["caption"], out[i]["triplet"])
-                if isinstance(cand, str):
-                    out[i].update(drop_reason="no_negative", drop_detail=cand)
+                cands = self.rules.candidates(out[i]["caption"], out[i]["triplet"])
+                if isinstance(cands, str):
+                    out[i].update(drop_reason="no_negative", drop_detail=cands)
                 else:
-                    todo.append((i, cand.caption, cand.method))
+                    todo += [(i, c.caption, c.method) for c in cands]
         else:
             from sapretrain.curation.llm import generate_negatives_llm
 
@@ -492,22 +606,98 @@ class NegativeStage:
                     out[i].update(drop_reason="llm_failed")
                 else:
                     todo.append((i, text.strip(), "llm"))
+        valid = self._validate(out, todo)
+        self._choose(out, valid)
+        return out
+
+    def _validate(self, out: list[dict], todo: list[tuple[int, str, str]]) -> dict[int, list[tuple[str, str, dict]]]:
+        """Per record index, its candidates that re-parse to a fitting triplet and are fluent, as
+        (caption, method, triplet); a record left with none gets the first candidate's failure."""
+        from sapretrain.curation.negeval import NgramStats
         from sapretrain.curation.svo import extract_triplets
 
+        stats = None
+        if self.cfg.fluency.enabled:
+            stats = NgramStats(dict.fromkeys(r["caption"] for r in out if isinstance(r.get("caption"), str)))
+            if self.corpus is not None:
+                stats = stats + self.corpus
+        valid: dict[int, list[tuple[str, str, dict]]] = {}
+        failure: dict[int, dict] = {}
         docs = self.nlp.pipe([c for _, c, _ in todo], batch_size=self.cfg.batch_size)
         for (i, caption, method), doc in zip(todo, docs):
             r = out[i]
             if _norm(caption) == _norm(r["caption"]):
-                r.update(drop_reason="negative_invalid", drop_detail="same_caption", negative_caption=caption)
+                failure.setdefault(i, dict(drop_reason="negative_invalid", drop_detail="same_caption",
+                                           negative_caption=caption))
                 continue
             found = validate(r["triplet"], extract_triplets(doc), method)
             if isinstance(found, str):
-                r.update(drop_reason="negative_invalid", drop_detail=found, negative_caption=caption,
-                         negative_method=method)
-            else:
-                r["negative"] = {"caption": caption, "triplet": found}
-                r["negative_method"] = method
-        return out
+                failure.setdefault(i, dict(drop_reason="negative_invalid", drop_detail=found,
+                                           negative_caption=caption, negative_method=method))
+                continue
+            bad = stats.unattested(caption, r["caption"], self.cfg.fluency.min_expected) if stats else []
+            if bad:
+                failure.setdefault(i, dict(drop_reason="negative_invalid", negative_caption=caption,
+                                           negative_method=method,
+                                           drop_detail="unattested: " + ", ".join(" ".join(b) for b in bad)))
+                continue
+            valid.setdefault(i, []).append((caption, method, found))
+        for i, why in failure.items():
+            if i not in valid:
+                out[i].update(why)
+        return valid
+
+    def _choose(self, out: list[dict], valid: dict[int, list[tuple[str, str, dict]]]) -> None:
+        """Pick one candidate per record: the most plausible by the chunk's (subject, relation,
+        object) counts, then (``refine``) the hardest for a cross-fitted blind probe; drop the most
+        detectable (``negative_detectable``) down to ``refine.max_blind_accuracy``."""
+        svo = SvoCounts(r["triplet"] for r in out if r.get("drop_reason") != "bad_record")
+        order = sorted(valid)
+        cands = {i: sorted(valid[i], key=lambda c: -svo.plausibility(c[2])) for i in order}
+        choice = {i: 0 for i in order}
+        refine = self.cfg.refine
+        if refine.enabled and len(order) >= max(refine.min_samples, refine.folds):
+            from sapretrain.curation.negeval import drop_most_detectable, make_encoder, refine_choices
+
+            if self.encoder is None:
+                self.encoder = make_encoder(refine.encoder, refine.device)
+            picked, m = refine_choices([out[i]["caption"] for i in order], [[c[0] for c in cands[i]] for i in order],
+                                       self.encoder, refine.folds, refine.rounds)
+            choice = dict(zip(order, picked))
+            for k in drop_most_detectable(m, refine.max_blind_accuracy, refine.min_kept):
+                i = order[k]
+                caption, method, _ = cands[i][choice[i]]
+                out[i].update(drop_reason="negative_detectable", drop_detail=f"blind margin {m[k]:.2f}",
+                              negative_caption=caption, negative_method=method)
+        for i in order:
+            if "drop_reason" in out[i]:
+                continue
+            caption, method, found = cands[i][choice[i]]
+            out[i]["negative"] = {"caption": caption, "triplet": found}
+            out[i]["negative_method"] = method
+
+
+class SvoCounts:
+    """(subject, relation, object) head counts of a chunk's triplets: how plausible a rewrite is."""
+
+    def __init__(self, triplets):
+        self.sro, self.sr, self.ro = Counter(), Counter(), Counter()
+        for t in triplets:
+            s, r, o = _head(t["subj"]), _rel_key(t["rel"]), _head(t["obj"])
+            self.sro[s, r, o] += 1
+            self.sr[s, r] += 1
+            self.ro[r, o] += 1
+
+    def plausibility(self, t: dict) -> float:
+        s, r, o = _head(t["subj"]), _rel_key(t["rel"]), _head(t["obj"])
+        return math.log1p(self.sro[s, r, o]) + 0.5 * (math.log1p(self.sr[s, r]) + math.log1p(self.ro[r, o]))
+
+
+def _head(span: dict) -> str:
+    if span.get("head"):
+        return str(span["head"]).lower()
+    words = WORD.findall(span.get("text", "").lower())
+    return words[-1] if words else ""
 
 
 def method_counts(records) -> dict[str, int]:

@@ -281,15 +281,12 @@ def bootstrap_ci(correct: np.ndarray, groups: Sequence[str], n_boot: int = 1000,
 
 
 def refine_choices(captions: Sequence[str], candidates: Sequence[Sequence[str]], encoder, folds: int = 2,
-                   rounds: int = 3, c: float = 1.0,
-                   extra: tuple[Sequence[float], Sequence[Sequence[float]]] | None = None) -> tuple[list[int], np.ndarray]:
+                   rounds: int = 3, c: float = 1.0) -> tuple[list[int], np.ndarray]:
     """Adversarial refinement of one negative per caption among its ``candidates`` (first =
     preferred). A linear probe learns the mean direction of ``f(caption) − f(negative)``; so the
     choices are balanced, by coordinate descent over the captions for ``rounds`` passes, to make
     the summed difference ``S = Σ f(caption) − f(choice)`` as short as possible (each caption takes
-    the candidate that minimises ``|S|`` given the others; ties: the earlier one). ``extra`` =
-    (one score per caption, one per candidate), e.g. a plausibility, is one more feature column,
-    balanced and probed like the others. Returns (choice per caption, held-out margins of the
+    the candidate that minimises ``|S|`` given the others; ties: the earlier one). Returns (choice per caption, held-out margins of the
     choices from probes cross-fitted over ``folds``, grouped by caption)."""
     import scipy.sparse as sp
 
@@ -305,10 +302,6 @@ def refine_choices(captions: Sequence[str], candidates: Sequence[Sequence[str]],
     offset = np.r_[0, np.cumsum([len(cands) for cands in candidates])]
     cap_rows = feats[[index[t] for t in captions]]                       # (N, d)
     cand_rows = feats[[index[t] for cands in candidates for t in cands]]  # (C, d)
-    if extra is not None:
-        cap_rows = sp.hstack([cap_rows, sp.csr_matrix(np.asarray(extra[0], float)[:, None])]).tocsr()
-        flat_extra = np.array([v for vs in extra[1] for v in vs], float)
-        cand_rows = sp.hstack([cand_rows, sp.csr_matrix(flat_extra[:, None])]).tocsr()
     diffs = (cap_rows[owner] - cand_rows).tocsr()  # (C, d): one row per candidate
     sq = np.asarray(diffs.multiply(diffs).sum(axis=1)).ravel()
     choice = np.zeros(n, dtype=int)
