@@ -26,20 +26,24 @@ def plot_report(reports: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    methods = list(next(iter(reports.values()))["methods"])
+    first = next(iter(reports.values()))
+    methods = ["all"] + list(first["methods"])
+
+    def row(rep: dict, m: str) -> dict:
+        return rep["overall"] if m == "all" else rep["methods"][m]
+
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods) + 2), 3.6))
     width = 0.8 / len(reports)
     for k, (enc, rep) in enumerate(reports.items()):
-        acc = np.array([rep["methods"][m]["blind_accuracy"] for m in methods])
-        ci = np.array([rep["methods"][m]["ci95"] for m in methods])
+        acc = np.array([row(rep, m)["blind_accuracy"] for m in methods])
+        ci = np.array([row(rep, m)["ci95"] for m in methods])
         x = np.arange(len(methods)) + (k - (len(reports) - 1) / 2) * width
         ax.bar(x, acc, width, yerr=[acc - ci[:, 0], ci[:, 1] - acc], capsize=3, label=enc)
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(len(methods)), [f"{m}\n(n={reports[next(iter(reports))]['methods'][m]['pairs']})"
-                                             for m in methods], fontsize=8)
+    ax.set_xticks(np.arange(len(methods)), [f"{m}\n(n={row(first, m)['pairs']})" for m in methods], fontsize=8)
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("blind pairwise accuracy")
-    ax.set_title("Can the negative be told apart without the image? (0.5 = no)")
+    ax.set_title("Negative told apart without the image (0.5 = no shortcut)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
