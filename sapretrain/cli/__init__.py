@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-filter": ("sapretrain.cli.eval_filter:main", "the filter vs the extractor alone and baselines on held-out FACTUAL"),
     "filter-triplets": ("sapretrain.cli.filter_triplets:main", "score triplets with the filter, drop the low ones"),
     "make-negatives": ("sapretrain.cli.make_negatives:main", "samples -> the same plus a negative caption"),
+    "eval-negatives": ("sapretrain.cli.eval_negatives:main", "can the negatives be told apart without the image? (blind probe)"),
     "detect-rois": ("sapretrain.cli.detect_rois:main", "samples -> the same plus subject / object boxes"),
     "make-positives": ("sapretrain.cli.make_positives:main", "samples -> the same plus a positive partner"),
     "make-shards": ("sapretrain.cli.make_shards:main", "curated manifest + images -> WebDataset tar shards"),
