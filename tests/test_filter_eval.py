@@ -261,5 +261,6 @@ def test_eval_filter_on_a_trained_model(nlp, tiny_base, small_factual, tmp_path,
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     saved = json.loads((tmp_path / "model" / "filter_config.json").read_text())
     assert report["mode"] == "model" and report["filter"]["threshold"] == pytest.approx(saved["threshold"])
+    assert "auc" in report["filter"]
     test_triplets = sum(1 for r in labels if r["image_id"] in images[2])
     assert report["extractor"]["extracted"] == test_triplets > 0

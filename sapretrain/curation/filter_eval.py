@@ -438,7 +438,8 @@ def evaluate_model(cases: list[Case], model_dir: str, device: str = "auto", prog
     report = evaluate_split(split, scores, rule, min_precision)
     test = split["test"]
     threshold = float(saved["threshold"])
-    report["filter"] = {"threshold": threshold, **relation_pr(test, keep_masks(test, scores["test"], threshold))}
+    report["filter"] = {"threshold": threshold, **relation_pr(test, keep_masks(test, scores["test"], threshold)),
+                        "auc": triplet_auc(test, scores["test"])}
     report["random_at_filter_yield"] = random_keep(test, report["filter"]["kept_fraction"])
     prior = relation_prior(split["train"])
     report["curves"] = _curves(test, {"filter": scores["test"], "relation_prior": [prior(c) for c in test],
