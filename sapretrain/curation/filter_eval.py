@@ -24,9 +24,12 @@ the triplet labels is reported per fold.
 **Cross-fitting** (``cross_fit``): captions go to ``k`` folds by a stable hash of their Visual
 Genome image (``image_id``, else the caption: the region captions of one image describe the same
 objects in near-identical words, so they stay in one fold; the hash ignores file order); fold
-``i`` is scored by a model trained on the other folds, whose threshold is chosen on a held-out share of those folds
-(``val_fraction``), so every caption is scored by a model that never saw it and the threshold
-never sees the fold it is applied to. Baselines get the same folds and the same threshold rule:
+``i`` is scored by a model trained on the other folds, whose threshold is chosen on a held-out
+share of those folds (``val_fraction``), so every caption is scored by a model that never saw it
+and the threshold never sees the fold it is applied to. Pooled numbers sum the folds' counts at
+their own thresholds; the pooled curves of learned scores use rank fractions within each fold
+(``fold_ranks``: the fold models are not calibrated to each other). Baselines get the same folds
+and the same threshold rule:
 ``relation_prior`` (the training folds' rate of correct triplets for the same relation lemma,
 backed off to the relation kind: counts, no learning), ``caption_length`` (shorter captions
 first) and ``random`` (a random keep at the filter's kept fraction, averaged over draws).
