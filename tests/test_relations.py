@@ -59,7 +59,7 @@ def test_curation_negative_for_a_resolved_relation():
     triplet = {"subj": {"text": "cat", "start": 2, "end": 5},
                "rel": {"text": "off", "start": 6, "end": 9, "kind": "spatial", "lemma": "off"},
                "obj": {"text": "table", "start": 14, "end": 19}}
-    cand = Rules(load_negatives_config()).candidate(caption, triplet)
+    cand = Rules(load_negatives_config()).candidates(caption, triplet)[0]
     assert (cand.caption, cand.method) == ("a cat on the table", "inverse")
 
 

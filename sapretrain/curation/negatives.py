@@ -292,21 +292,6 @@ class Rules:
         self.spatial_re = re.compile(r"(?<![\w'])(" + "|".join(re.escape(p) for p in phrases) + r")(?![\w'])",
                                      re.IGNORECASE) if phrases else None
 
-    def candidate(self, caption: str, triplet: dict) -> Candidate | str:
-        """A ``Candidate``, or the reason (``drop_detail``) why there is none."""
-        rel = triplet["rel"]
-        lemma = _norm(rel.get("lemma") or rel["text"])
-        text = self.inverse(caption, triplet, lemma)
-        if text is not None:
-            return Candidate(text, "inverse")
-        if not self.swap_enabled:
-            return "no inverse"
-        symmetric = self._symmetric(rel, lemma)
-        if symmetric:
-            return f"symmetric: {symmetric}"
-        text = swap(caption, triplet)
-        return Candidate(text, "swap") if text is not None else "overlapping spans"
-
     def candidates(self, caption: str, triplet: dict) -> list[Candidate] | str:
         """Every rule candidate, inverse first, then replacements, then the swap; or the reason
         (``drop_detail``) why there is none."""
