@@ -15,13 +15,16 @@ never reads the relation (so boxes cannot leak the label). ``rule``:
   the synonyms: "man" / "person") or 2 (hypernym: "animal" / "dog"), up to ``max_level``;
   without one, only the same lowercase name (VSR: subject and object are COCO category names).
   Of the (subject, object) pairs that are not one instance (IoU >= ``same_instance_iou``; None:
-  only the same detection), the first by (sum of levels, subject level, larger subject box,
-  larger object box) wins: when both parts name one category the subject gets the largest
-  instance and the object the next. ``same_category=False`` refuses such pairs. None:
+  only the same detection), the first by (sum of levels, modifier fit, subject level, larger
+  subject box, larger object box) wins: when both parts name one category the subject gets the
+  largest instance and the object the next. The modifier fit (with ``texts``, the parts' whole
+  texts) counts the words of a class name besides its noun that the part also says: a detector
+  whose classes are "red cube" / "blue cube" gives "the red block" the red one whatever the
+  sizes (COCO's names have no such words). ``same_category=False`` refuses such pairs. None:
   ``no_box`` (a part matches nothing) or ``same_box`` (both only match one instance).
 - ``"largest"`` (DoTA: one pair per frame for many descriptions, so no nouns): only ``classes``
   count; the subject is the largest of ``subject_classes`` (else the largest), the object the
-  largest other. The descriptions are about the road users nearest the camera, the largest.
+  largest other that is not the subject's box again (IoU < 0.7). The descriptions are about the road users nearest the camera, the largest.
 - ``"attributes"`` (the synthetic scenes' detector, whose classes are "colour shape"): the
   parts' texts and the class names are read by ``attributes`` (text -> ``{"shape", "color",
   "size", ...}``); overlapping detections (IoU >= 0.7) merge into one instance with every label;
@@ -265,16 +268,18 @@ def choose_boxes(detections: Iterable, subj: str | None = None, obj: str | None 
                  matcher: NounMatcher | None = None, max_level: int = 2, same_instance_iou: float | None = 0.9,
                  same_category: bool = True, classes: Iterable[str] | None = None,
                  subject_classes: Iterable[str] = (), attributes: Callable[[str], dict] | None = None,
-                 width: float | None = None, height: float | None = None) -> Choice:
+                 width: float | None = None, height: float | None = None,
+                 texts: Mapping[str, str] | None = None) -> Choice:
     """Subject and object boxes among ``detections`` by ``rule`` (see the module doc). ``subj`` /
     ``obj``: nouns as ``matcher.noun`` gives them ("nouns"), the parts' texts ("attributes"),
-    unused ("largest")."""
+    unused ("largest"). ``texts`` ("nouns"): the parts' whole texts ({"subj", "obj"}), for the
+    class names' modifier words ("red" of "red cube")."""
     dets = [as_detection(d) for d in detections]
     if rule == "nouns":
         if not subj or not obj:
             raise ValueError("rule 'nouns' needs the subject and object nouns")
         return _by_nouns(dets, {"subj": subj, "obj": obj}, matcher or _ExactNames(), max_level,
-                         same_instance_iou, same_category)
+                         same_instance_iou, same_category, texts)
     whole = None if width is None or height is None else [0.0, 0.0, float(width), float(height)]
     if rule == "largest":
         return _largest(dets, None if classes is None else frozenset(classes), frozenset(subject_classes), whole)
@@ -285,13 +290,28 @@ def choose_boxes(detections: Iterable, subj: str | None = None, obj: str | None 
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 
 
+def modifiers(name: str, noun: str) -> frozenset[str]:
+    """The words of a class or object name besides its noun: ``{"red"}`` of "red cube" (COCO's
+    names are all nouns, "traffic light" included, so they have none)."""
+    return frozenset(WORD.findall(str(name).lower())) - frozenset(noun.split())
+
+
+def _fit(mods: frozenset[str], text: str | None) -> int:
+    """How many of a name's modifier words the part's text also says ("red cube" / "the red block": 1)."""
+    return len(mods & frozenset(WORD.findall(text.lower()))) if mods and text else 0
+
+
 def _by_nouns(dets: list[Detection], nouns: dict[str, str], matcher, max_level: int,
-              same_instance_iou: float | None, same_category: bool) -> Choice:
+              same_instance_iou: float | None, same_category: bool,
+              texts: Mapping[str, str] | None = None) -> Choice:
     names = [matcher.noun(d.name) for d in dets]
+    mods = [modifiers(d.name, n) for d, n in zip(dets, names)]
+    texts = texts or {}
     cands = {}
     for part in PARTS:
-        # (level, -area, index): best match first, then the larger box
-        found = [(lvl, -area(d.box), i) for i, d in enumerate(dets)
+        # (level, -fit, -area, index): best match first, then the name whose modifiers the part
+        # says ("red cube" for "the red block" before "blue cube"), then the larger box
+        found = [(lvl, -_fit(mods[i], texts.get(part)), -area(d.box), i) for i, d in enumerate(dets)
                  if (lvl := matcher.level(nouns[part], names[i])) is not None and lvl <= max_level]
         cands[part] = sorted(found)
     missing = [p for p in PARTS if not cands[p]]
@@ -301,13 +321,13 @@ def _by_nouns(dets: list[Detection], nouns: dict[str, str], matcher, max_level: 
         return Choice(None, "no_box", f"{detail} among [{seen}]")
     cats = [matcher.category.get(n, n) for n in names]
     best = None
-    for ls, neg_s, i in cands["subj"]:
-        for lo, neg_o, j in cands["obj"]:
+    for ls, fs, neg_s, i in cands["subj"]:
+        for lo, fo, neg_o, j in cands["obj"]:
             if i == j or (same_instance_iou is not None and iou(dets[i].box, dets[j].box) >= same_instance_iou):
                 continue
             if not same_category and cats[i] == cats[j]:
                 continue
-            rank = (ls + lo, ls, neg_s, neg_o, i, j)
+            rank = (ls + lo, fs + fo, ls, neg_s, neg_o, i, j)
             if best is None or rank < best:
                 best = rank
     if best is None:
@@ -334,7 +354,9 @@ def _largest(dets: list[Detection], classes: frozenset | None, subject_classes: 
     if not kept:
         return _fill({}, whole)
     subject = next((i for i, d in enumerate(kept) if d.name in subject_classes), 0)
-    rest = [d for i, d in enumerate(kept) if i != subject]
+    # another object, not the subject again under a second label (NMS is per class: a detector
+    # often reports one vehicle as both "car" and "truck")
+    rest = [d for i, d in enumerate(kept) if i != subject and iou(d.box, kept[subject].box) < SAME_INSTANCE_IOU]
     found = {"subj": list(kept[subject].box)}
     if rest:
         found["obj"] = list(rest[0].box)
@@ -420,8 +442,9 @@ def find_boxes(detector: Callable, images: Any, subj: str | Sequence[str], obj: 
     classes = sorted({n for pair in nouns for n in pair if n})
     found = detector(images, classes) if images else []
     out = []
-    for image, dets, (s, o) in zip(images, found, nouns):
-        choice = choose_boxes(clip_detections(dets, image.width, image.height, min_size), s, o, matcher=matcher, **rule)
+    for image, dets, (s, o), texts in zip(images, found, nouns, zip(subjs, objs)):
+        choice = choose_boxes(clip_detections(dets, image.width, image.height, min_size), s, o, matcher=matcher,
+                              texts=dict(zip(PARTS, texts)), **rule)
         choice.source = "detector"
         out.append(choice)
     return out[0] if single else out

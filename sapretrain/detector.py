@@ -225,19 +225,42 @@ class Detection:
     score: float = 1.0
 
 
+def trained_imgsz(model) -> int:
+    """The input size a loaded YOLO was trained at (its checkpoint's ``train_args.imgsz``, which
+    ultralytics keeps in ``model.overrides``); 640, ultralytics' default, when it does not say."""
+    size = getattr(model, "overrides", {}).get("imgsz")
+    if isinstance(size, (list, tuple)) and size:
+        size = max(size)
+    return int(size) if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0 else 640
+
+
 class YoloDetector:
     """An ultralytics YOLO (v8/11, or YOLO-World when "world" is in the weights' name), batched.
 
     ``detector(images, classes=None)`` -> per image a list of ``Detection``; ``classes`` sets an
     open-vocabulary model's classes (kept until other classes are asked for), a closed one ignores it.
+    ``names``: the model's class names (a closed model only ever returns these). ``imgsz`` None:
+    the size the weights were trained at (``trained_imgsz``): a detector trained on 160 px scenes
+    finds nothing when its input is scaled to 640 px. ``agnostic``: one class per object
+    (ultralytics' class-agnostic NMS). Its default NMS is per class, so an object the model is
+    unsure of comes back under two names ("cube" and "sphere", "car" and "truck"), and a caption
+    naming both would get that one object as its subject and its object.
     """
 
-    def __init__(self, weights: str | os.PathLike = DEFAULT_WEIGHTS, conf: float = 0.25, imgsz: int = 640,
-                 batch: int = 16, device: str | None = None):
+    def __init__(self, weights: str | os.PathLike = DEFAULT_WEIGHTS, conf: float = 0.25, imgsz: int | None = None,
+                 batch: int = 16, device: str | None = None, agnostic: bool = True):
         self.model = load_yolo(weights)  # checked, restricted unpickling; bare names never from the cwd
+        self.weights = str(weights)
         self.open_vocab = "world" in Path(str(weights)).name.lower()
-        self.conf, self.imgsz, self.batch, self.device = conf, imgsz, batch, device
+        self.imgsz = int(imgsz) if imgsz else trained_imgsz(self.model)
+        self.conf, self.batch, self.device, self.agnostic = conf, max(1, int(batch)), device, bool(agnostic)
         self._classes: list[str] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Class names, in the model's class order (an open-vocabulary model: the classes last set)."""
+        names = self.model.names
+        return [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
 
     def __call__(self, images: Sequence[Any], classes: Sequence[str] | None = None) -> list[list[Detection]]:
         if self.open_vocab and classes and list(classes) != self._classes:
@@ -246,7 +269,7 @@ class YoloDetector:
         if not images:
             return []
         results = self.model.predict(list(images), batch=self.batch, conf=self.conf, imgsz=self.imgsz,
-                                     device=self.device, verbose=False)
+                                     device=self.device, agnostic_nms=self.agnostic, verbose=False)
         out = []
         for result in results:
             names, boxes = result.names, result.boxes

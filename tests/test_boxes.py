@@ -12,6 +12,7 @@ from sapretrain.boxes import (
     clip_detections,
     default_matcher,
     find_boxes,
+    modifiers,
 )
 from sapretrain.detector import Detection
 
@@ -65,6 +66,24 @@ def test_largest_prefers_a_vehicle_and_ignores_other_classes():
     assert one.boxes == {"subj": [0, 0, 40, 30], "obj": [0.0, 0.0, 64.0, 36.0]} and one.how["obj"] == "missing"
     # Without a frame size a missing part is no pair.
     assert choose_boxes(dets[:1], rule="largest", classes=road).boxes is None
+
+
+def test_nouns_class_modifiers_pick_the_named_one():
+    """A detector whose classes are "colour shape": the noun is the shape, the colour a modifier."""
+    matcher = default_matcher()
+    dets = [det("red cube", [0, 0, 10, 10]), det("blue cube", [50, 0, 90, 40]), det("red sphere", [100, 0, 120, 20])]
+    nouns = dict(subj=matcher.noun("red block"), obj=matcher.noun("cube"))
+    assert nouns == {"subj": "block", "obj": "cube"}
+    by_size = choose_boxes(dets, nouns["subj"], nouns["obj"], matcher=matcher)
+    assert by_size.boxes == {"subj": [50, 0, 90, 40], "obj": [0, 0, 10, 10]}  # no texts: the larger cube
+    named = choose_boxes(dets, nouns["subj"], nouns["obj"], matcher=matcher, texts={"subj": "red block", "obj": "cube"})
+    assert named.boxes == {"subj": [0, 0, 10, 10], "obj": [50, 0, 90, 40]}  # "red" picks the red cube
+    ball = choose_boxes(dets, matcher.noun("ball"), matcher.noun("blue cube"), matcher=matcher,
+                        texts={"subj": "ball", "obj": "blue cube"})
+    assert ball.boxes == {"subj": [100, 0, 120, 20], "obj": [50, 0, 90, 40]}  # ball -> sphere (hypernym)
+    # COCO's names are nouns only: nothing changes for them
+    assert modifiers("traffic light", matcher.noun("traffic light")) == frozenset()
+    assert modifiers("red cube", "cube") == {"red"}
 
 
 # ---- rule "attributes" (the synthetic scenes' detector)
@@ -133,3 +152,5 @@ def test_yolo_detector_returns_detections(tmp_path):
     found = detector([Image.new("RGB", (64, 48), (120, 90, 60))] * 2)
     assert len(found) == 2 and all(isinstance(d, Detection) for dets in found for d in dets)
     assert not detector.open_vocab and detector([]) == []
+    # untrained weights say no training size: ultralytics' 640; class names from the model
+    assert YoloDetector("yolov8n.yaml").imgsz == 640 and detector.names == [str(i) for i in range(80)]

@@ -85,7 +85,9 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="unknown config key"):
         load_roi_config(None, ["detector.weigths=x.pt"])
     cfg = load_roi_config()
-    assert len(cfg.synonyms) == 80 and cfg.detector.fallback_for_gt_sources is False
+    # COCO's 80 categories and the synthetic scenes' two shapes
+    assert len(cfg.synonyms) == 82 and {"cube", "sphere"} <= set(cfg.synonyms)
+    assert cfg.detector.fallback_for_gt_sources is False and cfg.detector.imgsz is None
 
 
 # ---------------------------------------------------------------------------------------------

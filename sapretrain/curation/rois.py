@@ -23,9 +23,11 @@ and not at all otherwise. Crowd boxes and boxes under ``min_box_size`` after cli
 are never candidates.
 
 **Choice** (``sapretrain.boxes.choose_boxes``, rule ``nouns``). Among all (subject box, object box) pairs of candidates that are not one instance
-(not the same box, IoU < ``same_instance_iou``), the first by (sum of levels, subject level,
-larger subject box, larger object box) wins: the best-matching names, then the largest subject
-box, then the largest object box left. So when both parts name one category ("a man next to a
+(not the same box, IoU < ``same_instance_iou``), the first by (sum of levels, modifier fit,
+subject level, larger subject box, larger object box) wins: the best-matching names, then the
+names whose other words the parts say (a detector's "red cube" for "the red block", not "blue
+cube"; COCO's names have no such words), then the largest subject box, then the largest object
+box left. So when both parts name one category ("a man next to a
 woman") the subject gets the largest instance and the object the next largest; the caption does
 not say which is which, and using the relation's direction to decide would leak the label into
 the boxes. ``same_category: false`` drops such samples instead.
@@ -35,7 +37,10 @@ sample is dropped, or, with ``detector.fallback_for_gt_sources``, both boxes com
 detector (one source per sample, so ``box_source`` is one value). Records without ``objects`` use
 the detector (``detector.enabled``). Detections are made once per image per chunk, in batches of
 ``detector.batch`` images; for YOLO-World weights (name contains "world") the classes of each
-batch are set to the nouns of its samples.
+batch are set to the nouns of its samples. Class names are the model's own (``names``); images
+go in at the size the weights were trained at unless ``detector.imgsz`` says otherwise; NMS is
+class-agnostic (``detector.agnostic``), so an object the model is unsure of is not reported
+under two names that a caption's two parts would then both take.
 
 **Drops** (``drop_reason``; ``drop_detail`` says which part and what was there): ``no_box`` (a
 part has no candidate), ``same_box`` (both parts only match one instance), ``unreadable_image``,
@@ -68,9 +73,10 @@ class DetectorConfig:
     weights: str = "yolov8n.pt"  # ultralytics .pt (YOLOv8/YOLO11; "world" in the name: YOLO-World); a bare
     # name is looked up in sapretrain.detector.weights_dir(), never the working directory
     conf: float = 0.25
-    imgsz: int = 640
+    imgsz: int | None = None  # None: the size the weights were trained at (a 160 px model sees nothing at 640)
     batch: int = 16  # images per predict call
     device: str | None = None
+    agnostic: bool = True  # one class per object (class-agnostic NMS): no object under two names
 
 
 @dataclass
@@ -92,10 +98,17 @@ def load_roi_config(path: str | Path | None = None, overrides: list[str] | None 
 # Boxes (nouns and the choice rule: sapretrain.boxes, rule "nouns")
 
 
-def choose(matcher: NounMatcher, nouns: dict[str, str], instances: list, cfg: RoiConfig) -> Choice:
-    """Subject and object boxes among ``instances`` (clipped, crowd-free) by ``cfg``'s rule."""
-    return choose_boxes(instances, nouns["subj"], nouns["obj"], matcher=matcher,
+def choose(matcher: NounMatcher, nouns: dict[str, str], instances: list, cfg: RoiConfig,
+           texts: dict[str, str] | None = None) -> Choice:
+    """Subject and object boxes among ``instances`` (clipped, crowd-free) by ``cfg``'s rule;
+    ``texts``: the parts' whole texts, whose words pick among names with modifiers ("red cube")."""
+    return choose_boxes(instances, nouns["subj"], nouns["obj"], matcher=matcher, texts=texts,
                         same_instance_iou=cfg.same_instance_iou, same_category=cfg.same_category)
+
+
+def part_texts(record: dict) -> dict[str, str]:
+    """The subject's and object's texts of a record ``RoiStage.nouns`` accepted."""
+    return {part: record["triplet"][part]["text"] for part in PARTS}
 
 
 def gt_instances(objects: list, width, height, min_size: float) -> list[dict]:
@@ -183,7 +196,7 @@ class RoiStage:
         if self._detector is None:
             d = self.cfg.detector
             try:
-                self._detector = YoloDetector(d.weights, d.conf, d.imgsz, d.batch, d.device)
+                self._detector = YoloDetector(d.weights, d.conf, d.imgsz, d.batch, d.device, d.agnostic)
             except DetectorError as e:
                 raise type(e)(f"{e} (or detector.enabled=false)") from None
         return self._detector
@@ -231,7 +244,8 @@ class RoiStage:
                 w, h = sizes[ref]
                 record = {**record, "width": w, "height": h}
                 records[k] = record
-            choice = choose(self.matcher, nouns, self._gt(gt_seen, record.get("image"), objects, w, h), self.cfg)
+            choice = choose(self.matcher, nouns, self._gt(gt_seen, record.get("image"), objects, w, h), self.cfg,
+                            part_texts(record))
             if choice.boxes is not None:
                 out[k] = {**record, "boxes": choice.boxes, "box_source": "gt"}
             elif self.cfg.detector.enabled and self.cfg.detector.fallback_for_gt_sources:
@@ -278,7 +292,8 @@ class RoiStage:
         w, h = image.size
         if _size(record)[0] is None:
             record = {**record, "width": w, "height": h}
-        choice = choose(self.matcher, nouns, clip_detections(dets or [], w, h, self.cfg.min_box_size), self.cfg)
+        choice = choose(self.matcher, nouns, clip_detections(dets or [], w, h, self.cfg.min_box_size), self.cfg,
+                        part_texts(record))
         if choice.boxes is None:
             prefix = f"gt {gt_choice.detail}; " if gt_choice is not None else ""
             return _drop(record, choice.reason, f"{prefix}detector {choice.detail}")

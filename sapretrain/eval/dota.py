@@ -53,9 +53,10 @@ with a box source that finds boxes ``box_area`` (the subject box's share of the 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -242,15 +243,17 @@ def annotated_boxes(objects: Sequence[Mapping[str, Any]], width: int, height: in
     return sorted(boxes, key=box_area, reverse=True)[:2]
 
 
-def pick_detections(detections: Sequence, width: int, height: int) -> list[list[float]]:
+def pick_detections(detections: Sequence, width: int, height: int, classes: Iterable[str] | None = ROAD_CLASSES,
+                    subject_classes: Iterable[str] = VEHICLES) -> list[list[float]]:
     """Subject and object among a frame's detections (``Detection`` or ``{"name", "box"}``).
 
-    The project's box choice, rule "largest" (``sapretrain.boxes``): only ``ROAD_CLASSES`` count;
-    subject: the largest vehicle, else the largest detection; object: the largest other. Returns
-    0, 1 or 2 boxes (clipped; under ``MIN_BOX`` px dropped).
+    The project's box choice, rule "largest" (``sapretrain.boxes``): only ``classes`` count (None:
+    all); subject: the largest of ``subject_classes``, else the largest detection; object: the
+    largest other. Returns 0, 1 or 2 boxes (clipped; under ``MIN_BOX`` px dropped).
     """
     kept = clip_detections(detections, width, height, MIN_BOX, decimals=None)
-    choice = choose_boxes(kept, rule="largest", classes=ROAD_CLASSES, subject_classes=VEHICLES, width=width, height=height)
+    choice = choose_boxes(kept, rule="largest", classes=classes, subject_classes=subject_classes, width=width,
+                          height=height)
     return [choice.boxes[p] for p in ("subj", "obj") if choice.how[p] == "detected"]
 
 
@@ -318,27 +321,43 @@ class DetectorBoxes:
     """A detector run on every frame, subject and object by ``pick_detections``.
 
     ``detector(images) -> [[Detection]]`` per image (``sapretrain.detector.YoloDetector``). Picks are cached per (clip, frame), so several
-    models (and the baselines) share one detection pass.
+    models (and the baselines) share one detection pass. ``classes`` / ``subject_classes``: the
+    names that count and the subject's (COCO's road users by default; ``classes=None``: every
+    class). Weights whose class names (``detector.names``) include none of ``classes`` (a
+    detector trained on something else) are warned about, and ``describe`` says so: every frame
+    then gets the whole frame.
     """
 
     mode = "detector"
     finds_boxes = True
 
-    def __init__(self, detector: Callable[[list], list[list[dict]]], name: str = "detector"):
+    def __init__(self, detector: Callable[[list], list[list[dict]]], name: str = "detector",
+                 classes: Iterable[str] | None = ROAD_CLASSES, subject_classes: Iterable[str] = VEHICLES):
+        names = None if getattr(detector, "open_vocab", False) else getattr(detector, "names", None)
+        self.problem = None
+        if classes is not None and names and not set(names) & set(classes):
+            shown = ", ".join(list(names)[:8]) + (" ..." if len(names) > 8 else "")
+            self.problem = (f"detector {name} finds none of DoTA's road classes (it finds {shown}): every "
+                            "frame's boxes are the whole frame; use COCO-trained weights, or pass classes")
+            warnings.warn(self.problem, stacklevel=2)
         self.detector = detector
         self.name = name
+        self.classes = None if classes is None else frozenset(classes)
+        self.subject_classes = frozenset(subject_classes)
         self._cache: dict[tuple[str, int], list[list[float]]] = {}
 
     def describe(self) -> str:
-        return (f"detector {self.name} on every frame: subject = largest vehicle, object = largest "
+        text = (f"detector {self.name} on every frame: subject = largest vehicle, object = largest "
                 "other road-user/obstacle detection (whole frame if none)")
+        return f"{text}. WARNING: {self.problem}" if self.problem else text
 
     def clip_boxes(self, clip_id: str, frames: Sequence[int], images: Sequence[Image.Image]) -> list[list]:
         todo = [i for i, f in enumerate(frames) if (clip_id, f) not in self._cache]
         if todo:
             found = self.detector([images[i] for i in todo])
             for i, detections in zip(todo, found):
-                self._cache[(clip_id, frames[i])] = pick_detections(detections, images[i].width, images[i].height)
+                self._cache[(clip_id, frames[i])] = pick_detections(detections, images[i].width, images[i].height,
+                                                                    self.classes, self.subject_classes)
         return [self._cache[(clip_id, f)] for f in frames]
 
 

@@ -13,6 +13,10 @@ saturation augmentation are off (they would turn one class into another); flips,
 stay on. Trained once (3 epochs at 160 px on 1,200 scenes: about 3 minutes on 2 CPU cores) into
 ``OUT/scenes-yolov8n.pt`` with ``OUT/detector.json`` (settings and the validation mAP50 /
 mAP50-95 on 200 further train-split scenes); later calls with the same settings reuse it.
+``DetectorSettings.labels`` "shape" or "color" and a smaller ``width`` give quicker detectors
+(tests/test_detector_e2e.py trains a colour-only half-width one in about a minute: colour is
+learnt in a few hundred steps, shape is not). ultralytics' experiment trackers (MLflow, Ray
+Tune, ...) stay off for the run.
 
 **From caption parts to boxes** (``match_parts``: ``sapretrain.boxes.choose_boxes``, rule
 "attributes"). A part ("large red metal cube") names its shape
@@ -26,6 +30,7 @@ missed). The relation text is never read, so the boxes cannot leak the answer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +44,9 @@ from sapretrain.boxes import choose_boxes, instances  # noqa: F401 (instances re
 from sapretrain.scenes.synthetic import COLORS, SHAPES, SIZES, plan_scene, scene_id
 
 CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
+# DetectorSettings.labels -> class names. "color": "red object" (colour is learnt in a few hundred
+# steps, shape is not; a caption's "red cube" matches it through the "object" hypernym and "red").
+LABELS = {"color shape": CLASSES, "shape": SHAPES, "color": tuple(f"{c} object" for c in COLORS)}
 SHAPE_WORDS = {"cube": "cube", "cubes": "cube", "block": "cube", "blocks": "cube",
                "sphere": "sphere", "spheres": "sphere", "ball": "sphere", "balls": "sphere"}
 WEIGHTS_NAME = "scenes-yolov8n.pt"
@@ -58,17 +66,28 @@ class DetectorSettings:
     lr0: float = 0.003
     warmup_epochs: float = 0.3
     mosaic: float = 0.0
+    width: float = 0.25  # yolov8n's width multiple; smaller: a narrower YOLOv8
+    labels: str = "color shape"  # 16 classes "red cube"; or "shape" ("cube"), "color" ("red object")
 
 
-def _label_lines(index: int) -> str:
+def class_names(labels: str) -> tuple[str, ...]:
+    """The class names of a ``DetectorSettings.labels`` value."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}")
+    return LABELS[labels]
+
+
+def _label_lines(index: int, labels: str = "color shape") -> str:
     """YOLO label lines (class cx cy w h, normalised) of train scene ``index``; planning is cheap."""
+    classes = class_names(labels)
     scene = plan_scene("train", index)
     lines = []
     for obj in scene.objects:
         x0, y0, x1, y1 = scene._clip(obj.box)
         if x1 - x0 < 1 or y1 - y0 < 1:
             continue
-        cls = CLASSES.index(f"{obj.color} {obj.shape}")
+        cls = classes.index({"color shape": f"{obj.color} {obj.shape}", "shape": obj.shape,
+                             "color": f"{obj.color} object"}[labels])
         cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
         w, h = (x1 - x0) / scene.width, (y1 - y0) / scene.height
         lines.append(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
@@ -93,13 +112,13 @@ def write_yolo_dataset(synthetic_dir: str | Path, out_dir: str | Path, settings:
         if image is None:
             raise FileNotFoundError(f"{images}: no rendered image for {name}; the detector trains on the "
                                     f"first {needed} train scenes (python tools/make_shards.py renders them)")
-        (labels / f"{name}.txt").write_text(_label_lines(index), encoding="utf-8")
+        (labels / f"{name}.txt").write_text(_label_lines(index, settings.labels), encoding="utf-8")
         lists["train" if index < settings.train_scenes else "val"].append(str(image))
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, paths in lists.items():
         (out_dir / f"{split}.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8")
     data = out_dir / "data.yaml"
-    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASSES))
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(class_names(settings.labels)))
     data.write_text(f"path: {out_dir}\ntrain: {out_dir / 'train.txt'}\nval: {out_dir / 'val.txt'}\nnames:\n{names}",
                     encoding="utf-8")
     return data
@@ -113,7 +132,8 @@ def train_scene_detector(out_dir: str | Path, synthetic_dir: str | Path = "data/
     weights, meta_path = out / WEIGHTS_NAME, out / "detector.json"
     if weights.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("settings") == asdict(settings):
+        # settings added since a detector was trained count as their defaults
+        if {**asdict(DetectorSettings()), **(meta.get("settings") or {})} == asdict(settings):
             log(f"scene detector: already trained ({weights}, val mAP50 {meta['metrics']['mAP50']:.3f})")
             return weights
         log(f"scene detector: {meta_path} holds other settings; training again")
@@ -121,13 +141,14 @@ def train_scene_detector(out_dir: str | Path, synthetic_dir: str | Path = "data/
 
     data = write_yolo_dataset(synthetic_dir, out / "dataset", settings)
     started = time.time()
-    model = load_yolo("yolov8n.yaml")
+    model = load_yolo(_model_config(out, settings.width))
     runs = (out / "runs").resolve()
-    model.train(data=str(data), epochs=settings.epochs, imgsz=settings.imgsz, batch=settings.batch,
-                device="cpu", workers=workers, seed=settings.seed, deterministic=True, amp=False,
-                plots=False, val=False, project=str(runs), name="train", exist_ok=True, verbose=False,
-                optimizer="AdamW", lr0=settings.lr0, warmup_epochs=settings.warmup_epochs, mosaic=settings.mosaic,
-                hsv_h=0.0, hsv_s=0.0, hsv_v=0.2, close_mosaic=0, patience=settings.epochs)
+    with _no_tracking():
+        model.train(data=str(data), epochs=settings.epochs, imgsz=settings.imgsz, batch=settings.batch,
+                    device="cpu", workers=workers, seed=settings.seed, deterministic=True, amp=False,
+                    plots=False, val=False, project=str(runs), name="train", exist_ok=True, verbose=False,
+                    optimizer="AdamW", lr0=settings.lr0, warmup_epochs=settings.warmup_epochs,
+                    mosaic=settings.mosaic, hsv_h=0.0, hsv_s=0.0, hsv_v=0.2, close_mosaic=0, patience=settings.epochs)
     # Validated once, after the last epoch (val=False: no per-epoch validation, so best.pt is last.pt).
     best = runs / "train" / "weights" / "last.pt"
     if not best.exists():
@@ -136,12 +157,48 @@ def train_scene_detector(out_dir: str | Path, synthetic_dir: str | Path = "data/
     tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
     shutil.copyfile(best, tmp)
     os.replace(tmp, weights)
-    meta = {"settings": asdict(settings), "classes": list(CLASSES), "metrics": metrics,
+    meta = {"settings": asdict(settings), "classes": list(class_names(settings.labels)), "metrics": metrics,
             "seconds": round(time.time() - started, 1)}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log(f"scene detector: trained in {meta['seconds']:.0f} s, val mAP50 {metrics['mAP50']:.3f} "
         f"(mAP50-95 {metrics['mAP50-95']:.3f}) -> {weights}")
     return weights
+
+
+def _model_config(out: Path, width: float) -> str:
+    """``yolov8n.yaml``, or for another width a copy of ultralytics' YOLOv8 config at that width
+    (depth and everything else as yolov8n) written into ``out``."""
+    if width == DetectorSettings.width:
+        return "yolov8n.yaml"
+    import yaml
+
+    from sapretrain.detector import resolve_weights
+
+    config = yaml.safe_load(resolve_weights("yolov8n.yaml").with_name("yolov8.yaml").read_text(encoding="utf-8"))
+    config["scales"] = {"n": [0.33, float(width), 1024]}
+    config["scale"] = "n"
+    path = out / f"yolov8n-w{width:g}.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+TRACKERS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+
+
+@contextlib.contextmanager
+def _no_tracking():
+    """ultralytics' experiment-tracker callbacks off for one training, in memory only (its settings
+    file is left as it is): an offline CPU run logs to none of them, and merely importing Ray Tune
+    when it is installed costs seconds."""
+    from ultralytics.utils import SETTINGS
+
+    saved = {key: SETTINGS.get(key) for key in TRACKERS}
+    dict.update(SETTINGS, dict.fromkeys(TRACKERS, False))  # dict's own update: SETTINGS.update writes the file
+    try:
+        yield
+    finally:
+        dict.update(SETTINGS, saved)
 
 
 def _validate(weights: Path, data: Path, settings: DetectorSettings) -> dict[str, float]:
@@ -188,7 +245,8 @@ class SceneBoxes:
         if imgsz is None:
             meta = Path(weights).with_name("detector.json")
             imgsz = json.loads(meta.read_text())["settings"]["imgsz"] if meta.exists() else DetectorSettings.imgsz
-        self.detector = YoloDetector(str(weights), conf=conf, imgsz=imgsz, batch=batch, device="cpu")
+        # per-class NMS: the "attributes" rule merges an object's labels itself and weighs them all
+        self.detector = YoloDetector(str(weights), conf=conf, imgsz=imgsz, batch=batch, device="cpu", agnostic=False)
 
     def detect(self, images: Sequence[Any], progress: bool = True) -> list[list]:
         from tqdm import tqdm

@@ -143,10 +143,12 @@ class Grounding:
         return cls("gt", annotations=load_coco_annotations(path))
 
     @classmethod
-    def from_detector(cls, weights: str, device: str | None = None) -> "Grounding":
+    def from_detector(cls, weights: str, device: str | None = None, conf: float = 0.25,
+                      imgsz: int | None = None) -> "Grounding":
+        """Boxes from ultralytics weights by path (``imgsz`` None: the size they were trained at)."""
         from sapretrain.detector import YoloDetector
 
-        return cls("detector", detector=YoloDetector(weights, device=device))
+        return cls("detector", detector=YoloDetector(weights, conf=conf, imgsz=imgsz, device=device))
 
     def config(self):
         if self.roi_config is None:
@@ -223,7 +225,7 @@ def _ground(triplets: list[dict], instances: list[dict] | None, grounding: Groun
     found = sum(any(matcher.level(n, name) is not None for name in names) for n in nouns)
     out["nouns_found"] = found / len(nouns) if nouns else 0.0
     for t in triplets:
-        choice = choose(matcher, _nouns(t, matcher), instances, cfg)
+        choice = choose(matcher, _nouns(t, matcher), instances, cfg, {p: t[p]["text"] for p in ("subj", "obj")})
         if choice.boxes is not None:
             return {**out, "triplet": t, "boxes": choice.boxes}
     return out

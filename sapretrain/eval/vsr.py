@@ -201,11 +201,15 @@ def boxes_from_coco(annotations: dict[str, list[dict]], file_name: str, subj: st
     return select_boxes(annotations.get(file_name, []), subj, obj)
 
 
-def select_boxes(objects: Iterable, subj: str, obj: str) -> dict[str, list[float]] | None:
+def select_boxes(objects: Iterable, subj: str, obj: str, matcher=None,
+                 texts: tuple[str, str] | None = None) -> dict[str, list[float]] | None:
     """The ``boxes_from_coco`` rule over one image's instances: COCO ``{"category", "bbox_xywh",
     "iscrowd"}`` or detections (``Detection``, ``{"name", "box"}``). The project's box choice
-    (``sapretrain.boxes.choose_boxes``, rule "nouns") with exact category names and no overlap
-    rule (two instances of one category may overlap)."""
+    (``sapretrain.boxes.choose_boxes``, rule "nouns") with no overlap rule (two instances of one
+    category may overlap): exact category names, or with ``matcher`` (detector boxes: the
+    curation's ``NounMatcher``) nouns matched to any detector's class names ("red cube" /
+    "block"), ``texts`` (the rows' subject and object words) choosing among names with modifiers
+    ("red cube" before "blue cube"). For COCO's names both ways agree."""
     found = []
     for o in objects:
         if isinstance(o, dict) and "bbox_xywh" in o:
@@ -216,12 +220,27 @@ def select_boxes(objects: Iterable, subj: str, obj: str) -> dict[str, list[float
         d = as_detection(o)
         if d.box[2] > d.box[0] and d.box[3] > d.box[1]:
             found.append(d)
-    return choose_boxes(found, subj.lower(), obj.lower(), matcher=None, same_instance_iou=None).boxes
+    if matcher is None:
+        return choose_boxes(found, subj.lower(), obj.lower(), matcher=None, same_instance_iou=None).boxes
+    words = dict(zip(("subj", "obj"), texts or (subj, obj)))
+    return choose_boxes(found, matcher.noun(subj), matcher.noun(obj), matcher=matcher, same_instance_iou=None,
+                        texts=words).boxes
 
 
 # The project's one detector wrapper: ``YoloBoxes("yolov8n.pt")([image])`` -> ``[[Detection]]``.
-# A COCO-trained YOLO's class names are COCO's category names, which VSR's subj/obj use.
+# A COCO-trained YOLO's class names are COCO's category names, which VSR's subj/obj use; other
+# weights' names (the synthetic scenes' "red cube") are matched through the curation's nouns.
 YoloBoxes = YoloDetector
+DETECT_CHUNK = 64  # images per detector call (the detector batches within it)
+
+
+def _detect_images(rows: Sequence[dict], images_root: str, detector, detected: dict) -> None:
+    """Detections of the rows' images not yet in ``detected``, in one detector call."""
+    todo = list(dict.fromkeys(r["image"] for r in rows if row_problem(r) is None and r["image"] not in detected))
+    images = {f: _load_image(images_root, f) for f in todo}
+    readable = [f for f in todo if images[f] is not None]
+    if readable:
+        detected.update(zip(readable, detector([images[f] for f in readable])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +446,8 @@ def _locate(row: dict, images_root: str, annotations, detector, detected: dict, 
     else:
         if row["image"] not in detected:
             detected[row["image"]] = detector([image])[0]
-        boxes = select_boxes(detected[row["image"]], subj, obj)
+        boxes = select_boxes(detected[row["image"]], subj, obj, matcher=_noun_matcher(),
+                             texts=(names["subj"], names["obj"]))
     if boxes is None or not all(_inside(b, image) for b in boxes.values()):
         return "no_box"
     return names, image, boxes
@@ -447,6 +467,8 @@ def _similarities(encoder, rows: Sequence[dict], images_root: str, annotations, 
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start:start + chunk_size]
+        if detector is not None:
+            _detect_images(chunk, images_root, detector, detected)
         items, image_samples, text_samples = [], [], []
         for row in chunk:
             item = _prepare(row, images_root, annotations, detector, detected, nlp, contrast)
@@ -704,7 +726,9 @@ def evaluate_geometry(rows: Sequence[dict], images_root: str, annotations: dict 
     rows = _with_ids(rows)
     detected = {} if detections is None else detections
     scored, skipped = [], []
-    for row in rows:
+    for k, row in enumerate(rows):
+        if detector is not None and k % DETECT_CHUNK == 0:
+            _detect_images(rows[k:k + DETECT_CHUNK], images_root, detector, detected)
         located = _locate(row, images_root, annotations, detector, detected, nlp)
         if isinstance(located, str):
             skipped.append((row, located))
