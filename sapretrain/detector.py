@@ -240,8 +240,8 @@ class YoloDetector:
     ``detector(images, classes=None)`` -> per image a list of ``Detection``; ``classes`` sets an
     open-vocabulary model's classes (kept until other classes are asked for), a closed one ignores it.
     ``names``: the model's class names (a closed model only ever returns these). ``imgsz`` None:
-    the size the weights were trained at (``trained_imgsz``): a detector trained on 160 px scenes
-    finds nothing when its input is scaled to 640 px. ``agnostic``: one class per object
+    the size the weights were trained at (``trained_imgsz``): the tests' scene detector, trained at
+    128 px, locates 110 of 120 objects at 128 px and 7 when its input is scaled to 640. ``agnostic``: one class per object
     (ultralytics' class-agnostic NMS). Its default NMS is per class, so an object the model is
     unsure of comes back under two names ("cube" and "sphere", "car" and "truck"), and a caption
     naming both would get that one object as its subject and its object.
