@@ -25,11 +25,11 @@ object (COCO category names; absent in VSR's ``random`` split) and a 0/1 label. 
 
   - ``"contrast"`` (default): true iff ``sim(v, u(caption)) > sim(v, u(contrast caption))``, the
     contrast caption having the relation replaced by its opposite (``INVERSE``: left of -> right
-    of, on -> under, contains -> inside, near -> far from, with -> without, ...: the project's
+    of, on -> under, contains -> inside, near -> far from, ...: the project's
     relations table, sapretrain/relations.py) or, for an asymmetric relation with no opposite
     (``against``, ``around``, ...), subject and object exchanged. ``v`` is the same for both
     captions (the boxes of the original caption). Symmetric relations with no opposite
-    (``SYMMETRIC``: touching, opposite to, across from, along, among, between) cannot be contrasted:
+    (``SYMMETRIC``: touching, opposite to, across from, along, among, between, with) cannot be contrasted:
     they use the threshold rule, with the threshold tuned on ``dev_rows``; without dev rows they
     are skipped ``no_contrast``.
   - ``"threshold"``: true iff ``sim(v, u(caption)) > t``, one cosine threshold ``t`` tuned on
