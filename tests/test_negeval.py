@@ -135,7 +135,6 @@ def test_unattested_bigrams():
     assert stats.unattested("a man standing behind a bus", caption) == []  # every new bigram is seen
     # "unicorn" is rare: its unseen bigram is no evidence against the rewrite.
     assert stats.unattested("a man standing in front of a unicorn", caption) == []
-    assert stats.log_prob(caption) > stats.log_prob("bus a of front in standing man a")
 
 
 def test_refinement_prefers_balanced_candidates_and_drops_the_rest():

@@ -30,6 +30,9 @@ way; a rare word is never held against a rewrite (no evidence either way).
 between the caption's subject and object — either the same two head nouns with a different
 relation (``inverse`` shape), or exchanged (``swap`` shape); otherwise ``invalid``.
 
+The negatives stage uses the same probe to choose and drop negatives (``refine_choices``,
+``drop_most_detectable``; sapretrain/curation/negatives.py).
+
 Formats (``read_pairs``, by content): our negatives JSONL (``caption``, ``negative.caption``,
 ``negative_method``, ``triplet``); SugarCrepe ``{id: {filename, caption, negative_caption}}``
 (method ``sugarcrepe/<file stem>``); ARO VG-Relation / VG-Attribution lists
@@ -43,7 +46,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -404,14 +407,6 @@ class NgramStats:
         return [bg for bg in _bigrams(negative) if bg not in have and self.bigrams[bg] == 0
                 and self.expected(*bg) >= min_expected]
 
-    def log_prob(self, text: str, alpha: float = 0.1) -> float:
-        """Add-alpha bigram log-probability per word (a cheap fluency / plausibility score)."""
-        words = ["<s>"] + tokens(text) + ["</s>"]
-        v = len(self.unigrams) + 1
-        lp = sum(math.log((self.bigrams[(a, b)] + alpha) / (self.unigrams[a] + alpha * v))
-                 for a, b in zip(words, words[1:]))
-        return lp / max(len(words) - 1, 1)
-
 
 def _bigrams(text: str) -> list[tuple[str, str]]:
     words = ["<s>"] + tokens(text) + ["</s>"]
@@ -444,16 +439,6 @@ def validity(pairs: Sequence[Pair], nlp, batch_size: int = 256) -> list[str]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-@dataclass
-class GroupScore:
-    pairs: int
-    accuracy: float
-    ci: tuple[float, float]
-    unattested: int = 0
-    invalid: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _score(idx: np.ndarray, correct: np.ndarray, groups: list[str], flags: dict[str, np.ndarray],
