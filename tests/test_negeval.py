@@ -42,6 +42,24 @@ def write_ours(path: Path, pairs: list[tuple[str, str, str]]) -> None:
     path.write_text("\n".join(lines + ["not json", json.dumps({"id": "x", "caption": "a dog"})]) + "\n")
 
 
+def write_sugarcrepe(path: Path) -> Path:
+    """Three rows of SugarCrepe's replace_rel.json (../shared/data/sugarcrepe, MIT), in its format."""
+    path.write_text(json.dumps({
+        "46": {"filename": "000000397133.jpg", "caption": "A man is in a kitchen making pizzas.",
+               "negative_caption": "A man is in a kitchen cleaning up after making pizzas."},
+        "105": {"filename": "000000475678.jpg", "caption": "Several suit cases lined in rows with luggage tags on them.",
+                "negative_caption": "Several suit cases stacked on top of each other with luggage tags on them."},
+        "1243": {"filename": "000000397133.jpg", "caption": "A person standing by a stove in a kitchen.",
+                 "negative_caption": "A person sitting by a stove in a kitchen."}}))
+    return path
+
+
+@pytest.mark.skipif(not (SHARED / "sugarcrepe" / "replace_rel.json").exists(), reason="../shared/data not here")
+def test_the_real_sugarcrepe_file_reads():
+    pairs, skipped = read_pairs(SHARED / "sugarcrepe" / "replace_rel.json")
+    assert pairs and not skipped and {p.method for p in pairs} == {"sugarcrepe/replace_rel"}
+
+
 def test_read_pairs_of_every_format(tmp_path):
     ours = tmp_path / "neg.jsonl"
     write_ours(ours, [("a dog on a bed", "a dog under a bed", "inverse")])
@@ -50,7 +68,8 @@ def test_read_pairs_of_every_format(tmp_path):
         ("a dog on a bed", "a dog under a bed", "inverse", "on")]
     assert skipped == {"bad JSON line": 1, "no negative": 1}
 
-    pairs, skipped = read_pairs(SHARED / "sugarcrepe" / "replace_rel.json")  # the real file
+    sugarcrepe = write_sugarcrepe(tmp_path / "replace_rel.json")
+    pairs, skipped = read_pairs(sugarcrepe)
     assert len(pairs) == 3 and not skipped and {p.method for p in pairs} == {"sugarcrepe/replace_rel"}
     assert ("A person standing by a stove in a kitchen.", "A person sitting by a stove in a kitchen.") in [
         (p.caption, p.negative) for p in pairs]
@@ -161,7 +180,7 @@ def test_eval_negatives_command(tmp_path, capsys):
     path = tmp_path / "neg.jsonl"
     write_ours(path, [(f"a {s} with a {o}", f"a {s} without a {o}", "inverse") for s, _, o in triples])
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    assert main([str(path), str(SHARED / "sugarcrepe" / "replace_rel.json"), "--encoder", "ngram",
+    assert main([str(path), str(write_sugarcrepe(tmp_path / "replace_rel.json")), "--encoder", "ngram",
                  "--bootstrap", "100", "--json", str(out_json), "--plot", str(out_png)]) == 0
     text = capsys.readouterr().out
     assert "inverse" in text and "sugarcrepe/replace_rel" in text
