@@ -29,6 +29,7 @@ from sapretrain.data.batch import batch_to, build_preprocess
 from sapretrain.model import checkpoint as model_ckpt
 from sapretrain.model.saclip import SAClip, build_saclip
 from sapretrain.train import checkpoint as ckpt
+from sapretrain.train import tracking
 from sapretrain.train.config import TrainConfig
 from sapretrain.train.validate import build_validation, describe
 
@@ -70,9 +71,9 @@ def build_accelerator(cfg: TrainConfig):
 
 
 def _wandb_available() -> bool:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
         print("run.trackers names wandb, which is not installed: logging without it")
         return False
     return True
@@ -228,19 +229,16 @@ def train_step(accelerator, model, loss_fn, micro_batches: list[dict]) -> dict[s
 
 
 def optimizer_step(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, batch: dict,
-                   step: int) -> dict[str, torch.Tensor]:
-    """Optimizer step ``step`` on one batch already on the device: forward/backward, the finite-loss
-    check, clipping, the update and the logit-scale clamp. Returns the loss terms."""
+                   step: int, finite: "FiniteCheck | None" = None) -> dict[str, torch.Tensor]:
+    """Optimizer step ``step`` on one batch already on the device: forward/backward, clipping, the
+    update and the logit-scale clamp. Returns the loss terms. ``finite`` records on the device
+    whether the loss is finite (no host sync; read at log steps and before checkpoints, see
+    :class:`FiniteCheck`); None: unchecked (bench/gpu.py)."""
     terms = train_step(accelerator, model, loss_fn,
                        split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
     sync_loss_gradients(accelerator, loss_fn)
-    total = sum(terms.values()).detach()
-    if not torch.isfinite(total):
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: "
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            + " (lower optim.lr, check the data, or use run.precision=bf16 instead of fp16)"
-        )
+    if finite is not None:
+        finite.record(step, terms)
     if cfg.optim.grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
@@ -248,6 +246,56 @@ def optimizer_step(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sch
     optimizer.zero_grad(set_to_none=True)
     accelerator.unwrap_model(model).clamp_logit_scale()
     return terms
+
+
+class FiniteCheck:
+    """The first step whose loss is not finite, kept on the device.
+
+    Testing the loss on the host every step (``if not torch.isfinite(loss)``) waits for the step to
+    finish: one device sync per step. Here each step only updates two device tensors (the first bad
+    step, and its loss terms, through ``torch.where``); :meth:`raise_if_bad` reads them at log steps,
+    before every validation and checkpoint (a checkpoint never holds the non-finite weights that
+    the steps after a bad loss produce) and at the end. All ranks call it at the same steps: the
+    first bad step is agreed over ranks, so they all stop together.
+    """
+
+    NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.first: torch.Tensor | None = None  # () int64: first bad step, or NONE
+        self.terms: torch.Tensor | None = None  # (T,) float32: the loss terms at that step
+
+    def record(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([v.detach().float() for v in terms.values()])  # (T,)
+        if self.first is None:
+            self.names = list(terms)
+            self.first = torch.full((), self.NONE, dtype=torch.int64, device=values.device)
+            self.terms = torch.zeros_like(values)
+        new = ~torch.isfinite(values.sum()) & (self.first == self.NONE)
+        self.first = torch.where(new, step, self.first)  # a Python scalar: no host-to-device copy
+        self.terms = torch.where(new, values, self.terms)
+
+    def raise_if_bad(self, accelerator, now: int) -> None:
+        """One host read (and one tiny all-reduce with several ranks): FloatingPointError naming the
+        first bad step and its loss terms."""
+        if self.first is None:
+            return
+        first = self.first.clone()
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        step = int(first.item())
+        if step == self.NONE:
+            return
+        if int(self.first.item()) == step:
+            values = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.terms.tolist()))
+        else:
+            values = "on another rank"
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {values} (seen at step {now}: the check runs at log steps and "
+            f"before validations and checkpoints; no checkpoint was written from step {step} on). "
+            "Lower optim.lr, check the data, or use run.precision=bf16 instead of fp16"
+        )
 
 
 def sync_loss_gradients(accelerator, loss_fn: SAClipLoss) -> None:
@@ -477,6 +525,41 @@ class MetricsLog:
         print(describe(step, self.steps, values), flush=True)
 
 
+def start_tracking(cfg: TrainConfig, accelerator, start_step: int) -> "tracking.LogMirror | None":
+    """Rank 0, before ``MetricsLog``: the run id (``run.json``), the remote log copy brought back on a
+    fresh node, the trackers resuming the same run. Returns the mirror to copy the logs to (URL
+    outputs), else None. See sapretrain/train/tracking.py."""
+    if not accelerator.is_main_process:
+        return None
+    remote = tracking.remote_logs(cfg.run.output_dir)
+    mirror = tracking.LogMirror(log_dir(cfg), remote) if remote else None
+    if mirror is not None:
+        mirror.restore(start_step)
+    run = tracking.run_identity(cfg.run.output_dir)
+    if cfg.run.trackers:
+        accelerator.init_trackers("sapretrain", config=_flat(asdict(cfg)),
+                                  init_kwargs=tracking.tracker_init_kwargs(run, start_step, log_dir(cfg)))
+    return mirror
+
+
+def flush_trackers(accelerator) -> None:
+    """TensorBoard buffers its events (up to two minutes): written out before the logs are copied."""
+    for tracker in accelerator.trackers:
+        writer = getattr(tracker, "writer", None)
+        if writer is not None:
+            writer.flush()
+
+
+def plot_training(cfg: TrainConfig, metrics: str) -> str | None:
+    """``training.png`` next to ``metrics.jsonl`` (None: nothing to draw yet)."""
+    if not os.path.exists(metrics):
+        return None
+    from sapretrain.train.plots import plot_metrics
+
+    png = plot_metrics(metrics, os.path.join(log_dir(cfg), "training.png"))
+    return str(png) if png else None
+
+
 # ----- the loop
 
 
@@ -515,9 +598,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn.to(accelerator.device)
     validation = build_validation(cfg, accelerator.unwrap_model(model), accelerator, accelerator.print)  # None: off
-    if accelerator.is_main_process and cfg.run.trackers:
-        accelerator.init_trackers("sapretrain", config=_flat(asdict(cfg)))
+    mirror = start_tracking(cfg, accelerator, pos.step)  # None: the logs are in run.output_dir itself
     metrics = MetricsLog(cfg, accelerator, pos.step)
+    finite = FiniteCheck()
 
     model.train()
     stopped = False
@@ -534,13 +617,14 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         for batch in batches_or_stop(loader, pos):  # one epoch (or forever, resampled); iterating again continues
             window["data"] += time.perf_counter() - fetch_start
             batch = batch_to(batch, accelerator.device)
-            terms = optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch, pos.step + 1)
+            terms = optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch, pos.step + 1, finite)
             yielded += 1
             pos.step += 1
             pos.epoch, pos.batch = loader.epoch, loader.batch
             window["pairs"] += batch["text"].shape[0] // 2 * accelerator.num_processes
 
             if pos.step % cfg.run.log_every == 0 or pos.step == cfg.optim.steps:
+                finite.raise_if_bad(accelerator, pos.step)
                 reduced = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
                 reduced["loss"] = sum(reduced.values())
                 elapsed = time.perf_counter() - window["start"]
@@ -554,11 +638,17 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
             # Before the checkpoint: a run resumed from it never validates this step again. Not
             # when stopping: the grace period before the kill is for the checkpoint.
             if validation is not None and validation.due(pos.step) and not stopped:
+                finite.raise_if_bad(accelerator, pos.step)
                 values = validation.run(model, loss_fn)
                 metrics.log_validation(pos.step, values)
                 window["start"] += values["val/seconds"]  # pairs/s counts training time only
             if pos.step % cfg.run.checkpoint_every == 0 or pos.step == cfg.optim.steps or stopped:
+                finite.raise_if_bad(accelerator, pos.step)  # a checkpoint never holds non-finite weights
                 url = save_checkpoint(cfg, accelerator, model, loss_fn, optimizer, scheduler, pos, loader.state_dict())
+                if mirror is not None:
+                    flush_trackers(accelerator)
+                    plot_training(cfg, metrics.path)
+                    mirror.sync()
             if stopped:
                 by = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
                 accelerator.print(f"stopped by {by} after step {pos.step}: checkpoint {url}; exit status "
@@ -570,13 +660,14 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
             raise SystemExit(f"epoch {loader.epoch} yielded no batch: data.batch_pairs is larger than the dataset")
         if stopped:
             break
+    finite.raise_if_bad(accelerator, pos.step)
     accelerator.end_training()
-    if accelerator.is_main_process and os.path.exists(metrics.path):
-        from sapretrain.train.plots import plot_metrics
-
-        png = plot_metrics(metrics.path, os.path.join(log_dir(cfg), "training.png"))
+    if accelerator.is_main_process:
+        png = plot_training(cfg, metrics.path)
         if png:
             print(f"training curves: {png}")
+        if mirror is not None and mirror.sync():
+            print(f"logs copied to {mirror.remote}")
     return pos, stopped
 
 
