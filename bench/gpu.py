@@ -27,7 +27,8 @@ Rows (``--configs``, in this order):
 What is timed, per row: ``--warmup`` untimed steps (compilation, cuDNN/cuBLAS autotuning, first
 allocations), then ``--steps`` timed steps, ``torch.cuda.synchronize()`` before and after each.
 Ours: one step of ``sapretrain.train.trainer._train``'s loop (``trainer.optimizer_step`` on a batch
-``batch_to`` put on the device: ``train_step``, the finite-loss check, gradient clipping, optimizer and scheduler step,
+``batch_to`` put on the device: ``train_step``, the device-side finite-loss flag (``FiniteCheck.record``;
+the trainer reads it on the host only at log steps), gradient clipping, optimizer and scheduler step,
 ``zero_grad``, logit-scale clamp) with the trainer's own builders (``build_accelerator``,
 ``build_model``, ``SAClipLoss``, ``build_optimizer``, ``warmup_cosine``). open_clip: the time
 between consecutive batches handed to ``train_one_epoch`` (synchronised at each hand-out), i.e.
@@ -124,20 +125,21 @@ def read_batches(cfg, preprocess, count: int, context_length: int, pin: bool) ->
 # ----- the rows
 
 
-def step_ours(accelerator, model, loss_fn, optimizer, scheduler, cfg, batch) -> None:
-    """One optimizer step of ``trainer._train``'s loop (``trainer.optimizer_step``), without its
-    logging and checkpoints."""
+def step_ours(accelerator, model, loss_fn, optimizer, scheduler, cfg, batch, step: int, finite) -> None:
+    """One optimizer step of ``trainer._train``'s loop (``trainer.optimizer_step`` with its
+    device-side finite-loss flag), without its logging and checkpoints."""
     from sapretrain.data.batch import batch_to
     from sapretrain.train.trainer import optimizer_step
 
-    optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch_to(batch, accelerator.device), 0)
+    optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch_to(batch, accelerator.device),
+                   step, finite)
 
 
 def run_ours(cfg, accelerator, batches: list[dict], compiled: bool, args, sync) -> list[float]:
     import torch
 
     from sapretrain.losses import SAClipLoss
-    from sapretrain.train.trainer import build_model, build_optimizer, warmup_cosine
+    from sapretrain.train.trainer import FiniteCheck, build_model, build_optimizer, warmup_cosine
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
@@ -149,13 +151,15 @@ def run_ours(cfg, accelerator, batches: list[dict], compiled: bool, args, sync) 
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn.to(accelerator.device)
     model.train()
+    finite = FiniteCheck()
     times = []
     for i in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        step_ours(accelerator, model, loss_fn, optimizer, scheduler, cfg, batches[i % len(batches)])
+        step_ours(accelerator, model, loss_fn, optimizer, scheduler, cfg, batches[i % len(batches)], i + 1, finite)
         sync()
         times.append(time.perf_counter() - start)
+    finite.raise_if_bad(accelerator, args.warmup + args.steps)  # a row on a diverged model is no number
     accelerator.free_memory()  # drops the accelerator's references to this row's model and optimizer
     return times
 

@@ -233,7 +233,7 @@ def optimizer_step(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sch
     """Optimizer step ``step`` on one batch already on the device: forward/backward, clipping, the
     update and the logit-scale clamp. Returns the loss terms. ``finite`` records on the device
     whether the loss is finite (no host sync; read at log steps and before checkpoints, see
-    :class:`FiniteCheck`); None: unchecked (bench/gpu.py)."""
+    :class:`FiniteCheck`); None: unchecked."""
     terms = train_step(accelerator, model, loss_fn,
                        split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
     sync_loss_gradients(accelerator, loss_fn)
