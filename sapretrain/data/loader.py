@@ -6,6 +6,7 @@
         ckpt["data"] = loader.state_dict()      # {"epoch", "batch", "rank", "raw", "layout"}
     loader.load_state_dict(ckpt["data"])        # before iterating: continue exactly there
     loader.stats()                  # skipped records / shards by reason, so far
+    loader.close()                  # optional: stop the persistent workers now (collection does it too)
 
 The contract (the specification is docs/loader.md):
 
@@ -14,6 +15,8 @@ The contract (the specification is docs/loader.md):
 - epoch mode reads every record at most once per epoch (R×W contiguous slices of the shuffled
   shard order, at least one shard per reader); resampled mode draws shards with replacement;
 - a checkpointed ``state_dict`` resumes with exactly the batches an uninterrupted run gives next;
+- with workers, one set of DataLoader worker processes runs epoch after epoch
+  (``data.persistent_workers``), giving the batches workers started per epoch would give;
 - bad data (missing shard, damaged tar, short shard, bad member, side-car or image) is skipped,
   counted by reason, logged once per shard and topped up from re-reads; no progress at all raises;
 - storage outages are waited out (``data.storage_retry_seconds``), then end the run with
@@ -80,6 +83,10 @@ class LoaderConfig:
     # backoff for this long per outage; then the run stops (StorageUnavailable) and resumes exactly
     # with --resume auto. Never skipped: only damaged *content* is. 0: stop at the first such error.
     storage_retry_seconds: float = 300.0
+    # workers > 0: one set of DataLoader worker processes for the whole run; they go on from one
+    # epoch to the next by themselves (the next epoch's first batches are prefetched). The batches
+    # are the same either way; false starts new workers every epoch (docs/loader.md).
+    persistent_workers: bool = True
 
     def __post_init__(self):
         require(bool(str(self.shards).strip() or self.features), "data.shards", self.shards,
@@ -571,8 +578,9 @@ def decode_image(data: bytes, size: int | None = None) -> Image.Image:
 
 
 def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_length: int,
-                    counters: Counters, worker: int, collate: Callable = collate_records) -> Iterator[tuple[dict, dict]]:
-    """Groups of ``pairs`` records → (model batch, this reader's position and counters)."""
+                    counters: Counters, worker: int, epoch: int = 0,
+                    collate: Callable = collate_records) -> Iterator[tuple[dict, dict]]:
+    """Groups of ``pairs`` records → (model batch, this reader's epoch, position and counters)."""
     src = iter(src)
     while True:
         records = list(itertools.islice(src, pairs))
@@ -581,17 +589,19 @@ def collate_batches(src: Iterable, pairs: int, preprocess: Callable, context_len
         if len(records) < pairs:
             raise RuntimeError(f"reader {worker}: partial batch of {len(records)} records (quota bug)")
         batch = collate(records, preprocess, context_length)
-        yield batch, {"worker": worker, "raw": counters.raw, "counts": counters.snapshot()}
+        yield batch, {"worker": worker, "epoch": epoch, "raw": counters.raw, "counts": counters.snapshot()}
 
 
 # ---------------------------------------------------------------- one rank's readers
 
 
 class _RankStream(IterableDataset):
-    """The rest of one epoch for one rank; each DataLoader worker runs one reader's pipeline."""
+    """One rank's readers from batch ``start_batch`` of ``epoch``: the rest of that epoch and, when
+    ``persistent``, every later epoch after it, for ever (one DataLoader then serves the whole run).
+    Each DataLoader worker runs one reader's pipeline per epoch."""
 
     def __init__(self, loader: "Loader", epoch: int, start_batch: int, raw: list[int],
-                 plan: dict[int, list[Slice]]):
+                 plan: dict[int, list[Slice]], persistent: bool = False):
         super().__init__()
         self.cfg, self.shards = loader.cfg, loader.shards
         self.rank, self.world_size, self.readers = loader.rank, loader.world_size, loader.readers
@@ -599,25 +609,42 @@ class _RankStream(IterableDataset):
         self.preprocess, self.context_length = loader.preprocess, loader.context_length
         self.vocab_size = loader.vocab_size
         self.epoch, self.start_batch, self.raw, self.plan = epoch, start_batch, raw, plan
+        self.persistent = persistent
 
     def __iter__(self):
         info = get_worker_info()
+        slot = info.id if info else 0
         # Rotate so the first batch of this run (global batch k) comes from reader k % W.
-        worker = ((info.id if info else 0) + self.start_batch) % self.readers
-        return iter(self.pipeline(worker))
+        worker = (slot + self.start_batch) % self.readers
+        first = self.pipeline(self.epoch, self.start_batch, self.raw[worker], self.plan.get(worker, []), worker)
+        return self._later_epochs(slot, first) if self.persistent else iter(first)
 
-    def pipeline(self, worker: int) -> wds.DataPipeline:
+    def _later_epochs(self, slot: int, first: Iterable) -> Iterator[tuple[dict, dict]]:
+        """The first epoch's batches of DataLoader worker ``slot``, then its batches of every later
+        epoch. No worker ever runs out, so the DataLoader takes batches from its workers in strict
+        turn: run batch j comes from slot j % W. Epoch ``epoch + n`` (n >= 1) begins at run batch
+        ``B - k + (n - 1) B``, and its batch b comes from reader b % W, so this slot plays reader
+        ``(slot + k - n B) % W`` then (k: ``start_batch``, B: batches per epoch). Later epochs start
+        at their batch 0 with nothing consumed and the seeded plan of an uninterrupted run."""
+        yield from first
+        for n in itertools.count(1):
+            epoch, worker = self.epoch + n, (slot + self.start_batch - n * self.batches) % self.readers
+            mine = [] if self.cfg.resampled else _reader_plan(
+                self.cfg, self.shards, self.world_size, self.readers, self.batches, self.rank, epoch)[worker]
+            yield from self.pipeline(epoch, 0, 0, mine, worker)
+
+    def pipeline(self, epoch: int, start_batch: int, done: int, mine: list[Slice], worker: int) -> wds.DataPipeline:
+        """Reader ``worker``'s batches of ``epoch`` from ``start_batch``, over its slices ``mine``
+        (epoch mode), ``done`` raw records of them already consumed (resume)."""
         cfg = self.cfg
-        counters = Counters(rank=self.rank, worker=worker, raw=self.raw[worker])
+        counters = Counters(rank=self.rank, worker=worker, raw=done)
         # Good records this reader still owes: its batches of the epoch minus those already made.
-        left = reader_batches(self.batches, self.readers, worker) - reader_batches(self.start_batch, self.readers, worker)
-        key = (cfg.seed, self.epoch, self.rank, worker)
+        left = reader_batches(self.batches, self.readers, worker) - reader_batches(start_batch, self.readers, worker)
+        key = (cfg.seed, epoch, self.rank, worker)
         if cfg.resampled:
             source = lambda: resampled_source(self.shards, seeded(*key, "shards"), counters)  # noqa: E731
         else:
-            mine = self.plan[worker]
             source = lambda: epoch_source(mine, counters)  # noqa: E731
-        done = self.raw[worker]
         max_streak = BAD_STREAK_SHARDS * max(s.records for s in self.shards)
         features = bool(cfg.features)
         extensions = schema.FEATURE_EXTENSIONS if features else schema.EXTENSIONS
@@ -631,8 +658,16 @@ class _RankStream(IterableDataset):
             lambda src: decode_records(src, counters, cfg.image_size, max_streak, features),
             lambda src: itertools.islice(src, left * self.pairs),  # the quota: equal batches on every rank
             lambda src: collate_batches(src, self.pairs, self.preprocess, self.context_length, counters, worker,
-                                        collate),
+                                        epoch, collate),
         )
+
+
+def _reader_plan(cfg: LoaderConfig, shards: list[Shard], world_size: int, readers: int, batches: int,
+                 rank: int, epoch: int) -> dict[int, list[Slice]]:
+    """Rank ``rank``'s slices per reader for ``epoch`` of an uninterrupted run (epoch mode)."""
+    plan = plan_epoch(shards, world_size, readers, cfg.batch_pairs // world_size, batches, epoch, cfg.seed,
+                      cfg.shuffle_shards)
+    return {w: [sl for sl in plan if sl.rank == rank and sl.worker == w] for w in range(readers)}
 
 
 # ---------------------------------------------------------------- the trainer's object
@@ -661,6 +696,10 @@ class Loader:
         self._totals: dict[str, Any] = _empty_stats()
         self._live: dict[int, dict] = {}  # reader -> its latest counters in the running iteration
         self._delivered = 0
+        # The persistent workers' batches (data.persistent_workers): a DataLoader iterator that is
+        # never exhausted, positioned at (_epoch, _batch); None until the first iteration, after
+        # close() and after the position was changed from outside.
+        self._stream: Iterator | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -728,6 +767,12 @@ class Loader:
 
     def _seek(self, epoch: int, batch: int, raw: list[int] | None = None, start: int = 0,
               segments: list[dict] | None = None) -> None:
+        """Put the next iteration at batch ``batch`` of ``epoch`` (persistent workers are shut down)."""
+        self.close()
+        self._move(epoch, batch, raw, start, segments)
+
+    def _move(self, epoch: int, batch: int, raw: list[int] | None = None, start: int = 0,
+              segments: list[dict] | None = None) -> None:
         if batch < 0 or epoch < 0:
             raise ValueError(f"data position epoch={epoch} batch={batch} must not be negative")
         if batch >= self.batches_per_epoch:
@@ -746,37 +791,103 @@ class Loader:
         if self.cfg.resampled:
             return {}
         cfg = self.cfg
-        if self._segments:
-            plan = plan_resumed(self.shards, epoch, cfg.seed, cfg.shuffle_shards, cfg.shuffle_buffer, cfg.batch_pairs,
-                                self.batches_per_epoch, self._segments, self.world_size, self.readers, self._start)
-        else:
-            plan = plan_epoch(self.shards, self.world_size, self.readers, self.pairs_per_rank, self.batches_per_epoch,
-                              epoch, cfg.seed, cfg.shuffle_shards)
+        if not self._segments:
+            return _reader_plan(cfg, self.shards, self.world_size, self.readers, self.batches_per_epoch, self.rank,
+                                epoch)
+        plan = plan_resumed(self.shards, epoch, cfg.seed, cfg.shuffle_shards, cfg.shuffle_buffer, cfg.batch_pairs,
+                            self.batches_per_epoch, self._segments, self.world_size, self.readers, self._start)
         return {w: [sl for sl in plan if sl.rank == self.rank and sl.worker == w] for w in range(self.readers)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.cfg.persistent_workers and self.cfg.workers > 0:
+            yield from self._persistent_batches()
+            return
         while True:
             yield from self._rest_of_epoch()
             if not self.cfg.resampled:
                 return
 
     def _rest_of_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the epoch from a DataLoader of its own (workers started for it)."""
         if self._batch >= self.batches_per_epoch:
-            self._seek(self._epoch + 1, 0)
+            self._move(self._epoch + 1, 0)
         epoch = self._epoch
         dataset = _RankStream(self, epoch, self._batch, list(self._raw), self._rank_plan(epoch))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                            pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_signals)
         try:
-            for batch, info in _clean_storage_errors(loader):
-                self._raw[info["worker"]] = info["raw"]
-                self._live[info["worker"]] = info["counts"]
-                self._batch += 1  # before handing it out: a checkpoint taken after it resumes after it
-                self._delivered += 1
+            for batch, info in _clean_storage_errors(self._data_loader(dataset)):
+                self._delivered_one(info)
                 yield batch
         finally:
             self._fold_live(epoch)
-        self._seek(epoch + 1, 0)
+        self._move(epoch + 1, 0)
+
+    def _persistent_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the epoch (resampled mode: for ever) from the persistent workers, started
+        here at the current position if none are running. Leaving the iteration early keeps them
+        and the batches they prefetched: the next iteration goes on from the same position."""
+        if self._batch >= self.batches_per_epoch:  # the last iteration was left after the epoch's last batch
+            self._fold_live(self._epoch)
+            self._move(self._epoch + 1, 0)
+        if self._stream is None:
+            dataset = _RankStream(self, self._epoch, self._batch, list(self._raw), self._rank_plan(self._epoch),
+                                  persistent=True)
+            self._stream = iter(self._data_loader(dataset, persistent=True))
+        stream = self._stream
+        while True:
+            epoch = self._epoch
+            while self._batch < self.batches_per_epoch:
+                batch, info = self._next_persistent(stream)
+                if info["epoch"] != epoch:
+                    self.close()
+                    raise RuntimeError(f"rank {self.rank}: reader {info['worker']} sent a batch of epoch "
+                                       f"{info['epoch']} for batch {self._batch} of epoch {epoch} (loader bug)")
+                self._delivered_one(info)
+                yield batch
+                if self._stream is not stream:
+                    return  # the position was changed (load_state_dict, close) while this iteration waited
+            self._fold_live(epoch)
+            self._move(epoch + 1, 0)
+            if not self.cfg.resampled:
+                return
+
+    def _next_persistent(self, stream: Iterator) -> tuple[dict, dict]:
+        """The next (batch, info) of the persistent workers; on any error they are shut down (the
+        position is still the one before the batch, so the next iteration restarts exactly)."""
+        try:
+            return next(stream)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, storage.StorageUnavailable):
+                raise storage.StorageUnavailable.from_worker(e) from None
+            if isinstance(e, StopIteration):
+                raise RuntimeError(f"rank {self.rank}: the persistent workers' stream ended (loader bug)") from None
+            raise
+
+    def _delivered_one(self, info: dict) -> None:
+        self._raw[info["worker"]] = info["raw"]
+        self._live[info["worker"]] = info["counts"]
+        self._batch += 1  # before handing it out: a checkpoint taken after it resumes after it
+        self._delivered += 1
+
+    def _data_loader(self, dataset: _RankStream, persistent: bool = False) -> DataLoader:
+        # persistent: the stream never ends, so torch's flag changes only one thing, and one that
+        # matters: its iterators are shut down at interpreter exit, while that still works.
+        return DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, persistent_workers=persistent,
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_signals)
+
+    def close(self) -> None:
+        """Shut the persistent workers down now (idempotent; garbage collection does it too). The
+        position stays: a later iteration starts new workers there."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        self._fold_live(self._epoch)
+        _shut_down(stream)  # now, not when the iterator is collected: a suspended iteration may hold it
+
+    def __del__(self):
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            _shut_down(stream)
 
     def _fold_live(self, epoch: int) -> None:
         if not self._live:
@@ -824,6 +935,21 @@ def _worker_signals(worker_id: int) -> None:
     the trainer's handler: it is how a worker is ended (DataLoader shutdown, multiprocessing at exit)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _shut_down(stream: Iterator) -> None:
+    """Stop a DataLoader iterator's workers and wait for them.
+
+    torch's SIGCHLD check may report one of them as having "exited unexpectedly" while it is being
+    stopped: workers forked from a ``ThreadPoolExecutor`` thread end with status 1 (CPython's exit
+    handler in the child joins that pool thread, which is the child's own). It is being discarded,
+    so that is logged, not raised; a worker that died earlier already failed its iteration."""
+    try:
+        stream._shutdown_workers()
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        log.debug("data: while stopping the loader's workers: %s", e)
 
 
 def _clean_storage_errors(batches: Iterable) -> Iterator:
