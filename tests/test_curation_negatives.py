@@ -103,6 +103,23 @@ def test_rule_negatives(nlp):
         assert (r["drop_reason"], r["drop_detail"]) == ("no_negative", detail), case
 
 
+def test_manifest_records_get_the_same_negatives(nlp):
+    """make_samples writes the manifest's triplet (no rel.lemma; the lemma is the record's
+    ``relation``): the action lexicon, the symmetric list and validation still see the lemma."""
+    from sapretrain.curation.svo import triplets_to_manifest_fields
+
+    records = samples(nlp, [c for c, _ in CASES] + [c for c, _ in DROPS])
+    manifest = [{**r, **triplets_to_manifest_fields(r, r["triplet"])} for r in records]
+    assert all("lemma" not in r["triplet"]["rel"] for r in manifest)
+    out = stage_for(nlp).process(manifest)
+    for r, (case, (method, negative)) in zip(out, CASES):
+        assert "drop_reason" not in r, (case, r.get("drop_detail"), r.get("negative_caption"))
+        assert (r["negative_method"], r["negative"]["caption"]) == (method, negative), case
+        assert "lemma" not in r["triplet"]["rel"]  # the record's own triplet is written as it came
+    for r, (case, detail) in zip(out[len(CASES):], DROPS):
+        assert (r["drop_reason"], r["drop_detail"]) == ("no_negative", detail), case
+
+
 def test_validation_rejects_a_lexicon_entry_that_changes_the_subject(nlp, tmp_path):
     cfg_path = tmp_path / "neg.yaml"
     # swap off: this test is about the inverse alone (with it on, the swap would be kept instead)

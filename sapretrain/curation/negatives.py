@@ -502,6 +502,18 @@ def validate(original: dict, triplets: list[dict], method: str) -> dict | str:
     return ("lost_subject", "lost_object", "same_relation")[worst]
 
 
+def with_lemma(record: dict) -> dict:
+    """The record's triplet with ``rel.lemma``: a manifest triplet (what make_samples writes,
+    docs/manifest.md) keeps the relation's lemma in the record's ``relation`` field, and the
+    lexicons, the symmetric list, validation and the plausibility counts look relations up by
+    lemma ("hold", not "holding"). A triplet that has its lemma keeps it."""
+    triplet = record["triplet"]
+    lemma = record.get("relation")
+    if triplet["rel"].get("lemma") or not isinstance(lemma, str) or not lemma.strip():
+        return triplet
+    return {**triplet, "rel": {**triplet["rel"], "lemma": lemma}}
+
+
 def check_record(record: dict) -> str | None:
     """Why ``record`` cannot be used (``bad_record`` detail), or ``None``."""
     caption, triplet = record.get("caption"), record.get("triplet")
@@ -575,7 +587,7 @@ class NegativeStage:
                 usable.append(i)
         if self.mode == "rules":
             for i in usable:
-                cands = self.rules.candidates(out[i]["caption"], out[i]["triplet"])
+                cands = self.rules.candidates(out[i]["caption"], with_lemma(out[i]))
                 if isinstance(cands, str):
                     out[i].update(drop_reason="no_negative", drop_detail=cands)
                 else:
@@ -615,7 +627,7 @@ class NegativeStage:
                 failure.setdefault(i, dict(drop_reason="negative_invalid", drop_detail="same_caption",
                                            negative_caption=caption))
                 continue
-            found = validate(r["triplet"], extract_triplets(doc), method)
+            found = validate(with_lemma(r), extract_triplets(doc), method)
             if isinstance(found, str):
                 failure.setdefault(i, dict(drop_reason="negative_invalid", drop_detail=found,
                                            negative_caption=caption, negative_method=method))
@@ -636,7 +648,7 @@ class NegativeStage:
         """Pick one candidate per record: the most plausible by the chunk's (subject, relation,
         object) counts, then (``refine``) the hardest for a cross-fitted blind probe; drop the most
         detectable (``negative_detectable``) down to ``refine.max_blind_accuracy``."""
-        svo = SvoCounts(r["triplet"] for r in out if r.get("drop_reason") != "bad_record")
+        svo = SvoCounts(with_lemma(r) for r in out if r.get("drop_reason") != "bad_record")
         order = sorted(valid)
         cands = {i: sorted(valid[i], key=lambda c: -svo.plausibility(c[2])) for i in order}
         choice = {i: 0 for i in order}
