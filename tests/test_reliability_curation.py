@@ -378,6 +378,8 @@ def test_collect_captions_checks_what_it_finds(tmp_path, capsys):
         main(["--source", "csv", "--input", str(bad), "--output", str(tmp_path / "b.jsonl"), "--no-progress"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "no records written" in err and "empty_caption 1" in err
+    # Nothing left behind that would refuse the corrected rerun as "made with other settings".
+    assert not (tmp_path / "b.jsonl").exists() and not (tmp_path / "b.jsonl.done.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -932,6 +932,9 @@ def collect(
                 bar.update()
                 if limit is not None and report.records >= limit:
                     break
+        if not report.records:  # no output and no marker: a rerun with other options is not refused
+            os.unlink(tmp)
+            _check_collected(0, dict(sorted(report.skips.counts.items())), output)
         storage.commit(tmp, output)
     except BaseException:
         if os.path.exists(tmp):
