@@ -4,6 +4,8 @@ started per epoch (persistent_workers=false); a position changed from outside st
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import make_image, sample_line, write_manifest
+from conftest import PROJECT_ROOT, make_image, sample_line, write_manifest
 from sapretrain.data.loader import LoaderConfig, build_loader
 from sapretrain.shards.writer import ShardConfig, make_shards
 from test_loader import corrupt_copy
@@ -215,3 +217,25 @@ def test_elastic_resume_then_later_epochs_from_the_same_workers(shards):
     assert_same(runs[0], runs[1])
     uninterrupted = batches(build_loader(config(shards, workers=3), PREPROCESS, 0, 1), 12)
     assert_same(runs[0][2:], uninterrupted[4:])
+
+
+def test_workers_still_running_at_interpreter_exit_are_stopped_cleanly(shards):
+    # A loader alive at exit (a global here; in the trainer, one held by a traceback) whose workers
+    # are prefetching the next epoch: stopped before multiprocessing's exit handler would terminate
+    # them (torch's SIGCHLD check then reports a failure and workers may be left unjoined).
+    code = f"""
+import atexit, multiprocessing, multiprocessing.util, os
+atexit.register(lambda: print("left", len(multiprocessing.active_children())))  # runs just before mp's
+import torch
+from sapretrain.data.loader import LoaderConfig, build_loader
+def pid_image(image):
+    return torch.full((3, 2, 2), float(os.getpid()))
+loader = build_loader(LoaderConfig(shards={str(shards)!r}, batch_pairs=5, workers=2), pid_image, 0, 1)
+print(*{{int(p) for b in loader for p in b["image"][:, 0, 0, 0].tolist()}}, flush=True)
+"""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    workers, left = done.stdout.splitlines()
+    assert left == "left 0"
+    assert len(workers.split()) == 2 and all(gone(int(pid), 5) for pid in workers.split())

@@ -27,6 +27,7 @@ The contract (the specification is docs/loader.md):
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import io
@@ -36,6 +37,7 @@ import math
 import random
 import signal
 import tarfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
@@ -832,6 +834,7 @@ class Loader:
             dataset = _RankStream(self, self._epoch, self._batch, list(self._raw), self._rank_plan(self._epoch),
                                   persistent=True)
             self._stream = iter(self._data_loader(dataset, persistent=True))
+            _RUNNING.add(self)
         stream = self._stream
         while True:
             epoch = self._epoch
@@ -881,6 +884,7 @@ class Loader:
         stream, self._stream = self._stream, None
         if stream is None:
             return
+        _RUNNING.discard(self)
         self._fold_live(self._epoch)
         _shut_down(stream)  # now, not when the iterator is collected: a suspended iteration may hold it
 
@@ -935,6 +939,18 @@ def _worker_signals(worker_id: int) -> None:
     the trainer's handler: it is how a worker is ended (DataLoader shutdown, multiprocessing at exit)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_RUNNING: "weakref.WeakSet[Loader]" = weakref.WeakSet()  # loaders whose persistent workers run
+
+
+@atexit.register  # after torch's and multiprocessing's own: so it runs before them
+def _close_at_exit() -> None:
+    """Stop the persistent workers of loaders still alive at interpreter exit (a loader held by a
+    traceback, a global): torch stops them only with pin_memory, and multiprocessing's exit handler
+    would terminate them, which torch's SIGCHLD check reports as a failure, and leave some unjoined."""
+    for loader in list(_RUNNING):
+        loader.close()
 
 
 def _shut_down(stream: Iterator) -> None:
