@@ -2,6 +2,7 @@
 """The training loader's throughput against bare webdataset iteration over the same shards.
 
     python bench/loader.py [--shards DIR] [--max-shards 4] [--workers 2] [--batch-pairs 32] [--repeats 2]
+    python bench/loader.py --epochs 4 [--step-ms 20] [...]     # epoch restarts: persistent workers or not
 
 Bare: ``wds.WebDataset(urls).decode("pil")`` batched with the same ``collate_records`` and the same
 preprocess (the model's val transform: squash resize to 224, normalise), in a DataLoader with
@@ -14,6 +15,12 @@ cores). Target: ours >= 0.9x bare. Shards: ``data/shards/demo`` when present (``
 else synthetic scenes written to a temporary directory; the first ``--max-shards`` of them (keep it
 a multiple of the workers: bare webdataset splits whole shards between workers, so an uneven split
 would slow the bare side down, not ours).
+
+``--epochs N``: instead, the epoch restart. Our loader iterates N epochs the way the trainer does
+(one ``for batch in loader`` per epoch, ``--step-ms`` of simulated training step per batch), with
+``data.persistent_workers`` true and false (alternating, best of ``--repeats``): the wait for each
+epoch's first batch (false: new worker processes and cold pipelines every epoch; true: batches
+the workers prefetched across the boundary) and the wall time per epoch. Time it on an idle machine.
 """
 from __future__ import annotations
 
@@ -81,8 +88,44 @@ def run_bare(urls: list[str], preprocess, pairs: int, workers: int) -> tuple[flo
 
 
 def run_ours(urls: list[str], preprocess, pairs: int, workers: int) -> tuple[float, float]:
-    loader = build_loader(LoaderConfig(shards=",".join(urls), batch_pairs=pairs, workers=workers), preprocess, 0, 1)
+    # One epoch, its workers joined at its end (their CPU time is counted only then), as the bare
+    # side's; persistent workers would read on into the next epoch (--epochs measures those).
+    cfg = LoaderConfig(shards=",".join(urls), batch_pairs=pairs, workers=workers, persistent_workers=False)
+    loader = build_loader(cfg, preprocess, 0, 1)
     return timed(lambda: sum(batch["text"].shape[0] // 2 for batch in loader))
+
+
+def run_epochs(urls: list[str], preprocess, pairs: int, workers: int, epochs: int, persistent: bool,
+               step_seconds: float) -> list[tuple[float, float]]:
+    """(seconds to the epoch's first batch, epoch wall seconds) for each of ``epochs`` epochs."""
+    cfg = LoaderConfig(shards=",".join(urls), batch_pairs=pairs, workers=workers, persistent_workers=persistent)
+    loader = build_loader(cfg, preprocess, 0, 1)
+    out = []
+    for _ in range(epochs):
+        start, first = time.perf_counter(), None
+        for _batch in loader:
+            if first is None:
+                first = time.perf_counter() - start
+            time.sleep(step_seconds)  # the training step, during which the workers read ahead
+        out.append((first, time.perf_counter() - start))
+    loader.close()
+    return out
+
+
+def epoch_restarts(args, urls: list[str], preprocess) -> None:
+    runs: dict[bool, list[list[tuple[float, float]]]] = {True: [], False: []}
+    for i in range(args.repeats):
+        for persistent in (True, False) if i % 2 == 0 else (False, True):
+            runs[persistent].append(run_epochs(urls, preprocess, args.batch_pairs, args.workers, args.epochs,
+                                               persistent, args.step_ms / 1000))
+    print(f"{'persistent_workers':>18} {'1st batch, epoch 0':>19} {'1st batch, later':>17} {'epoch, later':>13}"
+          f"   (seconds, best of {args.repeats}; later: mean over epochs "
+          f"{'1..' + str(args.epochs - 1) if args.epochs > 1 else '0, the only one'})")
+    for persistent, repeats in runs.items():
+        later = [r[1:] or r for r in repeats]  # one epoch only: that one
+        print(f"{str(persistent).lower():>18} {min(r[0][0] for r in repeats):19.3f} "
+              f"{min(sum(e[0] for e in r) / len(r) for r in later):17.3f} "
+              f"{min(sum(e[1] for e in r) / len(r) for r in later):13.3f}")
 
 
 def main() -> None:
@@ -94,6 +137,9 @@ def main() -> None:
     parser.add_argument("--batch-pairs", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224, help="model input size of the preprocess")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="measure the epoch restart over this many epochs instead (persistent workers or not)")
+    parser.add_argument("--step-ms", type=float, default=20.0, help="--epochs: simulated training step per batch")
     args = parser.parse_args()
 
     tmp = None
@@ -110,6 +156,9 @@ def main() -> None:
         preprocess = val_transform(args.image_size)
         print(f"{shards}: {len(urls)} shards, {sum(sizes[n] for n in names)} records (6 JPEGs each), preprocess "
               f"{args.image_size}px, {args.workers} workers, {args.batch_pairs} pairs per batch, cores {os.cpu_count()}")
+        if args.epochs:
+            epoch_restarts(args, urls, preprocess)
+            return
         bare, ours = [], []
         for i in range(args.repeats):
             # Alternate which side goes first, so warm caches and clock changes favour neither.
