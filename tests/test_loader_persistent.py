@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, make_image, sample_line, write_manifest
+from sapretrain.data import loader as loader_module
 from sapretrain.data.loader import LoaderConfig, build_loader
 from sapretrain.shards.writer import ShardConfig, make_shards
 from test_loader import corrupt_copy
@@ -40,7 +41,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def config(shards, **kw) -> LoaderConfig:
-    # batch_pairs 5: 4 batches per epoch, not a multiple of 3 workers; 7: 3 batches, not one of 2.
+    # batch_pairs 5: 4 batches per epoch, not a multiple of 3 workers; 7: 3 batches, not one of 2;
+    # 12: 2 batches for 3 workers (one has none in each epoch).
     return LoaderConfig(**{"shards": str(shards), "batch_pairs": 5, "workers": 3, "shuffle_buffer": 3, **kw})
 
 
@@ -94,7 +96,8 @@ def gone(pid: int, seconds: float = 20) -> bool:
     return False
 
 
-@pytest.mark.parametrize("workers, batch_pairs, resampled", [(1, 5, False), (2, 7, False), (3, 5, False), (3, 5, True)])
+@pytest.mark.parametrize("workers, batch_pairs, resampled",
+                         [(1, 5, False), (2, 7, False), (3, 5, False), (3, 12, False), (3, 5, True)])
 def test_persistent_workers_give_the_batches_of_per_epoch_workers(shards, workers, batch_pairs, resampled):
     kw = dict(workers=workers, batch_pairs=batch_pairs, resampled=resampled)
     per_epoch = build_loader(config(shards, persistent_workers=False, **kw), PREPROCESS, 0, 1)
@@ -219,6 +222,41 @@ def test_elastic_resume_then_later_epochs_from_the_same_workers(shards):
     assert_same(runs[0][2:], uninterrupted[4:])
 
 
+class Tracked:
+    """A shard stream that records whether it was closed."""
+
+    def __init__(self, stream):
+        self.stream, self.closed = stream, False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.closed = True
+        self.stream.close()
+
+
+def test_a_finished_epoch_frees_its_shard_streams(shards, monkeypatch):
+    # Resampled: a reader stops mid-shard at its quota, with records in its shuffle buffer; a
+    # worker's endless stream must not keep that epoch's pipeline (open shard, buffer) for the run.
+    opened: list[Tracked] = []
+    real = loader_module.open_shard
+    monkeypatch.setattr(loader_module, "open_shard", lambda url, *a: opened.append(Tracked(real(url, *a))) or opened[-1])
+    loader = build_loader(config(shards, workers=1, resampled=True, shuffle_buffer=6), PREPROCESS, 0, 1)
+    stream = iter(loader_module._RankStream(loader, 0, 0, [0], {}, persistent=True))  # in this process
+    infos = [next(stream)[1] for _ in range(len(loader))]
+    assert {info["epoch"] for info in infos} == {0}
+    first = len(opened)
+    assert next(stream)[1]["epoch"] == 1
+    assert first > 0 and all(s.closed for s in opened[:first])
+
+
 def test_workers_still_running_at_interpreter_exit_are_stopped_cleanly(shards):
     # A loader alive at exit (a global here; in the trainer, one held by a traceback) whose workers
     # are prefetching the next epoch: stopped before multiprocessing's exit handler would terminate
@@ -227,6 +265,7 @@ def test_workers_still_running_at_interpreter_exit_are_stopped_cleanly(shards):
 import atexit, multiprocessing, multiprocessing.util, os
 atexit.register(lambda: print("left", len(multiprocessing.active_children())))  # runs just before mp's
 import torch
+from sapretrain.data import loader as loader_module
 from sapretrain.data.loader import LoaderConfig, build_loader
 def pid_image(image):
     return torch.full((3, 2, 2), float(os.getpid()))

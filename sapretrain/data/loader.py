@@ -616,19 +616,22 @@ class _RankStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         slot = info.id if info else 0
+        return self._epochs(slot) if self.persistent else iter(self._first_epoch(slot))
+
+    def _first_epoch(self, slot: int) -> wds.DataPipeline:
         # Rotate so the first batch of this run (global batch k) comes from reader k % W.
         worker = (slot + self.start_batch) % self.readers
-        first = self.pipeline(self.epoch, self.start_batch, self.raw[worker], self.plan.get(worker, []), worker)
-        return self._later_epochs(slot, first) if self.persistent else iter(first)
+        return self.pipeline(self.epoch, self.start_batch, self.raw[worker], self.plan.get(worker, []), worker)
 
-    def _later_epochs(self, slot: int, first: Iterable) -> Iterator[tuple[dict, dict]]:
-        """The first epoch's batches of DataLoader worker ``slot``, then its batches of every later
-        epoch. No worker ever runs out, so the DataLoader takes batches from its workers in strict
-        turn: run batch j comes from slot j % W. Epoch ``epoch + n`` (n >= 1) begins at run batch
+    def _epochs(self, slot: int) -> Iterator[tuple[dict, dict]]:
+        """DataLoader worker ``slot``'s batches of the first epoch, then of every later epoch. No
+        worker ever runs out, so the DataLoader takes batches from its workers in strict turn: run
+        batch j comes from slot j % W. Epoch ``epoch + n`` (n >= 1) begins at run batch
         ``B - k + (n - 1) B``, and its batch b comes from reader b % W, so this slot plays reader
         ``(slot + k - n B) % W`` then (k: ``start_batch``, B: batches per epoch). Later epochs start
-        at their batch 0 with nothing consumed and the seeded plan of an uninterrupted run."""
-        yield from first
+        at their batch 0 with nothing consumed and the seeded plan of an uninterrupted run. (No
+        pipeline is held once done: a finished epoch's open shard and shuffle buffer are freed.)"""
+        yield from self._first_epoch(slot)
         for n in itertools.count(1):
             epoch, worker = self.epoch + n, (slot + self.start_batch - n * self.batches) % self.readers
             mine = [] if self.cfg.resampled else _reader_plan(
