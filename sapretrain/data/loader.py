@@ -876,8 +876,9 @@ class Loader:
         self._delivered += 1
 
     def _data_loader(self, dataset: _RankStream, persistent: bool = False) -> DataLoader:
-        # persistent: the stream never ends, so torch's flag changes only one thing, and one that
-        # matters: its iterators are shut down at interpreter exit, while that still works.
+        # persistent: the stream never ends, so torch's flag changes one thing only: with pinned
+        # memory, torch stops the workers at interpreter exit (before the pin thread reads from dead
+        # workers); _close_at_exit does it in every case.
         return DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, persistent_workers=persistent,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_signals)
 
