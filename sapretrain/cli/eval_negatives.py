@@ -1,7 +1,7 @@
 r"""Negative captions judged without the image: blind probe accuracy, fluency, validity.
 
     sapretrain eval-negatives negatives.jsonl [more files ...] [--encoder minilm|ngram|minilm,ngram] \
-        [--folds 2] [--validity] [--corpus captions.jsonl] [--json report.json] [--plot report.png]
+        [--folds 2] [--split-seed 1] [--validity] [--corpus captions.jsonl] [--json report.json] [--plot report.png]
     sapretrain eval-negatives data/sugarcrepe/replace_rel.json data/aro/visual_genome_relation.json
 
 Each file is our negatives JSONL (``make-negatives`` / ``curate`` output), a SugarCrepe file
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"probe encoder(s), comma-separated: {', '.join(ENCODERS)}, a sentence-transformers "
                              "folder, or a+b for both side by side (default minilm)")
     parser.add_argument("--folds", type=int, default=2, help="caption folds of the cross-fitted probe (default 2)")
+    parser.add_argument("--split-seed", type=int, default=1,
+                        help="which caption split the probe uses (default 1; make-negatives' refinement drops on "
+                             "split 0, so scoring there would grade the drops on their own split)")
     parser.add_argument("--validity", action="store_true", help="also re-parse every negative (spaCy) for validity")
     parser.add_argument("--model", help="spaCy model for --validity (default: svo.load_nlp's choice)")
     parser.add_argument("--corpus", nargs="*", default=[], help="extra caption files for the fluency counts")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for enc in [e.strip() for e in args.encoder.split(",") if e.strip()]:
         rep = evaluate_negatives(pairs, encoder=enc, folds=args.folds, corpus=corpus, nlp=nlp,
-                                 min_expected=args.min_expected, n_boot=args.bootstrap, device=args.device)
+                                 min_expected=args.min_expected, n_boot=args.bootstrap, device=args.device,
+                                 split_seed=args.split_seed)
         nlp = None  # validity does not depend on the encoder: counted (and reported) with the first
         reports[enc] = rep
         print(format_report(rep))

@@ -12,7 +12,10 @@ cannot be told from the real caption **by text alone**. Three measurements, ever
 encoder ``f`` is trained so that ``s(caption) > s(negative)`` (logistic regression on the
 symmetrised differences ``±(f(caption) − f(negative))``). Pairs are split into ``folds`` groups
 by a hash of the caption (2: the issue's "train on half, test on the other half", both ways),
-so every pair is scored by a probe that never saw its caption, and all pairs count. The number is
+so every pair is scored by a probe that never saw its caption, and all pairs count. The split is
+seeded (``split_seed``): the negatives stage's refinement drops by held-out margins on seed 0, so
+an evaluation scores on another split (default 1) rather than the one the drops were chosen on.
+The number is
 **pairwise accuracy**: the share of pairs whose held-out margin ``s(caption) − s(negative)`` is
 positive (0.5 = the text gives nothing away), with a 95 % bootstrap interval over captions.
 Encoders: ``minilm`` (the bundled all-MiniLM-L6-v2, or any sentence-transformers folder) and
@@ -74,8 +77,14 @@ def group_key(caption: str) -> str:
     return " ".join(tokens(caption))
 
 
-def fold_of(caption: str, folds: int) -> int:
-    digest = hashlib.sha1(group_key(caption).encode("utf-8")).digest()
+REFINE_SPLIT_SEED = 0  # the negatives stage's refinement (refine_choices)
+EVAL_SPLIT_SEED = 1    # evaluate_negatives / sapretrain eval-negatives: another split than the drops'
+
+
+def fold_of(caption: str, folds: int, seed: int = 0) -> int:
+    """The caption's fold; ``seed`` picks one of many independent splits (0: the unsalted hash)."""
+    key = group_key(caption) if not seed else f"{seed}\x00{group_key(caption)}"
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % folds
 
 
@@ -240,9 +249,9 @@ def fit_pair_probe(diffs, c: float = 1.0):
 
 
 def cross_fitted_margins(captions: Sequence[str], negatives: Sequence[str], encoder, folds: int = 2,
-                         c: float = 1.0, groups: Sequence[str] | None = None) -> np.ndarray:
+                         c: float = 1.0, groups: Sequence[str] | None = None, seed: int = 0) -> np.ndarray:
     """(N,) held-out margins ``s(caption) − s(negative)``: fold k is scored by a probe trained on
-    the other folds (folds by a hash of ``groups``, default the captions). A fold with no
+    the other folds (folds by a hash of ``groups``, default the captions, under split ``seed``). A fold with no
     training pairs of both directions gets margin 0 (undecided)."""
     n = len(captions)
     if n == 0:
@@ -250,7 +259,7 @@ def cross_fitted_margins(captions: Sequence[str], negatives: Sequence[str], enco
     if folds < 2:
         raise ValueError("folds must be at least 2 (a probe is never scored on its own training pairs)")
     keys = list(groups) if groups is not None else list(captions)
-    fold = np.array([fold_of(k, folds) for k in keys])
+    fold = np.array([fold_of(k, folds, seed) for k in keys])
     texts = list(dict.fromkeys(list(captions) + list(negatives)))
     index = {t: i for i, t in enumerate(texts)}
     feats = encoder.encode(texts)
@@ -327,7 +336,7 @@ def refine_choices(captions: Sequence[str], candidates: Sequence[Sequence[str]],
         if not changed:
             break
     chosen = diffs[offset[:-1] + choice]  # (N, d)
-    fold = np.array([fold_of(t, folds) for t in captions])
+    fold = np.array([fold_of(t, folds, REFINE_SPLIT_SEED) for t in captions])
     margins = np.zeros(n)
     for k in range(folds):
         test, train = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
@@ -455,7 +464,7 @@ def _score(idx: np.ndarray, correct: np.ndarray, groups: list[str], flags: dict[
 def evaluate_negatives(pairs: Sequence[Pair], encoder: str | Any = "minilm", folds: int = 2,
                        corpus: Iterable[str] = (), nlp=None, min_expected: float = 3.0,
                        n_boot: int = 1000, min_relation_pairs: int = 20, device: str = "auto",
-                       by_method_probe: bool = True) -> dict:
+                       by_method_probe: bool = True, split_seed: int = EVAL_SPLIT_SEED) -> dict:
     """The full report (see the module docstring) of ``pairs`` as a JSON-able dict.
 
     With ``by_method_probe`` each method is also probed on its own (its own train/test split):
@@ -472,9 +481,9 @@ def evaluate_negatives(pairs: Sequence[Pair], encoder: str | Any = "minilm", fol
     if nlp is not None:
         shapes = validity(pairs, nlp)
         flags["invalid"] = np.array([s == "invalid" for s in shapes])
-    margins = cross_fitted_margins(caps, [p.negative for p in pairs], enc, folds, groups=groups)
+    margins = cross_fitted_margins(caps, [p.negative for p in pairs], enc, folds, groups=groups, seed=split_seed)
     correct = margins > 0
-    report: dict[str, Any] = {"encoder": getattr(enc, "name", str(encoder)), "folds": folds,
+    report: dict[str, Any] = {"encoder": getattr(enc, "name", str(encoder)), "folds": folds, "split_seed": split_seed,
                               "overall": _score(np.arange(len(pairs)), correct, groups, flags, n_boot)}
     methods: dict[str, list[int]] = defaultdict(list)
     relations: dict[str, list[int]] = defaultdict(list)
@@ -487,7 +496,7 @@ def evaluate_negatives(pairs: Sequence[Pair], encoder: str | Any = "minilm", fol
         row = _score(np.array(idx), correct, groups, flags, n_boot)
         if by_method_probe and len(methods) > 1:
             own = cross_fitted_margins([caps[i] for i in idx], [pairs[i].negative for i in idx], enc, folds,
-                                       groups=[groups[i] for i in idx]) > 0
+                                       groups=[groups[i] for i in idx], seed=split_seed) > 0
             row["own_probe_accuracy"] = float(own.mean())
             row["own_probe_ci95"] = bootstrap_ci(own, [groups[i] for i in idx], n_boot)
         report["methods"][m] = row
@@ -511,8 +520,8 @@ def format_report(report: dict) -> str:
             cells.append(f"invalid {r['invalid'] / max(r['pairs'], 1):.1%}")
         return "  ".join(cells)
 
-    lines = [f"blind probe: {report['encoder']} encoder, {report['folds']}-fold by caption "
-             "(0.5 = the text gives nothing away)",
+    lines = [f"blind probe: {report['encoder']} encoder, {report['folds']}-fold by caption, split seed "
+             f"{report.get('split_seed', 0)} (0.5 = the text gives nothing away)",
              f"{'':<32}  {'pairs':>7}  accuracy [95% CI]", row("all", report["overall"]), "by method:"]
     lines += ["  " + row(m, r) for m, r in report["methods"].items()]
     if report["relations"]:
