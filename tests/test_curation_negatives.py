@@ -15,6 +15,7 @@ from sapretrain.curation.negatives import (
     is_plural,
     lexicon_map,
     load_negatives_config,
+    replacements,
     validate,
 )
 from sapretrain.curation.stage import StageConfig, dropped_output, run_stage
@@ -64,6 +65,9 @@ CASES = [
     (("A girl opening a door", "girl", "opening"), ("inverse", "A girl closing a door")),
     (("A man wearing a hat", "man", "wearing"), ("inverse", "A man taking off a hat")),
     (("A man riding a horse", "man", "riding"), ("swap", "A horse riding a man")),
+    # Symmetric for a swap, but the posture of a subject that acts can change (replace.verbs: "the
+    # dog chases" below makes "dog" one).
+    (("A dog sitting between two cars", "dog", "sitting between"), ("replace", "A dog standing between two cars")),
     (("Two dogs are chasing a cat", "dogs", "chasing"), ("swap", "A cat is chasing two dogs")),
     (("A horse ridden by a man", "man", "ridden by"), ("swap", "A man ridden by a horse")),
     (("the dog chases the cat", "dog", "chases"), ("swap", "the cat chases the dog")),
@@ -75,7 +79,7 @@ CASES = [
 # (caption, subject, relation) → drop detail
 DROPS = [
     (("A man kissing a woman", "man", "kissing"), "symmetric: kiss"),
-    (("A cat sitting between two cars", "cat", "sitting between"), "symmetric: between"),
+    (("A house between two trees", "house", "between"), "symmetric: between"),
     (("Children's toy animals are strewn across a floor.", "Children", "'s"), "symmetric: 's"),
     # "with" and a worn "in" have no opposite; "without" would be a word a text-only model spots.
     (("a child with an umbrella", "child", "with"), "symmetric: with"),
@@ -110,6 +114,9 @@ def test_manifest_records_get_the_same_negatives(nlp):
 
     records = samples(nlp, [c for c, _ in CASES] + [c for c, _ in DROPS])
     manifest = [{**r, **triplets_to_manifest_fields(r, r["triplet"])} for r in records]
+    for r, extracted in zip(manifest, records):  # make_samples keeps the head nouns (for the ROI stage)
+        for part in ("subj", "obj"):
+            r["triplet"][part]["head"] = extracted["triplet"][part]["head"]
     assert all("lemma" not in r["triplet"]["rel"] for r in manifest)
     out = stage_for(nlp).process(manifest)
     for r, (case, (method, negative)) in zip(out, CASES):
@@ -284,6 +291,35 @@ def test_replacement_candidates_exclude_synonyms():
     assert [(c.method, c.caption) for c in cands][:3] == [
         ("inverse", "a cup under a table"), ("replace", "a cup next to a table"), ("replace", "a cup in front of a table")]
     assert cands[-1].method == "swap" and len({c.caption for c in cands}) == len(cands)
+
+
+def test_posture_verbs_are_replaced_in_the_caption_form(nlp):
+    from sapretrain.curation.negatives import Rules
+    from sapretrain.curation.svo import extract_triplets
+
+    verbs = replacements(load_negatives_config().replace, "verbs")
+    assert set(verbs["sit"]) == {"stand", "lie", "lay"} and "lie" not in verbs["lay"]  # synonyms never
+    rules = Rules(load_negatives_config())
+    cases = {("A man sits on a bench", "sits on"): {"A man stands on a bench", "A man lies on a bench"},
+             ("A dog is laying on a bed", "laying on"): {"A dog is sitting on a bed", "A dog is standing on a bed"},
+             ("Two people sat in a car", "sat in"): {"Two people stood in a car", "Two people lay in a car"}}
+    evidence = ["A man wearing a hat", "A man eating a pizza", "Two dogs chasing a ball", "A dog chases a cat",
+                "People eating pizza", "People riding bikes", "People playing frisbee",
+                "A toilet with a broken seat",  # "with" read as wear: not written as a verb
+                "Men on bikes riding alongside a car", "Bikes riding down a hill", "A man riding a bike",
+                "A girl riding a bike", "A woman riding a bike", "A bench watching the ocean"]  # parse errors
+    agents = rules.agents(t for c in evidence for t in extract_triplets(nlp(c)))
+    assert agents == {"man", "dog", "people"}, agents
+    for (caption, rel), want in cases.items():
+        t = next(t for t in extract_triplets(nlp(caption)) if t["rel"]["text"] == rel)
+        got = {c.caption for c in rules.candidates(caption, t, agents) if c.method == "replace"}
+        assert want <= got, (caption, got)
+    # A thing is placed, whatever the verb: "a toilet standing in a bathroom" is no negative.
+    caption = "A toilet sitting in a bathroom"
+    t = next(t for t in extract_triplets(nlp(caption)) if t["rel"]["text"] == "sitting in")
+    assert not [c for c in rules.candidates(caption, t, agents) if "standing" in c.caption or "lying" in c.caption]
+    with pytest.raises(ValueError, match="one verb lemma"):
+        load_negatives_config(overrides=["replace.verbs=[[sit down, stand]]"])
 
 
 def test_fluency_rejects_a_rewrite_the_corpus_never_has(nlp, tmp_path):

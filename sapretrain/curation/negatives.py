@@ -27,6 +27,12 @@ chosen from (below).
    "by" of a passive ("ridden by") is never touched. Only the relation words change.
 2. *Replacements* (``replace.groups``): that spatial phrase replaced by each other phrase of a
    group it is in; a group holds phrases that exclude each other in one scene, never synonyms.
+   Likewise the relation's verb (``replace.verbs``, re-inflected): each other verb of a group
+   of verbs that exclude each other for one subject, the postures ("sitting on a bench" →
+   "standing on a bench", "lying on a bench"). Only for a subject that acts: one whose head noun
+   is the subject of ``replace.agent_verbs`` relations ("wearing", "eating", …) in the chunk
+   (:meth:`Rules.agents`). For a thing, sit / stand / lie all say where it is ("a toilet
+   sitting in a bathroom" = "standing in a bathroom"), so the rewrite would be true.
 3. *Swap* subject and object, if the relation is not listed as symmetric (``swap.symmetric``,
    matched against the lemma, its verb and the relation text) and is not an action written as a
    preposition: the two noun phrases are exchanged in the text together with their determiners /
@@ -70,7 +76,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from sapretrain.config import load_config
 from sapretrain.curation.lexicon import QUANTITY_NOUNS
@@ -88,6 +94,12 @@ MODES = ("rules", "llm")
 @dataclass
 class ReplaceConfig:
     groups: list[list[str]] = field(default_factory=list)  # mutually exclusive spatial phrases
+    verbs: list[list[str]] = field(default_factory=list)   # mutually exclusive verbs (lemmas): postures
+    # A subject that is the subject of one of these somewhere in the chunk acts (a person, an
+    # animal): only its verb is replaced (for a thing, sit / stand / lie all mean "is placed").
+    agent_verbs: list[str] = field(default_factory=list)
+    thing_verbs: list[str] = field(default_factory=list)  # their objects are things (ridden, worn)
+    agent_evidence: int = 2  # times a head noun must act (Rules.agents)
 
 
 @dataclass
@@ -104,7 +116,7 @@ class RefineConfig:
     folds: int = 2
     rounds: int = 3
     max_blind_accuracy: float = 0.6
-    min_kept: float = 0.85  # of the chunk's samples with a valid candidate
+    min_kept: float = 0.86  # of the chunk's samples with a valid candidate
     min_samples: int = 200  # smaller chunks are not refined
     device: str = "auto"
 
@@ -126,6 +138,7 @@ def load_negatives_config(path: str | Path | None = DEFAULT_CONFIG, overrides: l
     lexicon_map(cfg.spatial, "spatial")
     lexicon_map(cfg.action, "action")
     replacements(cfg.replace)
+    replacements(cfg.replace, "verbs")
     if cfg.refine.folds < 2:
         raise ValueError("refine.folds must be at least 2 (a probe never scores its own training pairs)")
     if not 0.5 <= cfg.refine.max_blind_accuracy <= 1.0 or not 0.0 <= cfg.refine.min_kept <= 1.0:
@@ -133,13 +146,15 @@ def load_negatives_config(path: str | Path | None = DEFAULT_CONFIG, overrides: l
     return cfg
 
 
-def replacements(cfg: ReplaceConfig) -> dict[str, list[str]]:
-    """Phrase → the other phrases of every group it is in (first-seen order)."""
+def replacements(cfg: ReplaceConfig, key: str = "groups") -> dict[str, list[str]]:
+    """Phrase (``key="verbs"``: verb lemma) → the other members of every group it is in (first-seen order)."""
     out: dict[str, list[str]] = {}
-    for group in cfg.groups:
+    for group in getattr(cfg, key):
         phrases = [_norm(p) for p in group]
         if len(phrases) < 2 or len(set(phrases)) != len(phrases):
-            raise ValueError(f"replace.groups: {group!r} needs at least two different phrases")
+            raise ValueError(f"replace.{key}: {group!r} needs at least two different phrases")
+        if key == "verbs" and any(len(p.split()) != 1 for p in phrases):
+            raise ValueError(f"replace.verbs: {group!r}: one verb lemma per entry")
         for p in phrases:
             out.setdefault(p, [])
             out[p] += [q for q in phrases if q != p and q not in out[p]]
@@ -166,7 +181,7 @@ IRREGULAR = {
     "do": ("does", "did", "done", "doing"), "make": ("makes", "made", "made", "making"),
     "find": ("finds", "found", "found", "finding"), "bring": ("brings", "brought", "brought", "bringing"),
     "send": ("sends", "sent", "sent", "sending"), "hang": ("hangs", "hung", "hung", "hanging"),
-    "tie": ("ties", "tied", "tied", "tying"), "untie": ("unties", "untied", "untied", "untying"),
+    "tie": ("ties", "tied", "tied", "tying"), "lay": ("lays", "laid", "laid", "laying"), "untie": ("unties", "untied", "untied", "untying"),
 }
 # Verbs that double their last consonant (drop → dropped, dropping).
 DOUBLING = frozenset(
@@ -288,13 +303,18 @@ class Rules:
         self.prepositional = self.relations.prepositional
         self.swap_enabled = cfg.swap.enabled
         self.replace = replacements(cfg.replace)
+        self.replace_verbs = replacements(cfg.replace, "verbs")
+        self.agent_verbs = frozenset(_norm(v) for v in cfg.replace.agent_verbs)
+        self.thing_verbs = frozenset(_norm(v) for v in cfg.replace.thing_verbs)
+        self.agent_evidence = cfg.replace.agent_evidence
         phrases = sorted(set(self.spatial) | set(self.replace), key=len, reverse=True)
         self.spatial_re = re.compile(r"(?<![\w'])(" + "|".join(re.escape(p) for p in phrases) + r")(?![\w'])",
                                      re.IGNORECASE) if phrases else None
 
-    def candidates(self, caption: str, triplet: dict) -> list[Candidate] | str:
+    def candidates(self, caption: str, triplet: dict, agents: frozenset[str] = frozenset()) -> list[Candidate] | str:
         """Every rule candidate, inverse first, then replacements, then the swap; or the reason
-        (``drop_detail``) why there is none."""
+        (``drop_detail``) why there is none. ``agents``: head nouns known to act (:meth:`agents`);
+        only their verbs are replaced (``replace.verbs``)."""
         rel = triplet["rel"]
         lemma = _norm(rel.get("lemma") or rel["text"])
         out = []
@@ -306,8 +326,14 @@ class Rules:
             for alt in self.replace.get(_norm(m.group(0)), []):
                 new = _fix_article(caption[: m.start()] + _match_case(m.group(0), alt) + caption[m.end():], m.start())
                 out.append(Candidate(new, "replace"))
-        why = "no inverse"
         verb = lemma.split()[0] if lemma.split() else ""
+        if (verb in self.replace_verbs and _head(triplet["subj"]) in agents
+                and self._starts_with_verb(rel["text"], verb)):
+            for alt in self.replace_verbs[verb]:
+                new = self._replace_verb(caption, rel["start"], rel["end"], verb, alt)
+                if new is not None:
+                    out.append(Candidate(new, "replace"))
+        why = "no inverse"
         if self.swap_enabled:
             symmetric = self._symmetric(rel, lemma)
             if symmetric:
@@ -324,6 +350,23 @@ class Rules:
         seen: set[str] = {_norm(caption)}
         unique = [c for c in out if not (_norm(c.caption) in seen or seen.add(_norm(c.caption)))]
         return unique or why
+
+    def agents(self, triplets: Iterable[dict]) -> frozenset[str]:
+        """Head nouns that act, by the evidence of ``triplets``: the subject of an ``agent_verbs``
+        relation written as a verb ("wearing", not the "with" / "in" read as ``wear``) at least
+        ``agent_evidence`` times, and more often than the object of a ``thing_verbs`` one (what is
+        ridden or worn: "people on motorcycles riding across a bridge" parses a motorcycle that
+        rides, "riding a motorcycle" is more frequent). A parse error seen once makes no agent."""
+        acts, things = Counter(), Counter()
+        for t in triplets:
+            verb = _rel_key(t["rel"]).split(" ")[0]
+            if not self._starts_with_verb(t["rel"]["text"], verb):
+                continue
+            if verb in self.agent_verbs:
+                acts[_head(t["subj"])] += 1
+            if verb in self.thing_verbs:
+                things[_head(t["obj"])] += 1
+        return frozenset(h for h, n in acts.items() if n >= self.agent_evidence and n > things[h])
 
     def _symmetric(self, rel: dict, lemma: str) -> str | None:
         return self.relations.symmetric_key(lemma, rel["text"], rel.get("kind") == "action")
@@ -586,8 +629,9 @@ class NegativeStage:
             else:
                 usable.append(i)
         if self.mode == "rules":
+            agents = self.rules.agents(with_lemma(out[i]) for i in usable)
             for i in usable:
-                cands = self.rules.candidates(out[i]["caption"], with_lemma(out[i]))
+                cands = self.rules.candidates(out[i]["caption"], with_lemma(out[i]), agents)
                 if isinstance(cands, str):
                     out[i].update(drop_reason="no_negative", drop_detail=cands)
                 else:
