@@ -8,6 +8,14 @@ directory with ``DONE`` counts, so a run killed while saving resumes from the pr
 model's weights in ``state.pt`` are written and read by ``sapretrain.model.checkpoint``
 (``training_weights``; ``load_saclip`` rebuilds the model of a ``state.pt``).
 
+A **sharded** checkpoint (FSDP runs, ``"format": "dcp"`` in ``state.pt``) keeps the same layout,
+but ``state.pt`` holds no weights and no optimizer state: those are in ``dcp/``, a
+``torch.distributed.checkpoint`` directory (one ``__<rank>_0.distcp`` file per rank, written by
+that rank from its own shards, and a ``.metadata`` index), with the keys ``model.<name>`` (the
+state dict ``training_weights`` would store), ``loss.<name>`` and ``optimizer.*`` (parameters named,
+not numbered). Loading reshards to any world size. ``consolidate`` turns one into a plain
+``state.pt`` file (weights, loss, config; no optimizer) that ``load_saclip`` and the evaluators read.
+
 ``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never
 deleted) and removes directories without ``DONE`` that are older than the newest complete one
 (left by a save or a prune that was interrupted); a newer one without ``DONE`` may be a save in
@@ -26,6 +34,8 @@ import torch
 from sapretrain import storage
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
+SHARDED_FORMAT = "dcp"  # state.pt's "format" for a sharded checkpoint (absent: a full state.pt)
+SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint directory inside a sharded checkpoint
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -121,3 +131,84 @@ def prune(output_dir: str, keep: int) -> list[str]:
             fs.rm(f"{path}/DONE")
         fs.rm(path, recursive=True)
     return [url for _, url in sorted(doomed)]
+
+
+# ----- sharded checkpoints (torch.distributed.checkpoint)
+
+
+def _dcp_writer(url: str):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    if not storage.is_url(url):
+        return FileSystemWriter(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(url)
+
+
+def _dcp_reader(url: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not storage.is_url(url):
+        return FileSystemReader(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url)
+
+
+def save_sharded(state: dict[str, Any], url: str) -> None:
+    """Every rank writes its own shards of ``state`` (DTensors: the local shard; plain tensors that
+    are the same on every rank: once) into the directory ``url``; a collective over all ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=_dcp_writer(url))
+
+
+def load_sharded(state: dict[str, Any], url: str) -> None:
+    """Fill ``state`` in place from the directory ``url``, each tensor with its own sharding (any
+    world size); a collective over all ranks, or one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=_dcp_reader(url))
+    except Exception as e:  # DCP wraps every rank's error in a CheckpointException
+        raise SystemExit(f"{url}: the sharded checkpoint does not fit this run's model and optimizer "
+                         f"({type(e).__name__}: {str(e)[:500]})") from None
+
+
+def read_sharded(url: str) -> dict[str, Any]:
+    """Every tensor of the directory ``url``, whole, in this process (no process group, CPU)."""
+    # What torch's own dcp_to_torch_save does (which reads local directories only): the planner
+    # takes the keys from the metadata; the public dcp.load fills only keys it is given.
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=_dcp_reader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state
+
+
+def is_sharded(state: dict[str, Any]) -> bool:
+    """A ``state.pt`` whose weights and optimizer are in ``dcp/``."""
+    return state.get("format") == SHARDED_FORMAT
+
+
+def consolidate(checkpoint: str, output: str | None = None) -> str:
+    """A sharded checkpoint as one full ``state.pt`` file (weights, loss parameters, config,
+    position; no optimizer state), readable by ``load_saclip`` and ``tools/evaluate.py``. One
+    process, no GPU; ``output`` defaults to ``<checkpoint>/model.pt``. Returns its path.
+
+        python -c "from sapretrain.train.checkpoint import consolidate; print(consolidate('runs/x/checkpoints/step-00030000'))"
+    """
+    url = checkpoint.rstrip("/")
+    state = load_tensor_file(f"{url}/state.pt")
+    if not is_sharded(state):
+        raise ValueError(f"{url}: not a sharded checkpoint (its state.pt holds the weights already)")
+    if not storage.exists(f"{url}/DONE"):
+        raise ValueError(f"{url}: incomplete checkpoint (no DONE marker; the run was killed while saving)")
+    tensors = read_sharded(f"{url}/{SHARDED_DIR}")  # {"model": {...}, "loss": {...}, "optimizer": {...}}
+    full = {k: v for k, v in state.items() if k not in ("format", "scheduler", "scaler")}
+    full["model"], full["loss"] = tensors["model"], tensors.get("loss", {})
+    output = output or f"{url}/model.pt"
+    save_tensor_file(full, output)
+    return output

@@ -1,0 +1,249 @@
+"""FSDP2 training and sharded checkpoints (issue 17), on 2 CPU processes (gloo).
+
+What runs here: the trainer's FSDP code path for real (``shard_model``'s ``fully_shard`` over the
+trainable model with the locked tower and the logit scale left whole, Accelerate's FSDP2
+``prepare``, the feature-cached accumulation under ``no_sync``, the gradient averaging of the
+unsharded parameters, clipping over DTensor and plain gradients, the clamp, and
+torch.distributed.checkpoint saving each rank's shards and loading them back, into 2 ranks or into
+one plain process). Accelerate turns ``distributed_type: FSDP`` on only for GPU-type distributed
+types (with ``ACCELERATE_USE_CPU`` it stays MULTI_CPU), so the launched script sets the state to
+FSDP after the Accelerator is built, with the plugin made from the ``FSDP_*`` variables that
+``accelerate launch`` derives from launch/accelerate/fsdp.yaml: what ``accelerate launch
+--config_file launch/accelerate/fsdp.yaml`` does on GPUs.
+
+What only a GPU run shows: NCCL collectives and CUDA streams, bf16 mixed precision
+(``MixedPrecisionPolicy``), fused AdamW over DTensors, the memory actually saved, speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, free_port, synthetic_shards
+
+DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
+ACCELERATE_CONFIGS = sorted((PROJECT_ROOT / "launch" / "accelerate").glob("*.yaml"))
+STEPS = 4
+
+# The trainer's command line, with the Accelerator switched to FSDP when SAPRETRAIN_TEST_FSDP=1
+# (see the module docstring).
+DRIVER = """
+import os, sys
+from sapretrain.cli.train import main
+from sapretrain.train import trainer
+
+if os.environ.get("SAPRETRAIN_TEST_FSDP") == "1":
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    build = trainer.build_accelerator
+
+    def build_fsdp(cfg):
+        accelerator = build(cfg)
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables
+        # Both shared states: a later AcceleratorState() copies PartialState's type back.
+        accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        trainer.check_distribution(cfg, accelerator)
+        return accelerator
+
+    trainer.build_accelerator = build_fsdp
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch_env(config: Path) -> dict[str, str]:
+    """The variables ``accelerate launch --config_file config`` gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """32 synthetic scenes (64 px) in 8 shards of 4: 4 batches of 8 pairs per epoch."""
+    return synthetic_shards(tmp_path_factory.mktemp("fsdp-data"), scenes=32, shard_size=4)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fsdp-driver") / "train_fsdp.py"
+    path.write_text(DRIVER)
+    return path
+
+
+def train_args(shards, out, steps=STEPS, **extra) -> list[str]:
+    # The locked (random-init) tower, CLIP's logit scale trained (loss.clip), learnable loss
+    # temperatures (the loss module's own parameters), clipping and 2 micro-batches per step.
+    values = {
+        "model.name": "sa-tiny", "model.pretrained": "null", "model.lock_image": "true",
+        "loss.clip": "true", "loss.learnable_temperature": "true", "optim.grad_clip": 0.5,
+        "optim.accum_freq": 2, "data.shards": str(shards), "data.batch_pairs": 8, "data.workers": 1,
+        "data.shuffle_buffer": 16, "optim.steps": steps, "optim.warmup_steps": 2, "optim.lr": 1e-3,
+        "run.precision": "no", "run.log_every": 1, "run.checkpoint_every": 2, "run.keep_checkpoints": 0,
+        "run.trackers": "[]", "run.output_dir": str(out), **extra,
+    }
+    return ["--config", DEMO, "--resume", "auto"] + [f"{k}={v}" for k, v in values.items()]
+
+
+def run_ranks(driver: Path, world: int, args: list[str], fsdp: bool) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    if fsdp:
+        fsdp_vars = {k: v for k, v in launch_env(PROJECT_ROOT / "launch/accelerate/fsdp.yaml").items() if "FSDP" in k}
+        env.update(fsdp_vars, SAPRETRAIN_TEST_FSDP="1")
+    procs = [subprocess.Popen([sys.executable, str(driver)] + args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    try:
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def ok(runs) -> None:
+    assert [r.returncode for r in runs] == [0] * len(runs), "\n".join(r.stderr[-3000:] for r in runs)
+
+
+def losses(out: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "loss" in r}
+
+
+def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * max(1.0, abs(a[k])) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_fsdp_trains_like_ddp_and_resumes_from_its_shards(shards, driver, tmp_path):
+    from sapretrain.train.checkpoint import consolidate, load_tensor_file
+
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    ok(run_ranks(driver, 2, train_args(shards, ddp), fsdp=False))
+    runs = run_ranks(driver, 2, train_args(shards, fsdp), fsdp=True)
+    ok(runs)
+
+    # The same global batches: the same loss terms, step by step (float32, up to reduction order).
+    want, got = losses(ddp), losses(fsdp)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert len(got[1]) >= 5  # loss + contrastive u / v + triplet + clip
+    assert all(close(want[s], got[s]) for s in want), (want, got)
+    assert got[STEPS]["loss"] != got[1]["loss"]  # it trained
+
+    # Sharded checkpoints: per-rank DCP files, a state.pt without weights or optimizer state.
+    step2 = fsdp / "checkpoints/step-00000002"
+    files = sorted(p.name for p in (step2 / "dcp").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], files
+    assert {p.name for p in step2.iterdir()} == {"dcp", "state.pt", "rank-0.pt", "rank-1.pt", "DONE"}
+    state = load_tensor_file(str(step2 / "state.pt"))
+    assert state["format"] == "dcp" and state["world_size"] == 2
+    assert "model" not in state and "optimizer" not in state
+    assert state["model_excluded"] and all(k.startswith("clip.visual.") for k in state["model_excluded"])
+    rank_sizes = [(step2 / "dcp" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+    assert min(rank_sizes) > 0.2 * max(rank_sizes), rank_sizes  # both ranks hold a share of the state
+
+    # Consolidated (2 shards -> 1 process): the weights DDP trained, and no locked-tower weight.
+    full = load_tensor_file(consolidate(str(step2), str(tmp_path / "model.pt")))
+    ddp_state = load_tensor_file(str(ddp / "checkpoints/step-00000002/state.pt"))
+    assert full["model"].keys() == ddp_state["model"].keys()
+    assert not any(k.startswith("clip.visual.") for k in full["model"])
+    for key, value in ddp_state["model"].items():
+        torch.testing.assert_close(full["model"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    for key, value in ddp_state["loss"].items():
+        torch.testing.assert_close(full["loss"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    from sapretrain.model.checkpoint import load_saclip
+
+    model = load_saclip(str(tmp_path / "model.pt"))  # what tools/evaluate.py reads
+    torch.testing.assert_close(model.clip.logit_scale.detach(), ddp_state["model"]["clip.logit_scale"])
+
+    # Resume on 2 ranks from the step-2 shards: steps 3-4 as the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-00000004")
+    runs = run_ranks(driver, 2, train_args(shards, resumed), fsdp=True)
+    ok(runs)
+    assert "resumed from" in runs[0].stdout and "at step 2" in runs[0].stdout
+    again = losses(resumed)
+    assert sorted(again) == list(range(1, STEPS + 1))
+    assert all(close(got[s], again[s], 1e-5) for s in (3, 4)), (got, again)
+
+
+def test_the_accelerate_configs_parse_and_name_existing_options():
+    """Every launch/accelerate/*.yaml loads as accelerate's config, each fsdp_config key is a launch
+    option, and fsdp.yaml gives an FSDP2 plugin wrapping the text tower's blocks of our models."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    assert {p.name for p in ACCELERATE_CONFIGS} >= {"1gpu.yaml", "8gpu.yaml", "multinode.yaml", "fsdp.yaml"}
+    options = set(vars(launch_command_parser().parse_args(["train.py"])))
+    for path in ACCELERATE_CONFIGS:
+        config = load_config_from_file(str(path))  # unknown top-level keys raise here
+        assert config.num_processes >= 1, path
+        unknown = sorted(set(config.fsdp_config or {}) - options)
+        assert not unknown, f"{path.name}: {unknown} are not accelerate launch options"
+        launch_env(path)  # accelerate launch's own checks of the combination
+
+    env = launch_env(PROJECT_ROOT / "launch/accelerate/fsdp.yaml")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("FSDP_")})
+    try:
+        plugin = FullyShardedDataParallelPlugin()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == ["ResidualAttentionBlock"]
+    assert "SHARDED" in str(plugin.state_dict_type)
+
+    from sapretrain.model.saclip import SAClipConfig, build_saclip
+
+    model = build_saclip(SAClipConfig(name="sa-tiny", pretrained=None))
+    block = get_module_class_from_name(model, "ResidualAttentionBlock")
+    assert block is not None and isinstance(model.clip.transformer.resblocks[0], block)
+
+
+def test_an_fsdp_run_refuses_what_it_cannot_do(tmp_path):
+    """FSDP1, DeepSpeed and the rank-0 spatial probe under FSDP: a ConfigError naming the fix."""
+    from accelerate.utils import DistributedType
+
+    from sapretrain.config import ConfigError
+    from sapretrain.train.config import EvalConfig, TrainConfig
+    from sapretrain.train.trainer import check_distribution
+
+    class Plugin:
+        fsdp_version = 2
+
+    class State:
+        fsdp_plugin = Plugin()
+
+    class Accelerator:
+        state = State()
+        distributed_type = DistributedType.FSDP
+
+    probe = TrainConfig(eval=EvalConfig(every=10, shards=str(tmp_path), spatial_probe=8))
+    with pytest.raises(ConfigError, match="eval.spatial_probe=0"):
+        check_distribution(probe, Accelerator())
+    check_distribution(TrainConfig(), Accelerator())  # FSDP2 without the probe: fine
+    Plugin.fsdp_version = 1
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        check_distribution(TrainConfig(), Accelerator())
+    Accelerator.distributed_type = DistributedType.DEEPSPEED
+    with pytest.raises(ConfigError, match="launch/accelerate/fsdp.yaml"):
+        check_distribution(TrainConfig(), Accelerator())
