@@ -125,58 +125,120 @@ def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
     return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * max(1.0, abs(a[k])) for k in a)
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")
-def test_fsdp_trains_like_ddp_and_resumes_from_its_shards(shards, driver, tmp_path):
-    from sapretrain.train.checkpoint import consolidate, load_tensor_file
+@pytest.fixture(scope="module")
+def runs(shards, driver, tmp_path_factory) -> dict[str, Path]:
+    """The same 4 steps on 2 processes under DDP and under FSDP (checkpoints after steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    for name in ("ddp", "fsdp"):
+        ok(run_ranks(driver, 2, train_args(shards, root / name), fsdp=name == "fsdp"))
+    return {"ddp": root / "ddp", "fsdp": root / "fsdp"}
 
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    ok(run_ranks(driver, 2, train_args(shards, ddp), fsdp=False))
-    runs = run_ranks(driver, 2, train_args(shards, fsdp), fsdp=True)
-    ok(runs)
 
-    # The same global batches: the same loss terms, step by step (float32, up to reduction order).
-    want, got = losses(ddp), losses(fsdp)
-    assert sorted(got) == list(range(1, STEPS + 1))
+def test_fsdp_trains_like_ddp(runs):
+    """The same global batches: the same loss terms, step by step (float32, up to reduction order)."""
+    want, got = losses(runs["ddp"]), losses(runs["fsdp"])
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert len(got[1]) >= 5  # loss + contrastive u / v + triplet + clip
     assert all(close(want[s], got[s]) for s in want), (want, got)
     assert got[STEPS]["loss"] != got[1]["loss"]  # it trained
 
-    # Sharded checkpoints: per-rank DCP files, a state.pt without weights or optimizer state.
-    step2 = fsdp / "checkpoints/step-00000002"
+
+def test_the_checkpoint_is_per_rank_shards_and_consolidates_to_ddp_weights(runs, tmp_path):
+    from sapretrain.model.checkpoint import load_saclip
+    from sapretrain.train.checkpoint import consolidate, load_tensor_file
+
+    step2 = runs["fsdp"] / "checkpoints/step-00000002"
     files = sorted(p.name for p in (step2 / "dcp").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], files
     assert {p.name for p in step2.iterdir()} == {"dcp", "state.pt", "rank-0.pt", "rank-1.pt", "DONE"}
     state = load_tensor_file(str(step2 / "state.pt"))
-    assert state["format"] == "dcp" and state["world_size"] == 2
-    assert "model" not in state and "optimizer" not in state
+    assert state["format"] == "dcp" and state["world_size"] == 2 and state["position"]["step"] == 2
+    assert "model" not in state and "optimizer" not in state and "loss" not in state
     assert state["model_excluded"] and all(k.startswith("clip.visual.") for k in state["model_excluded"])
     rank_sizes = [(step2 / "dcp" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
-    assert min(rank_sizes) > 0.2 * max(rank_sizes), rank_sizes  # both ranks hold a share of the state
+    assert min(rank_sizes) > 0.2 * max(rank_sizes), rank_sizes  # each rank wrote its share
 
-    # Consolidated (2 shards -> 1 process): the weights DDP trained, and no locked-tower weight.
+    # Consolidated (2 shards -> 1 file): the weights DDP trained, without the locked tower.
     full = load_tensor_file(consolidate(str(step2), str(tmp_path / "model.pt")))
-    ddp_state = load_tensor_file(str(ddp / "checkpoints/step-00000002/state.pt"))
-    assert full["model"].keys() == ddp_state["model"].keys()
-    assert not any(k.startswith("clip.visual.") for k in full["model"])
-    for key, value in ddp_state["model"].items():
-        torch.testing.assert_close(full["model"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-    for key, value in ddp_state["loss"].items():
-        torch.testing.assert_close(full["loss"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-    from sapretrain.model.checkpoint import load_saclip
+    ddp = load_tensor_file(str(runs["ddp"] / "checkpoints/step-00000002/state.pt"))
+    assert full["model"].keys() == ddp["model"].keys() and full["model_excluded"] == ddp["model_excluded"]
+    assert ddp["loss"] and full["loss"].keys() == ddp["loss"].keys()  # the learnable temperatures
+    for part in ("model", "loss"):
+        for key, value in ddp[part].items():
+            torch.testing.assert_close(full[part][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert full["config"] == state["config"] and "optimizer" not in full
 
-    model = load_saclip(str(tmp_path / "model.pt"))  # what tools/evaluate.py reads
-    torch.testing.assert_close(model.clip.logit_scale.detach(), ddp_state["model"]["clip.logit_scale"])
+    # What the evaluators read: the consolidated file, or the sharded checkpoint itself.
+    for source in (tmp_path / "model.pt", step2 / "state.pt"):
+        model = load_saclip(str(source))
+        for key, value in model.state_dict().items():
+            if key in ddp["model"]:
+                torch.testing.assert_close(value, ddp["model"][key], atol=1e-5, rtol=1e-4, msg=key)
 
-    # Resume on 2 ranks from the step-2 shards: steps 3-4 as the uninterrupted run's.
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_resumed_fsdp_run_continues_exactly(runs, shards, driver, tmp_path):
+    """Resumed on 2 ranks from the step-2 shards, steps 3-4 are the uninterrupted run's."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp, resumed)
+    shutil.copytree(runs["fsdp"], resumed)
     shutil.rmtree(resumed / "checkpoints/step-00000004")
-    runs = run_ranks(driver, 2, train_args(shards, resumed), fsdp=True)
-    ok(runs)
-    assert "resumed from" in runs[0].stdout and "at step 2" in runs[0].stdout
-    again = losses(resumed)
+    done = run_ranks(driver, 2, train_args(shards, resumed), fsdp=True)
+    ok(done)
+    assert "resumed from" in done[0].stdout and "at step 2" in done[0].stdout
+    got, again = losses(runs["fsdp"]), losses(resumed)
     assert sorted(again) == list(range(1, STEPS + 1))
     assert all(close(got[s], again[s], 1e-5) for s in (3, 4)), (got, again)
+    assert (resumed / "checkpoints/step-00000004/dcp/.metadata").exists()
+
+
+def test_a_plain_one_process_run_loads_the_two_rank_shards(runs, shards):
+    """2 -> 1: a sharded checkpoint resumes a run without FSDP (one process, as ``--resume`` on a
+    single device would): every weight, the optimizer state per parameter name, the schedule."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from sapretrain.config import load_config
+    from sapretrain.losses import SAClipLoss
+    from sapretrain.model.checkpoint import read_dcp
+    from sapretrain.train import trainer
+    from sapretrain.train.config import TrainConfig
+
+    step2 = runs["fsdp"] / "checkpoints/step-00000002"
+    argv = train_args(shards, runs["fsdp"])
+    cfg = load_config(TrainConfig, DEMO, argv[4:])
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    assert not trainer.is_sharded(accelerator)
+    set_seed(cfg.run.seed)
+    model = trainer.build_model(cfg)
+    loss_fn = SAClipLoss(cfg.loss)
+    optimizer = trainer.build_optimizer(cfg, model, loss_fn)
+    scheduler = trainer.warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.steps)
+    model, optimizer = trainer.distribute(cfg, accelerator, model, optimizer)
+    pos, data_state, world = trainer.load_checkpoint(str(step2), accelerator, model, loss_fn, optimizer, scheduler)
+    assert (pos.step, world) == (2, 2) and data_state is not None
+
+    saved = read_dcp(str(step2 / "dcp"))
+    net = accelerator.unwrap_model(model)
+    names = {id(p): n for n, p in net.named_parameters()} | {id(p): f"loss.{n}" for n, p in loss_fn.named_parameters()}
+    loaded = net.state_dict()
+    for key, value in saved["model"].items():
+        torch.testing.assert_close(loaded[key], value, atol=0, rtol=0, msg=key)
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay", "loss"]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            fqn = name if name.startswith("loss.") else f"model.{name}"
+            want = saved["optimizer"][f"state.{fqn}.exp_avg_sq"]
+            torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], want, atol=0, rtol=0, msg=name)
+            assert group["lr"] == saved["optimizer"][f"param_groups.{fqn}.lr"]
+    assert scheduler.last_epoch == 2 and len(scheduler.base_lrs) == len(optimizer.param_groups)
+
+    # A step from there runs (the gradient of every trainable parameter reaches the optimizer).
+    batch = next(iter(trainer.build_loader(cfg.data, trainer.build_preprocess(net), 0, 1,
+                                           context_length=net.clip.context_length)))
+    terms = trainer.optimizer_step(cfg, accelerator, model, loss_fn, optimizer, scheduler, batch, 3)
+    assert torch.isfinite(sum(terms.values()))
+    assert all(int(optimizer.state[p]["step"]) == 3 for g in optimizer.param_groups for p in g["params"])
 
 
 def test_the_accelerate_configs_parse_and_name_existing_options():

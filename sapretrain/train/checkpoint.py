@@ -12,9 +12,10 @@ A **sharded** checkpoint (FSDP runs, ``"format": "dcp"`` in ``state.pt``) keeps 
 but ``state.pt`` holds no weights and no optimizer state: those are in ``dcp/``, a
 ``torch.distributed.checkpoint`` directory (one ``__<rank>_0.distcp`` file per rank, written by
 that rank from its own shards, and a ``.metadata`` index), with the keys ``model.<name>`` (the
-state dict ``training_weights`` would store), ``loss.<name>`` and ``optimizer.*`` (parameters named,
-not numbered). Loading reshards to any world size. ``consolidate`` turns one into a plain
-``state.pt`` file (weights, loss, config; no optimizer) that ``load_saclip`` and the evaluators read.
+state dict ``training_weights`` would store), ``loss.<name>`` and ``optimizer.*`` (flat, per
+parameter name: ``optimizer.state.model.<name>.exp_avg``, not per group index). Loading reshards to any world size. ``load_saclip`` (and so every evaluator) reads
+a sharded checkpoint's model directly; ``consolidate`` turns one into a single plain ``state.pt``
+file (weights, loss, config; no optimizer) to copy or export.
 
 ``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never
 deleted) and removes directories without ``DONE`` that are older than the newest complete one
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 
 from sapretrain import storage
+from sapretrain.model import checkpoint as model_ckpt
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
-SHARDED_FORMAT = "dcp"  # state.pt's "format" for a sharded checkpoint (absent: a full state.pt)
-SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint directory inside a sharded checkpoint
+# state.pt's "format" for a sharded checkpoint (absent: a full state.pt), and its DCP directory
+SHARDED_FORMAT, SHARDED_DIR = model_ckpt.SHARDED_FORMAT, model_ckpt.SHARDED_DIR
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -169,23 +171,12 @@ def load_sharded(state: dict[str, Any], url: str) -> None:
     world size); a collective over all ranks, or one process without a process group."""
     import torch.distributed.checkpoint as dcp
 
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
-        dcp.load(state, storage_reader=_dcp_reader(url))
+        dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
     except Exception as e:  # DCP wraps every rank's error in a CheckpointException
         raise SystemExit(f"{url}: the sharded checkpoint does not fit this run's model and optimizer "
                          f"({type(e).__name__}: {str(e)[:500]})") from None
-
-
-def read_sharded(url: str) -> dict[str, Any]:
-    """Every tensor of the directory ``url``, whole, in this process (no process group, CPU)."""
-    # What torch's own dcp_to_torch_save does (which reads local directories only): the planner
-    # takes the keys from the metadata; the public dcp.load fills only keys it is given.
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_dcp_reader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return state
 
 
 def is_sharded(state: dict[str, Any]) -> bool:
@@ -206,7 +197,7 @@ def consolidate(checkpoint: str, output: str | None = None) -> str:
         raise ValueError(f"{url}: not a sharded checkpoint (its state.pt holds the weights already)")
     if not storage.exists(f"{url}/DONE"):
         raise ValueError(f"{url}: incomplete checkpoint (no DONE marker; the run was killed while saving)")
-    tensors = read_sharded(f"{url}/{SHARDED_DIR}")  # {"model": {...}, "loss": {...}, "optimizer": {...}}
+    tensors = model_ckpt.read_dcp(f"{url}/{SHARDED_DIR}")  # {"model": {...}, "loss": {...}, "optimizer": {...}}
     full = {k: v for k, v in state.items() if k not in ("format", "scheduler", "scaler")}
     full["model"], full["loss"] = tensors["model"], tensors.get("loss", {})
     output = output or f"{url}/model.pt"

@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -478,16 +478,23 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     return url
 
 
+def _sharded_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def sharded_state(accelerator, model, loss_fn, optimizer, excluded: list[str]) -> dict[str, dict]:
     """``{"model", "loss", "optimizer"}`` as torch.distributed.checkpoint state dicts: each rank's
     shards (DTensors) under FSDP, whole tensors otherwise (a plain run resuming a sharded
     checkpoint). The model's keys are its state dict's without ``excluded`` (``training_weights``'
-    keys); the optimizer's are parameter names (``model.<name>``, ``loss.<name>``), so they survive
-    resharding."""
+    keys). The optimizer's are flat and per parameter name (``state.model.<name>.exp_avg``,
+    ``param_groups.model.<name>.lr``, ``loss.<name>`` for the loss module's), not per group
+    index: they survive resharding and another grouping (FSDP's "unsharded" group)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     both = torch.nn.ModuleDict({"model": accelerator.unwrap_model(model), "loss": loss_fn})
-    weights, optim = get_state_dict(both, getattr(optimizer, "optimizer", optimizer))
+    weights, optim = get_state_dict(both, getattr(optimizer, "optimizer", optimizer), options=_sharded_options())
     skip = {f"model.{k}" for k in excluded}
     return {
         "model": {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.") and k not in skip},
@@ -499,16 +506,22 @@ def sharded_state(accelerator, model, loss_fn, optimizer, excluded: list[str]) -
 def load_sharded_state(url: str, state: dict, accelerator, model, loss_fn, optimizer) -> None:
     """A sharded checkpoint's weights and optimizer into the prepared model and optimizer (any
     world size, FSDP or not: torch.distributed.checkpoint reshards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     target = sharded_state(accelerator, model, loss_fn, optimizer, list(state["model_excluded"]))
     ckpt.load_sharded(target, f"{url}/{ckpt.SHARDED_DIR}")
     weights = {**{f"model.{k}": v for k, v in target["model"].items()},
                **{f"loss.{k}": v for k, v in target["loss"].items()}}
     both = torch.nn.ModuleDict({"model": accelerator.unwrap_model(model), "loss": loss_fn})
+    optim = getattr(optimizer, "optimizer", optimizer)
+    # The saved groups' settings go to this optimizer's groups by parameter name; a run with other
+    # groups (FSDP's "unsharded" one, in a plain run) keeps its own group names.
+    names = [g.get("name") for g in optim.param_groups]
     # strict=False: the excluded (frozen) keys are rebuilt from pretrained / run.seed, as for state.pt
-    set_state_dict(both, getattr(optimizer, "optimizer", optimizer), model_state_dict=weights,
-                   optim_state_dict=target["optimizer"], options=StateDictOptions(strict=False))
+    set_state_dict(both, optim, model_state_dict=weights, optim_state_dict=target["optimizer"],
+                   options=replace(_sharded_options(), strict=False))
+    for group, name in zip(optim.param_groups, names):
+        group["name"] = name
 
 
 def read_checkpoint_state(url: str | None) -> dict | None:
@@ -536,6 +549,9 @@ def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler,
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # One base rate per group of this optimizer (a sharded checkpoint may come from a run with
+    # another group count, see load_sharded_state; every group starts from optim.lr).
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
     if accelerator.process_index >= state["world_size"]:
