@@ -75,6 +75,12 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Validation shards (one batch of 8 pairs)."""
+    return synthetic_shards(tmp_path_factory.mktemp("fsdp-held-out"), scenes=16, shard_size=4)
+
+
+@pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fsdp-driver") / "train_fsdp.py"
     path.write_text(DRIVER)
@@ -83,16 +89,21 @@ def driver(tmp_path_factory) -> Path:
 
 def train_args(shards, out, steps=STEPS, **extra) -> list[str]:
     # The locked (random-init) tower, CLIP's logit scale trained (loss.clip), learnable loss
-    # temperatures (the loss module's own parameters), clipping and 2 micro-batches per step.
+    # temperatures (the loss module's own parameters), clipping (0.1: active from step 1) and
+    # 2 micro-batches per step.
     values = {
         "model.name": "sa-tiny", "model.pretrained": "null", "model.lock_image": "true",
-        "loss.clip": "true", "loss.learnable_temperature": "true", "optim.grad_clip": 0.5,
+        "loss.clip": "true", "loss.learnable_temperature": "true", "optim.grad_clip": 0.1,
         "optim.accum_freq": 2, "data.shards": str(shards), "data.batch_pairs": 8, "data.workers": 1,
         "data.shuffle_buffer": 16, "optim.steps": steps, "optim.warmup_steps": 2, "optim.lr": 1e-3,
         "run.precision": "no", "run.log_every": 1, "run.checkpoint_every": 2, "run.keep_checkpoints": 0,
         "run.trackers": "[]", "run.output_dir": str(out), **extra,
     }
     return ["--config", DEMO, "--resume", "auto"] + [f"{k}={v}" for k, v in values.items()]
+
+
+def validation(held_out: Path) -> dict[str, object]:
+    return {"eval.every": 2, "eval.shards": str(held_out), "eval.batches": 1, "eval.workers": 0}
 
 
 def run_ranks(driver: Path, world: int, args: list[str], fsdp: bool) -> list[subprocess.CompletedProcess]:
@@ -121,26 +132,37 @@ def losses(out: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "loss" in r}
 
 
+def validations(out: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("val/") and k != "val/seconds"}
+            for r in rows if "val/loss" in r}
+
+
 def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
     return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * max(1.0, abs(a[k])) for k in a)
 
 
 @pytest.fixture(scope="module")
-def runs(shards, driver, tmp_path_factory) -> dict[str, Path]:
-    """The same 4 steps on 2 processes under DDP and under FSDP (checkpoints after steps 2 and 4)."""
+def runs(shards, held_out, driver, tmp_path_factory) -> dict[str, Path]:
+    """The same 4 steps on 2 processes under DDP and under FSDP (checkpoints and validations after
+    steps 2 and 4)."""
     root = tmp_path_factory.mktemp("fsdp-runs")
     for name in ("ddp", "fsdp"):
-        ok(run_ranks(driver, 2, train_args(shards, root / name), fsdp=name == "fsdp"))
+        ok(run_ranks(driver, 2, train_args(shards, root / name, **validation(held_out)), fsdp=name == "fsdp"))
     return {"ddp": root / "ddp", "fsdp": root / "fsdp"}
 
 
-def test_fsdp_trains_like_ddp(runs):
-    """The same global batches: the same loss terms, step by step (float32, up to reduction order)."""
+def test_fsdp_trains_and_validates_like_ddp(runs):
+    """The same global batches: the same loss terms, step by step (float32, up to reduction order),
+    and the same validation numbers through the sharded model."""
     want, got = losses(runs["ddp"]), losses(runs["fsdp"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert len(got[1]) >= 5  # loss + contrastive u / v + triplet + clip
     assert all(close(want[s], got[s]) for s in want), (want, got)
     assert got[STEPS]["loss"] != got[1]["loss"]  # it trained
+    want, got = validations(runs["ddp"]), validations(runs["fsdp"])
+    assert sorted(got) == sorted(want) == [2, 4] and got[2]["val/pairs"] == 8
+    assert all(close(want[s], got[s]) for s in want), (want, got)
 
 
 def test_the_checkpoint_is_per_rank_shards_and_consolidates_to_ddp_weights(runs, tmp_path):
@@ -177,12 +199,12 @@ def test_the_checkpoint_is_per_rank_shards_and_consolidates_to_ddp_weights(runs,
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-def test_a_resumed_fsdp_run_continues_exactly(runs, shards, driver, tmp_path):
+def test_a_resumed_fsdp_run_continues_exactly(runs, shards, held_out, driver, tmp_path):
     """Resumed on 2 ranks from the step-2 shards, steps 3-4 are the uninterrupted run's."""
     resumed = tmp_path / "resumed"
     shutil.copytree(runs["fsdp"], resumed)
     shutil.rmtree(resumed / "checkpoints/step-00000004")
-    done = run_ranks(driver, 2, train_args(shards, resumed), fsdp=True)
+    done = run_ranks(driver, 2, train_args(shards, resumed, **validation(held_out)), fsdp=True)
     ok(done)
     assert "resumed from" in done[0].stdout and "at step 2" in done[0].stdout
     got, again = losses(runs["fsdp"]), losses(resumed)
@@ -291,6 +313,8 @@ def test_an_fsdp_run_refuses_what_it_cannot_do(tmp_path):
 
     class Plugin:
         fsdp_version = 2
+        activation_checkpointing = False
+        cpu_ram_efficient_loading = False
 
     class State:
         fsdp_plugin = Plugin()
@@ -303,6 +327,10 @@ def test_an_fsdp_run_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ConfigError, match="eval.spatial_probe=0"):
         check_distribution(probe, Accelerator())
     check_distribution(TrainConfig(), Accelerator())  # FSDP2 without the probe: fine
+    Plugin.activation_checkpointing = True
+    with pytest.raises(ConfigError, match="run.grad_checkpointing=true"):
+        check_distribution(TrainConfig(), Accelerator())
+    Plugin.activation_checkpointing = False
     Plugin.fsdp_version = 1
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         check_distribution(TrainConfig(), Accelerator())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -173,7 +174,10 @@ def load_sharded(state: dict[str, Any], url: str) -> None:
 
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
-        dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": alone, it is
+            if alone:
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
     except Exception as e:  # DCP wraps every rank's error in a CheckpointException
         raise SystemExit(f"{url}: the sharded checkpoint does not fit this run's model and optimizer "
                          f"({type(e).__name__}: {str(e)[:500]})") from None

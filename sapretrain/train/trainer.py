@@ -90,10 +90,17 @@ def check_distribution(cfg: TrainConfig, accelerator) -> None:
             "checkpoints need to do themselves); use launch/accelerate/fsdp.yaml for sharded training")
     if kind != DistributedType.FSDP:
         return
-    version = accelerator.state.fsdp_plugin.fsdp_version
-    if version != 2:
-        raise ConfigError(f"fsdp_version {version}: this trainer shards with FSDP2 (fully_shard); set "
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_version {plugin.fsdp_version}: this trainer shards with FSDP2 (fully_shard); set "
                           "fsdp_version: 2 in the accelerate config (launch/accelerate/fsdp.yaml)")
+    # shard_model shards the model itself; these two would act on it after that, or never.
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ConfigError("fsdp_activation_checkpointing: true is not used by this trainer; set it to false "
+                          "and use run.grad_checkpointing=true (open_clip's own, inside each block)")
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise ConfigError("fsdp_cpu_ram_efficient_loading: true is not used by this trainer (every rank builds "
+                          "the model, then shard_model shards it); set it to false")
     if cfg.eval.every and cfg.eval.spatial_probe:
         raise ConfigError(
             f"eval.spatial_probe={cfg.eval.spatial_probe}: the probe runs the whole model on rank 0, which FSDP's "
@@ -223,8 +230,14 @@ def shard_model(accelerator, model: SAClip) -> list[torch.nn.Parameter]:
     model.to(accelerator.device)  # fully_shard moves only what it shards
     whole = [p for p in model.parameters() if not p.requires_grad or p.ndim == 0]
     ignored = set(whole)
-    kwargs = {"mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-              "offload_policy": plugin.cpu_offload, "ignored_params": ignored}
+    # Weights gathered in the run's precision, as Accelerate sets it; but gradients reduced in
+    # float32 and the outputs left as computed (Accelerate's policy casts both to bf16), as under
+    # DDP + autocast: the logit scale the loss reads stays float32.
+    policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
+                                  reduce_dtype=torch.float32 if policy.param_dtype is not None else None,
+                                  cast_forward_inputs=policy.cast_forward_inputs)
+    kwargs = {"mp_policy": policy, "offload_policy": plugin.cpu_offload, "ignored_params": ignored}
     names = set(plugin.transformer_cls_names_to_wrap or ["ResidualAttentionBlock"])
     blocks = [m for m in model.modules() if type(m).__name__ in names
               and any(p not in ignored for p in m.parameters())]
@@ -776,19 +789,19 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
         os.makedirs(log_dir(cfg), exist_ok=True)
         save_config(cfg, f"{cfg.run.output_dir.rstrip('/')}/config.yaml")
     resume_url = resolve_resume(resume, cfg.run.output_dir)
-    saved = read_checkpoint_state(resume_url)
+    saved = read_checkpoint_state(resume_url)  # None: a fresh start
     pos, data_state, saved_world = Position(), None, accelerator.num_processes
     if saved is not None and not ckpt.is_sharded(saved):  # a full state.pt: into the plain model
         pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer,
                                                        scheduler, saved)
+        saved = None
     model, optimizer = distribute(cfg, accelerator, model, optimizer)
     loss_fn.to(accelerator.device)
-    if saved is not None and ckpt.is_sharded(saved):  # shards: into the prepared model and optimizer
+    if saved is not None:  # a sharded checkpoint: into the prepared model and optimizer
         pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer,
                                                        scheduler, saved)
-    if saved is not None:
+    if resume_url:
         accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    del saved
     validation = build_validation(cfg, accelerator.unwrap_model(model), accelerator, accelerator.print)  # None: off
     mirror = start_tracking(cfg, accelerator, pos.step)  # None: the logs are in run.output_dir itself
     metrics = MetricsLog(cfg, accelerator, pos.step)
