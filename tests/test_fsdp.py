@@ -263,6 +263,32 @@ def test_a_plain_one_process_run_loads_the_two_rank_shards(runs, shards):
     assert all(int(optimizer.state[p]["step"]) == 3 for g in optimizer.param_groups for p in g["params"])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_trainable_vision_tower_is_sharded_too(shards, driver, tmp_path):
+    """``model.lock_image=false``: every block of both towers is an FSDP unit; nothing is left
+    out of the checkpoint."""
+    from sapretrain.train.checkpoint import load_tensor_file
+
+    out = tmp_path / "unlocked"
+    ok(run_ranks(driver, 2, train_args(shards, out, steps=1, **{"model.lock_image": "false"}), fsdp=True))
+    assert list(losses(out)) == [1]
+    state = load_tensor_file(str(out / "checkpoints/step-00000001/state.pt"))
+    assert state["format"] == "dcp" and state["model_excluded"] == []
+
+
+def test_an_fsdp_run_does_not_resume_a_ddp_checkpoint(runs):
+    """A full state.pt into already sharded parameters: refused, pointing to DDP."""
+    from accelerate.utils import DistributedType
+
+    from sapretrain.train.trainer import load_checkpoint
+
+    class Accelerator:
+        distributed_type = DistributedType.FSDP
+
+    with pytest.raises(SystemExit, match="resume it under DDP"):
+        load_checkpoint(str(runs["ddp"] / "checkpoints/step-00000002"), Accelerator(), None, None, None, None)
+
+
 def test_the_accelerate_configs_parse_and_name_existing_options():
     """Every launch/accelerate/*.yaml loads as accelerate's config, each fsdp_config key is a launch
     option, and fsdp.yaml gives an FSDP2 plugin wrapping the text tower's blocks of our models."""

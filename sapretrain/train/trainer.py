@@ -244,6 +244,9 @@ def shard_model(accelerator, model: SAClip) -> list[torch.nn.Parameter]:
     for block in reversed(blocks):  # innermost first
         fully_shard(block, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)  # the root: the heads, embeddings, final norms
+    # Wrapped: Accelerate's prepare must not resolve the block class again (a sharded block's class
+    # is now FSDP<name>; with every block sharded it would find none and raise).
+    plugin.auto_wrap_policy = None
     return [p for p in whole if p.requires_grad]
 
 
