@@ -146,7 +146,7 @@ def _dcp_writer(url: str):
         return FileSystemWriter(url)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return FsspecWriter(url)
+    return FsspecWriter(url, sync_files=False)  # object stores have no fsync: an object exists once closed
 
 
 def _dcp_reader(url: str):
@@ -159,12 +159,21 @@ def _dcp_reader(url: str):
     return FsspecReader(url)
 
 
+def _alone() -> bool:
+    """No process group: one process reads or writes the whole checkpoint."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 def save_sharded(state: dict[str, Any], url: str) -> None:
     """Every rank writes its own shards of ``state`` (DTensors: the local shard; plain tensors that
     are the same on every rank: once) into the directory ``url``; a collective over all ranks."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=_dcp_writer(url))
+    alone = _alone()
+    with warnings.catch_warnings():
+        if alone:  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(state, storage_writer=_dcp_writer(url), no_dist=alone)
 
 
 def load_sharded(state: dict[str, Any], url: str) -> None:
@@ -172,15 +181,15 @@ def load_sharded(state: dict[str, Any], url: str) -> None:
     world size); a collective over all ranks, or one process without a process group."""
     import torch.distributed.checkpoint as dcp
 
-    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    alone = _alone()
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": alone, it is
-            if alone:
+        with warnings.catch_warnings():
+            if alone:  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
     except Exception as e:  # DCP wraps every rank's error in a CheckpointException
-        raise SystemExit(f"{url}: the sharded checkpoint does not fit this run's model and optimizer "
-                         f"({type(e).__name__}: {str(e)[:500]})") from None
+        raise SystemExit(f"{url}: cannot load the sharded checkpoint into this run's model and optimizer (another "
+                         f"model config, or unreadable: {type(e).__name__}: {str(e)[:500]})") from None
 
 
 def is_sharded(state: dict[str, Any]) -> bool:
