@@ -13,8 +13,9 @@ but ``state.pt`` holds no weights and no optimizer state: those are in ``dcp/``,
 ``torch.distributed.checkpoint`` directory (one ``__<rank>_0.distcp`` file per rank, written by
 that rank from its own shards, and a ``.metadata`` index), with the keys ``model.<name>`` (the
 state dict ``training_weights`` would store), ``loss.<name>`` and ``optimizer.*`` (flat, per
-parameter name: ``optimizer.state.model.<name>.exp_avg``, not per group index). Loading reshards to any world size. ``load_saclip`` (and so every evaluator) reads
-a sharded checkpoint's model directly; ``consolidate`` turns one into a single plain ``state.pt``
+parameter name: ``optimizer.state.model.<name>.exp_avg``, not per group index). Loading reshards
+to any world size, with or without FSDP. ``load_saclip`` (and so every evaluator) reads a sharded
+checkpoint's model directly; ``consolidate`` turns one into a single plain ``state.pt``-format
 file (weights, loss, config; no optimizer) to copy or export.
 
 ``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never

@@ -453,6 +453,13 @@ class Position:
     batch: int = 0  # batches of that epoch already consumed
 
 
+def plain_model(accelerator, model) -> SAClip:
+    """The SAClip inside DDP and ``torch.compile`` (FSDP2 shards in place: the module itself), so
+    checkpoint keys are the model's own names (a compiled module's would start ``_orig_mod.``)."""
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return getattr(net, "_orig_mod", net)  # DDP(compiled): unwrap_model stops at the compiled module
+
+
 def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, pos: Position,
                     data_state: dict) -> str:
     url = ckpt.checkpoint_dir(cfg.run.output_dir, pos.step)
@@ -463,7 +470,7 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     ckpt.save_tensor_file(rank_state, f"{url}/rank-{accelerator.process_index}.pt")
     sharded = is_sharded(accelerator)
     if sharded:  # every rank its own shards: no rank gathers the whole model or optimizer
-        net = accelerator.unwrap_model(model)
+        net = plain_model(accelerator, model)
         excluded = [] if cfg.run.save_frozen else model_ckpt.frozen_keys(net)
         ckpt.save_sharded(sharded_state(accelerator, model, loss_fn, optimizer, excluded),
                           f"{url}/{ckpt.SHARDED_DIR}")
@@ -473,7 +480,7 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
         else:
             weights = {
                 # model, model_excluded, model_cfg: frozen weights are rebuilt from pretrained / run.seed
-                **model_ckpt.training_weights(accelerator.unwrap_model(model), include_frozen=cfg.run.save_frozen),
+                **model_ckpt.training_weights(plain_model(accelerator, model), include_frozen=cfg.run.save_frozen),
                 "loss": loss_fn.state_dict(),
                 "optimizer": optimizer.state_dict(),
             }
@@ -509,7 +516,7 @@ def sharded_state(accelerator, model, loss_fn, optimizer, excluded: list[str]) -
     index: they survive resharding and another grouping (FSDP's "unsharded" group)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    both = torch.nn.ModuleDict({"model": accelerator.unwrap_model(model), "loss": loss_fn})
+    both = torch.nn.ModuleDict({"model": plain_model(accelerator, model), "loss": loss_fn})
     weights, optim = get_state_dict(both, getattr(optimizer, "optimizer", optimizer), options=_sharded_options())
     skip = {f"model.{k}" for k in excluded}
     return {
@@ -528,7 +535,7 @@ def load_sharded_state(url: str, state: dict, accelerator, model, loss_fn, optim
     ckpt.load_sharded(target, f"{url}/{ckpt.SHARDED_DIR}")
     weights = {**{f"model.{k}": v for k, v in target["model"].items()},
                **{f"loss.{k}": v for k, v in target["loss"].items()}}
-    both = torch.nn.ModuleDict({"model": accelerator.unwrap_model(model), "loss": loss_fn})
+    both = torch.nn.ModuleDict({"model": plain_model(accelerator, model), "loss": loss_fn})
     optim = getattr(optimizer, "optimizer", optimizer)
     # The saved groups' settings go to this optimizer's groups by parameter name; a run with other
     # groups (FSDP's "unsharded" one, in a plain run) keeps its own group names.
