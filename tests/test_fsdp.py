@@ -63,7 +63,8 @@ def launch_env(config: Path) -> dict[str, str]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    # Port 0: a free one (accelerate refuses a busy 29500, which another test may hold).
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--main_process_port", "0", "train.py"])
     args, _, _ = _validate_launch_command(args)
     return prepare_multi_gpu_env(args)
 
