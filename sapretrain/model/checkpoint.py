@@ -15,7 +15,9 @@ Three containers, one set of rules (``frozen_keys``, ``weights_to_save``, ``load
 - a **trainer checkpoint** ``state.pt`` (sapretrain/train/checkpoint.py) carries the same weights
   as ``training_weights`` writes them: ``model`` (the state dict without the excluded keys),
   ``model_excluded``, ``model_cfg``, next to the run's ``config`` (``config.model``,
-  ``config.run.seed``) and the optimizer state;
+  ``config.run.seed``) and the optimizer state; a *sharded* one (FSDP runs, ``"format": "dcp"``)
+  has the same entries but ``model``, which is the ``model`` part of the torch.distributed.checkpoint
+  directory ``dcp/`` beside it (``read_dcp``);
 - a **Hub folder** (``save_pretrained``): ``model.safetensors`` (every tensor) and ``config.json``
   (``format``, ``version``, ``config``, ``model_cfg``, ``preprocess_cfg``, ``tokenizer`` and
   whatever the exporter adds).
@@ -46,6 +48,8 @@ from sapretrain import storage
 from sapretrain.model.saclip import SAClip, SAClipConfig, build_saclip, resolve_model_name
 
 FORMAT = "sapretrain.saclip"
+SHARDED_FORMAT = "dcp"  # a trainer state.pt whose weights are in the DCP directory SHARDED_DIR beside it
+SHARDED_DIR = "dcp"
 VERSION = 1
 CONFIG_FILE = "config.json"  # Hub folder
 WEIGHTS_FILE = "model.safetensors"
@@ -189,6 +193,8 @@ def _load_file(path: str) -> SAClip:
         model = rebuild(payload["config"], payload.get("model_cfg"), complete=not payload["excluded"])
         load_weights(model, payload["state_dict"], payload["excluded"], path)
         return model
+    if isinstance(payload, dict) and payload.get("format") == SHARDED_FORMAT and "model" not in payload:
+        payload = {**payload, "model": read_dcp(f"{storage.parent(path)}/{SHARDED_DIR}")["model"]}
     if isinstance(payload, dict) and "model" in payload and isinstance(payload.get("config"), dict) \
             and "model" in payload["config"]:  # a trainer state.pt
         config = payload["config"]
@@ -198,6 +204,29 @@ def _load_file(path: str) -> SAClip:
         load_weights(model, payload["model"], _excluded_of(model, payload), path)
         return model
     raise CheckpointError(f"{path}: not an SA-CLIP checkpoint (format {FORMAT!r} or a trainer state.pt)")
+
+
+def read_dcp(url: str) -> dict[str, Any]:
+    """Every tensor of the torch.distributed.checkpoint directory ``url``, whole, in this process
+    (no process group; any number of ranks wrote it), as the nested dict that was saved."""
+    from torch.distributed.checkpoint import FileSystemReader
+    # What torch's own dcp_to_torch_save does (which reads local directories only): the planner
+    # takes the keys from the metadata; the public dcp.load fills only keys it is given.
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if storage.is_url(url):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        reader = FsspecReader(url)
+    else:
+        reader = FileSystemReader(url)
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: no sharded checkpoint there (its .metadata is missing)") from None
+    return state
 
 
 # ----- Hub folders (safetensors + config.json)

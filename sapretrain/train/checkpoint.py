@@ -8,6 +8,16 @@ directory with ``DONE`` counts, so a run killed while saving resumes from the pr
 model's weights in ``state.pt`` are written and read by ``sapretrain.model.checkpoint``
 (``training_weights``; ``load_saclip`` rebuilds the model of a ``state.pt``).
 
+A **sharded** checkpoint (FSDP runs, ``"format": "dcp"`` in ``state.pt``) keeps the same layout,
+but ``state.pt`` holds no weights and no optimizer state: those are in ``dcp/``, a
+``torch.distributed.checkpoint`` directory (one ``__<rank>_0.distcp`` file per rank, written by
+that rank from its own shards, and a ``.metadata`` index), with the keys ``model.<name>`` (the
+state dict ``training_weights`` would store), ``loss.<name>`` and ``optimizer.*`` (flat, per
+parameter name: ``optimizer.state.model.<name>.exp_avg``, not per group index). Loading reshards
+to any world size, with or without FSDP. ``load_saclip`` (and so every evaluator) reads a sharded
+checkpoint's model directly; ``consolidate`` turns one into a single plain ``state.pt``-format
+file (weights, loss, config; no optimizer) to copy or export.
+
 ``prune`` keeps the newest ``run.keep_checkpoints`` complete ones (0: all; the newest is never
 deleted) and removes directories without ``DONE`` that are older than the newest complete one
 (left by a save or a prune that was interrupted); a newer one without ``DONE`` may be a save in
@@ -18,14 +28,18 @@ from __future__ import annotations
 import io
 import random
 import re
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from sapretrain import storage
+from sapretrain.model import checkpoint as model_ckpt
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
+# state.pt's "format" for a sharded checkpoint (absent: a full state.pt), and its DCP directory
+SHARDED_FORMAT, SHARDED_DIR = model_ckpt.SHARDED_FORMAT, model_ckpt.SHARDED_DIR
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -121,3 +135,85 @@ def prune(output_dir: str, keep: int) -> list[str]:
             fs.rm(f"{path}/DONE")
         fs.rm(path, recursive=True)
     return [url for _, url in sorted(doomed)]
+
+
+# ----- sharded checkpoints (torch.distributed.checkpoint)
+
+
+def _dcp_writer(url: str):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    if not storage.is_url(url):
+        return FileSystemWriter(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(url, sync_files=False)  # object stores have no fsync: an object exists once closed
+
+
+def _dcp_reader(url: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not storage.is_url(url):
+        return FileSystemReader(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url)
+
+
+def _alone() -> bool:
+    """No process group: one process reads or writes the whole checkpoint."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def save_sharded(state: dict[str, Any], url: str) -> None:
+    """Every rank writes its own shards of ``state`` (DTensors: the local shard; plain tensors that
+    are the same on every rank: once) into the directory ``url``; a collective over all ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    alone = _alone()
+    with warnings.catch_warnings():
+        if alone:  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(state, storage_writer=_dcp_writer(url), no_dist=alone)
+
+
+def load_sharded(state: dict[str, Any], url: str) -> None:
+    """Fill ``state`` in place from the directory ``url``, each tensor with its own sharding (any
+    world size); a collective over all ranks, or one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    alone = _alone()
+    try:
+        with warnings.catch_warnings():
+            if alone:  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
+    except Exception as e:  # DCP wraps every rank's error in a CheckpointException
+        raise SystemExit(f"{url}: cannot load the sharded checkpoint into this run's model and optimizer (another "
+                         f"model config, or unreadable: {type(e).__name__}: {str(e)[:500]})") from None
+
+
+def is_sharded(state: dict[str, Any]) -> bool:
+    """A ``state.pt`` whose weights and optimizer are in ``dcp/``."""
+    return state.get("format") == SHARDED_FORMAT
+
+
+def consolidate(checkpoint: str, output: str | None = None) -> str:
+    """A sharded checkpoint as one full ``state.pt`` file (weights, loss parameters, config,
+    position; no optimizer state), readable by ``load_saclip`` and ``tools/evaluate.py``. One
+    process, no GPU; ``output`` defaults to ``<checkpoint>/model.pt``. Returns its path.
+
+        python -c "from sapretrain.train.checkpoint import consolidate; print(consolidate('runs/x/checkpoints/step-00030000'))"
+    """
+    url = checkpoint.rstrip("/")
+    state = load_tensor_file(f"{url}/state.pt")
+    if not is_sharded(state):
+        raise ValueError(f"{url}: not a sharded checkpoint (its state.pt holds the weights already)")
+    if not storage.exists(f"{url}/DONE"):
+        raise ValueError(f"{url}: incomplete checkpoint (no DONE marker; the run was killed while saving)")
+    tensors = model_ckpt.read_dcp(f"{url}/{SHARDED_DIR}")  # {"model": {...}, "loss": {...}, "optimizer": {...}}
+    full = {k: v for k, v in state.items() if k not in ("format", "scheduler", "scaler")}
+    full["model"], full["loss"] = tensors["model"], tensors.get("loss", {})
+    output = output or f"{url}/model.pt"
+    save_tensor_file(full, output)
+    return output

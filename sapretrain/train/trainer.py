@@ -1,7 +1,13 @@
 """The SA-CLIP training loop (``launch/pretrain.py`` is its command line).
 
-Sections, top to bottom: set-up (accelerator, model, loss, optimizer, schedule), one training
-step (with feature-cached accumulation), checkpoints and resume, preemption, logging, the loop.
+Sections, top to bottom: set-up (accelerator, model, loss, optimizer, schedule, distribution),
+one training step (with feature-cached accumulation), checkpoints and resume, preemption, logging,
+the loop.
+
+Distribution is DDP, or FSDP2 when the accelerate config says ``distributed_type: FSDP``
+(launch/accelerate/fsdp.yaml): ``shard_model`` shards the trainable model over the ranks and leaves
+the locked tower (and the 0-dim logit scale, which FSDP cannot shard) whole on every rank;
+checkpoints are then written per rank (sapretrain/train/checkpoint.py, sharded checkpoints).
 
 On SIGUSR1 or SIGTERM every rank finishes its step, a checkpoint is written at one step all ranks
 agree on, and the process exits with ``REQUEUE_EXIT_CODE`` (75); ``--resume auto`` continues
@@ -16,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -60,7 +66,7 @@ def build_accelerator(cfg: TrainConfig):
         # under run.precision=no); bf16 and fp16 autocast are unaffected.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.run.precision,
         log_with=trackers or None,
         project_dir=log_dir(cfg),
@@ -68,6 +74,45 @@ def build_accelerator(cfg: TrainConfig):
         # no unused-parameter search.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    check_distribution(cfg, accelerator)
+    return accelerator
+
+
+def check_distribution(cfg: TrainConfig, accelerator) -> None:
+    """The distributed types this trainer implements: none, DDP, FSDP version 2 (ConfigError otherwise)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "distributed_type DEEPSPEED: not supported by this trainer (DeepSpeed's engine steps the optimizer inside "
+            "backward, which the feature-cached accumulation, the loss module's own parameters and the trainer's "
+            "checkpoints need to do themselves); use launch/accelerate/fsdp.yaml for sharded training")
+    if kind != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_version {plugin.fsdp_version}: this trainer shards with FSDP2 (fully_shard); set "
+                          "fsdp_version: 2 in the accelerate config (launch/accelerate/fsdp.yaml)")
+    # shard_model shards the model itself; these two would act on it after that, or never.
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ConfigError("fsdp_activation_checkpointing: true is not used by this trainer; set it to false "
+                          "and use run.grad_checkpointing=true (open_clip's own, inside each block)")
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise ConfigError("fsdp_cpu_ram_efficient_loading: true is not used by this trainer (every rank builds "
+                          "the model, then shard_model shards it); set it to false")
+    if cfg.eval.every and cfg.eval.spatial_probe:
+        raise ConfigError(
+            f"eval.spatial_probe={cfg.eval.spatial_probe}: the probe runs the whole model on rank 0, which FSDP's "
+            "sharded parameters do not allow; set eval.spatial_probe=0 (the other val/ numbers work under FSDP) "
+            "and probe a consolidated checkpoint with tools/evaluate.py --task spatial")
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP: parameters, gradients and optimizer state sharded over the ranks (``shard_model``)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _wandb_available() -> bool:
@@ -134,8 +179,18 @@ def build_preprocess_or_check_features(cfg: TrainConfig, model: SAClip, log=prin
     return None
 
 
-def build_optimizer(cfg: TrainConfig, model: SAClip, loss_fn: SAClipLoss) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: SAClip, loss_fn: SAClipLoss,
+                    unsharded: list[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """AdamW over the model's groups and the loss module's parameters. ``unsharded``: the
+    trainable parameters ``shard_model`` left whole, in a group of their own (after sharding, a
+    group would mix DTensors and plain tensors, which the fused and foreach kernels refuse)."""
     groups = model.param_groups(cfg.optim.weight_decay)
+    if unsharded:
+        ids = {id(p) for p in unsharded}
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        groups = [g for g in groups if g["params"]]
+        groups.append({"name": "unsharded", "params": list(unsharded), "weight_decay": 0.0})
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"name": "loss", "params": loss_params, "weight_decay": 0.0})
@@ -153,6 +208,64 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> 
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def shard_model(accelerator, model: SAClip) -> list[torch.nn.Parameter]:
+    """FSDP2 (``fully_shard``) over ``model`` in place, with the accelerate config's settings (mixed
+    precision policy, CPU offload, ``reshard_after_forward``, ``fsdp_transformer_layer_cls_to_wrap``:
+    each such block that holds trainable parameters is its own unit, the rest is the root unit).
+    Returns the trainable parameters left whole (replicated): their gradients are averaged by
+    ``sync_gradients``, as the loss module's are.
+
+    Left out of the shards (``ignored_params``): every frozen parameter, so the locked vision tower
+    is whole on every rank (it never changes and has no gradient or optimizer state: sharding it would
+    only add an all-gather to each of its forwards, and with ``data.features`` it is never run),
+    and the 0-dim ones (CLIP's logit scale), which ``fully_shard`` cannot shard. Done here rather
+    than by Accelerate's ``prepare`` because Accelerate's ``ignored_modules`` takes whole modules
+    and its auto-wrap would also wrap the frozen tower's blocks. Call before building the optimizer.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    model.to(accelerator.device)  # fully_shard moves only what it shards
+    whole = [p for p in model.parameters() if not p.requires_grad or p.ndim == 0]
+    ignored = set(whole)
+    # Weights gathered in the run's precision, as Accelerate sets it; but gradients reduced in
+    # float32 and the outputs left as computed (Accelerate's policy casts both to bf16), as under
+    # DDP + autocast: the logit scale the loss reads stays float32.
+    policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
+                                  reduce_dtype=torch.float32 if policy.param_dtype is not None else None,
+                                  cast_forward_inputs=policy.cast_forward_inputs)
+    kwargs = {"mp_policy": policy, "offload_policy": plugin.cpu_offload, "ignored_params": ignored}
+    names = set(plugin.transformer_cls_names_to_wrap or ["ResidualAttentionBlock"])
+    blocks = [m for m in model.modules() if type(m).__name__ in names
+              and any(p not in ignored for p in m.parameters())]
+    for block in reversed(blocks):  # innermost first
+        fully_shard(block, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)  # the root: the heads, embeddings, final norms
+    # Wrapped: Accelerate's prepare must not resolve the block class again (a sharded block's class
+    # is now FSDP<name>; with every block sharded it would find none and raise).
+    plugin.auto_wrap_policy = None
+    return [p for p in whole if p.requires_grad]
+
+
+def distribute(cfg: TrainConfig, accelerator, model, optimizer):
+    """Accelerate's ``prepare`` (DDP; under FSDP, the model ``shard_model`` already sharded), and
+    ``torch.compile`` when ``run.compile``: the one place distribution is applied."""
+    if not is_sharded(accelerator):
+        if cfg.run.compile:
+            model = torch.compile(model)
+        return accelerator.prepare(model, optimizer)
+    # Accelerate's FSDP2 prepare re-points the optimizer at the model's parameters by name; the
+    # loss module's are not the model's: that group is set aside and put back as it was.
+    aside = [g for g in optimizer.param_groups if g.get("name") == "loss"]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g.get("name") != "loss"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer.optimizer.param_groups.extend(aside)
+    if cfg.run.compile:  # after sharding, as torchtitan orders them
+        model = torch.compile(model)
+    return model, optimizer
 
 
 # ----- one step
@@ -237,6 +350,8 @@ def optimizer_step(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sch
     terms = train_step(accelerator, model, loss_fn,
                        split_microbatches(model_inputs(batch, cfg.loss), cfg.optim.accum_freq))
     sync_loss_gradients(accelerator, loss_fn)
+    if is_sharded(accelerator):
+        sync_gradients(accelerator, unsharded_parameters(accelerator.unwrap_model(model)))
     if finite is not None:
         finite.record(step, terms)
     if cfg.optim.grad_clip:
@@ -299,13 +414,25 @@ class FiniteCheck:
 
 
 def sync_loss_gradients(accelerator, loss_fn: SAClipLoss) -> None:
-    """Average the loss module's own parameters' gradients over ranks (DDP only wraps the model)."""
+    """Average the loss module's own parameters' gradients over ranks (DDP and FSDP only wrap the model)."""
+    sync_gradients(accelerator, list(loss_fn.parameters()))
+
+
+def sync_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average these (whole, not sharded) parameters' gradients over ranks."""
     if accelerator.num_processes == 1:
         return
-    for p in loss_fn.parameters():
+    for p in params:
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad)
             p.grad.div_(accelerator.num_processes)
+
+
+def unsharded_parameters(model: SAClip) -> list[torch.nn.Parameter]:
+    """The trainable parameters ``shard_model`` leaves whole (plain tensors among the DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
 
 
 def direct_parameters(model: SAClip, loss_fn: SAClipLoss) -> list[torch.nn.Parameter]:
@@ -326,6 +453,13 @@ class Position:
     batch: int = 0  # batches of that epoch already consumed
 
 
+def plain_model(accelerator, model) -> SAClip:
+    """The SAClip inside DDP and ``torch.compile`` (FSDP2 shards in place: the module itself), so
+    checkpoint keys are the model's own names (a compiled module's would start ``_orig_mod.``)."""
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return getattr(net, "_orig_mod", net)  # DDP(compiled): unwrap_model stops at the compiled module
+
+
 def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, scheduler, pos: Position,
                     data_state: dict) -> str:
     url = ckpt.checkpoint_dir(cfg.run.output_dir, pos.step)
@@ -334,14 +468,26 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     # a resume under another world size reads every rank's, see restore_data_position).
     rank_state = {"rng": ckpt.rng_state(), "data": data_state}
     ckpt.save_tensor_file(rank_state, f"{url}/rank-{accelerator.process_index}.pt")
+    sharded = is_sharded(accelerator)
+    if sharded:  # every rank its own shards: no rank gathers the whole model or optimizer
+        net = plain_model(accelerator, model)
+        excluded = [] if cfg.run.save_frozen else model_ckpt.frozen_keys(net)
+        ckpt.save_sharded(sharded_state(accelerator, model, loss_fn, optimizer, excluded),
+                          f"{url}/{ckpt.SHARDED_DIR}")
     if accelerator.is_main_process:
+        if sharded:
+            weights = {"format": ckpt.SHARDED_FORMAT, "model_excluded": excluded, "model_cfg": net.model_cfg}
+        else:
+            weights = {
+                # model, model_excluded, model_cfg: frozen weights are rebuilt from pretrained / run.seed
+                **model_ckpt.training_weights(plain_model(accelerator, model), include_frozen=cfg.run.save_frozen),
+                "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
         state = {
             "position": asdict(pos),
             "world_size": accelerator.num_processes,
-            # model, model_excluded, model_cfg: frozen weights are rebuilt from pretrained / run.seed
-            **model_ckpt.training_weights(accelerator.unwrap_model(model), include_frozen=cfg.run.save_frozen),
-            "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            **weights,
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             "config": json.loads(json.dumps(asdict(cfg))),
@@ -355,17 +501,80 @@ def save_checkpoint(cfg: TrainConfig, accelerator, model, loss_fn, optimizer, sc
     return url
 
 
-def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler) -> tuple[Position, dict | None, int]:
+def _sharded_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def sharded_state(accelerator, model, loss_fn, optimizer, excluded: list[str]) -> dict[str, dict]:
+    """``{"model", "loss", "optimizer"}`` as torch.distributed.checkpoint state dicts: each rank's
+    shards (DTensors) under FSDP, whole tensors otherwise (a plain run resuming a sharded
+    checkpoint). The model's keys are its state dict's without ``excluded`` (``training_weights``'
+    keys). The optimizer's are flat and per parameter name (``state.model.<name>.exp_avg``,
+    ``param_groups.model.<name>.lr``, ``loss.<name>`` for the loss module's), not per group
+    index: they survive resharding and another grouping (FSDP's "unsharded" group)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    both = torch.nn.ModuleDict({"model": plain_model(accelerator, model), "loss": loss_fn})
+    weights, optim = get_state_dict(both, getattr(optimizer, "optimizer", optimizer), options=_sharded_options())
+    skip = {f"model.{k}" for k in excluded}
+    return {
+        "model": {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.") and k not in skip},
+        "loss": {k.removeprefix("loss."): v for k, v in weights.items() if k.startswith("loss.")},
+        "optimizer": optim,
+    }
+
+
+def load_sharded_state(url: str, state: dict, accelerator, model, loss_fn, optimizer) -> None:
+    """A sharded checkpoint's weights and optimizer into the prepared model and optimizer (any
+    world size, FSDP or not: torch.distributed.checkpoint reshards)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    target = sharded_state(accelerator, model, loss_fn, optimizer, list(state["model_excluded"]))
+    ckpt.load_sharded(target, f"{url}/{ckpt.SHARDED_DIR}")
+    weights = {**{f"model.{k}": v for k, v in target["model"].items()},
+               **{f"loss.{k}": v for k, v in target["loss"].items()}}
+    both = torch.nn.ModuleDict({"model": plain_model(accelerator, model), "loss": loss_fn})
+    optim = getattr(optimizer, "optimizer", optimizer)
+    # The saved groups' settings go to this optimizer's groups by parameter name; a run with other
+    # groups (FSDP's "unsharded" one, in a plain run) keeps its own group names.
+    names = [g.get("name") for g in optim.param_groups]
+    # strict=False: the excluded (frozen) keys are rebuilt from pretrained / run.seed, as for state.pt
+    set_state_dict(both, optim, model_state_dict=weights, optim_state_dict=target["optimizer"],
+                   options=replace(_sharded_options(), strict=False))
+    for group, name in zip(optim.param_groups, names):
+        group["name"] = name
+
+
+def read_checkpoint_state(url: str | None) -> dict | None:
+    """A checkpoint's ``state.pt`` (None: no resume)."""
+    return ckpt.load_tensor_file(f"{url}/state.pt") if url else None
+
+
+def load_checkpoint(url: str, accelerator, model, loss_fn, optimizer, scheduler,
+                    state: dict | None = None) -> tuple[Position, dict | None, int]:
     """Weights, optimizer, schedule, this rank's RNG; returns the position, this rank's data state
-    (None when the checkpoint had fewer ranks than this run) and the checkpoint's world size."""
-    state = ckpt.load_tensor_file(f"{url}/state.pt")
-    try:
-        model_ckpt.load_training_weights(model, state, url)
-    except model_ckpt.CheckpointError as e:
-        raise SystemExit(f"{e} (it does not fit this run's model config)") from None
-    loss_fn.load_state_dict(state["loss"])
-    optimizer.load_state_dict(state["optimizer"])
+    (None when the checkpoint had fewer ranks than this run) and the checkpoint's world size.
+    A full checkpoint loads before ``distribute``, a sharded one after it (into the shards);
+    ``state``: its ``state.pt`` when already read."""
+    state = state if state is not None else read_checkpoint_state(url)
+    if ckpt.is_sharded(state):
+        load_sharded_state(url, state, accelerator, model, loss_fn, optimizer)
+    elif is_sharded(accelerator):
+        raise SystemExit(f"{url}: a full (DDP) checkpoint; an FSDP run resumes only sharded checkpoints "
+                         "(resume it under DDP, e.g. launch/accelerate/8gpu.yaml)")
+    else:
+        try:
+            model_ckpt.load_training_weights(model, state, url)
+        except model_ckpt.CheckpointError as e:
+            raise SystemExit(f"{e} (it does not fit this run's model config)") from None
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # One base rate per group of this optimizer (a sharded checkpoint may come from a run with
+    # another group count, see load_sharded_state; every group starts from optim.lr).
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
     if accelerator.process_index >= state["world_size"]:
@@ -580,23 +789,29 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest) -> tuple[Pos
     set_seed(cfg.run.seed)  # same initial weights on every rank
     model = build_model(cfg)
     loss_fn = SAClipLoss(cfg.loss)
-    optimizer = build_optimizer(cfg, model, loss_fn)
-    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.steps)
     preprocess = build_preprocess_or_check_features(cfg, model, accelerator.print)
     context_length = model.clip.context_length
+    unsharded = shard_model(accelerator, model) if is_sharded(accelerator) else []
+    optimizer = build_optimizer(cfg, model, loss_fn, unsharded)
+    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.optim.steps)
 
     if accelerator.is_main_process:
         os.makedirs(log_dir(cfg), exist_ok=True)
         save_config(cfg, f"{cfg.run.output_dir.rstrip('/')}/config.yaml")
     resume_url = resolve_resume(resume, cfg.run.output_dir)
+    saved = read_checkpoint_state(resume_url)  # None: a fresh start
     pos, data_state, saved_world = Position(), None, accelerator.num_processes
-    if resume_url:
-        pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer, scheduler)
-        accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    if cfg.run.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if saved is not None and not ckpt.is_sharded(saved):  # a full state.pt: into the plain model
+        pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer,
+                                                       scheduler, saved)
+        saved = None
+    model, optimizer = distribute(cfg, accelerator, model, optimizer)
     loss_fn.to(accelerator.device)
+    if saved is not None:  # a sharded checkpoint: into the prepared model and optimizer
+        pos, data_state, saved_world = load_checkpoint(resume_url, accelerator, model, loss_fn, optimizer,
+                                                       scheduler, saved)
+    if resume_url:
+        accelerator.print(f"resumed from {resume_url} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     validation = build_validation(cfg, accelerator.unwrap_model(model), accelerator, accelerator.print)  # None: off
     mirror = start_tracking(cfg, accelerator, pos.step)  # None: the logs are in run.output_dir itself
     metrics = MetricsLog(cfg, accelerator, pos.step)
