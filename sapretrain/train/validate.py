@@ -136,9 +136,11 @@ def build_validation(cfg: TrainConfig, model, accelerator, log_line: Callable = 
         preprocess = build_preprocess(model)
     # Unshuffled, one reader stream per worker: every rank reads a contiguous part of the prefix
     # (a shard may be split between readers), so the set is the same for any world size. No worker
-    # without a batch to make.
+    # without a batch to make. One epoch per validation, each a new Loader: no persistent workers
+    # (they would decode batches of a next epoch nobody reads).
     loader_cfg = replace(cfg.data, shards=ev.shards or spec, features=ev.features, batch_pairs=pairs,
-                         workers=min(ev.workers, batches), shuffle_shards=False, shuffle_buffer=0, resampled=False)
+                         workers=min(ev.workers, batches), shuffle_shards=False, shuffle_buffer=0, resampled=False,
+                         persistent_workers=False)
     probe = SpatialProbe(ev.spatial_probe) if ev.spatial_probe else None
     log_line(f"eval: every {ev.every} steps on {batches * pairs} held-out pairs ({batches} x {pairs}) of {spec}"
              + (f", spatial probe on {ev.spatial_probe} scenes (gold boxes)" if probe else ""))
