@@ -75,6 +75,23 @@ def write_manifest(path: Path, lines: list) -> Path:
     return path
 
 
+def partner_shards(root: Path, records: int, shard_size: int, image_size: int) -> Path:
+    """Shards of ``records`` pairs (images 2k and 2k+1 partners, one photo each, same boxes) under
+    ``root/shards``: the small set the loader and resume tests read."""
+    from sapretrain.shards.writer import ShardConfig, make_shards
+
+    (root / "images").mkdir()
+    lines = []
+    for i in range(2 * records):
+        make_image(root / "images" / f"{i}.jpg", size=(96, 72), subj=(5, 5, 40, 50), obj=(50, 10, 90, 60), seed=i)
+        lines.append(sample_line(i, f"images/{i}.jpg", i ^ 1, size=(96, 72), subj_box=(5, 5, 40, 50),
+                                 obj_box=(50, 10, 90, 60)))
+    manifest = write_manifest(root / "manifest.jsonl", lines)
+    make_shards(str(manifest), str(root / "shards"),
+                ShardConfig(image_size=image_size, roi_size=32, shard_size=shard_size), progress=False)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: intra-op threads only add OpenMP overhead (seconds per step on a busy 2-core

@@ -20,9 +20,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import PROJECT_ROOT, free_port, make_image, sample_line, write_manifest
+from conftest import PROJECT_ROOT, free_port, partner_shards
 from sapretrain.data.loader import LoaderConfig, Slice, build_loader, seeded, shuffle_records, unread
-from sapretrain.shards.writer import ShardConfig, make_shards
 
 RECORDS, SHARD_SIZE, IMAGE = 24, 4, 64  # 6 shards
 PREPROCESS = open_clip.transform.image_transform(IMAGE, is_train=False)
@@ -32,17 +31,7 @@ DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("elastic")
-    (root / "images").mkdir()
-    lines = []
-    for i in range(2 * RECORDS):
-        make_image(root / "images" / f"{i}.jpg", size=(96, 72), subj=(5, 5, 40, 50), obj=(50, 10, 90, 60), seed=i)
-        lines.append(sample_line(i, f"images/{i}.jpg", i ^ 1, size=(96, 72), subj_box=(5, 5, 40, 50),
-                                 obj_box=(50, 10, 90, 60)))
-    manifest = write_manifest(root / "manifest.jsonl", lines)
-    make_shards(str(manifest), str(root / "shards"), ShardConfig(image_size=IMAGE, roi_size=32, shard_size=SHARD_SIZE),
-                progress=False)
-    return root / "shards"
+    return partner_shards(tmp_path_factory.mktemp("elastic"), RECORDS, SHARD_SIZE, IMAGE)
 
 
 @pytest.fixture(scope="module")

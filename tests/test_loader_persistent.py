@@ -13,10 +13,9 @@ import open_clip
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, make_image, sample_line, write_manifest
+from conftest import PROJECT_ROOT, partner_shards
 from sapretrain.data import loader as loader_module
 from sapretrain.data.loader import LoaderConfig, build_loader
-from sapretrain.shards.writer import ShardConfig, make_shards
 from test_loader import corrupt_copy
 
 RECORDS, SHARD_SIZE = 24, 4  # 6 shards
@@ -27,17 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 wo
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("persistent")
-    (root / "images").mkdir()
-    lines = []
-    for i in range(2 * RECORDS):
-        make_image(root / "images" / f"{i}.jpg", size=(96, 72), subj=(5, 5, 40, 50), obj=(50, 10, 90, 60), seed=i)
-        lines.append(sample_line(i, f"images/{i}.jpg", i ^ 1, size=(96, 72), subj_box=(5, 5, 40, 50),
-                                 obj_box=(50, 10, 90, 60)))
-    manifest = write_manifest(root / "manifest.jsonl", lines)
-    make_shards(str(manifest), str(root / "shards"), ShardConfig(image_size=64, roi_size=32, shard_size=SHARD_SIZE),
-                progress=False)
-    return root / "shards"
+    return partner_shards(tmp_path_factory.mktemp("persistent"), RECORDS, SHARD_SIZE, 64)
 
 
 def config(shards, **kw) -> LoaderConfig:
