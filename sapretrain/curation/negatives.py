@@ -181,7 +181,8 @@ IRREGULAR = {
     "do": ("does", "did", "done", "doing"), "make": ("makes", "made", "made", "making"),
     "find": ("finds", "found", "found", "finding"), "bring": ("brings", "brought", "brought", "bringing"),
     "send": ("sends", "sent", "sent", "sending"), "hang": ("hangs", "hung", "hung", "hanging"),
-    "tie": ("ties", "tied", "tied", "tying"), "lay": ("lays", "laid", "laid", "laying"), "untie": ("unties", "untied", "untied", "untying"),
+    "tie": ("ties", "tied", "tied", "tying"), "untie": ("unties", "untied", "untied", "untying"),
+    "lay": ("lays", "laid", "laid", "laying"),
 }
 # Verbs that double their last consonant (drop → dropped, dropping).
 DOUBLING = frozenset(
