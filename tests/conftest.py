@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -146,6 +148,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(script: str, world: int, args: list[str], env: dict | None = None,
+              timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """``script`` as ``world`` gloo ranks on this machine (RANK / LOCAL_RANK / WORLD_SIZE and a free
+    loopback MASTER_PORT set, as torchrun would), their outputs once all ended; stragglers killed."""
+    base = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), **(env or {})}
+    procs = [subprocess.Popen([sys.executable, script] + args, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    try:
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=timeout), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 @pytest.fixture(scope="session")

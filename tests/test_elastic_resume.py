@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -20,7 +18,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import PROJECT_ROOT, free_port, partner_shards
+from conftest import PROJECT_ROOT, partner_shards
+from conftest import run_ranks as launch_ranks
 from sapretrain.data.loader import LoaderConfig, Slice, build_loader, seeded, shuffle_records, unread
 
 RECORDS, SHARD_SIZE, IMAGE = 24, 4, 64  # 6 shards
@@ -161,16 +160,7 @@ def train_args(shards, out, steps=6, **extra) -> list[str]:
 
 
 def run_ranks(world: int, args: list[str]) -> list[subprocess.CompletedProcess]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
-    procs = [subprocess.Popen([sys.executable, PRETRAIN] + args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        return [subprocess.CompletedProcess(p.args, p.wait(timeout=180), *p.communicate()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    return launch_ranks(PRETRAIN, world, args)
 
 
 def data_state(out: Path, step: int, rank: int) -> dict:

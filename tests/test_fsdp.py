@@ -20,13 +20,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, free_port, synthetic_shards
+from conftest import PROJECT_ROOT, synthetic_shards
+from conftest import run_ranks as launch_ranks
 
 DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
 ACCELERATE_CONFIGS = sorted((PROJECT_ROOT / "launch" / "accelerate").glob("*.yaml"))
@@ -108,20 +108,11 @@ def validation(held_out: Path) -> dict[str, object]:
 
 
 def run_ranks(driver: Path, world: int, args: list[str], fsdp: bool) -> list[subprocess.CompletedProcess]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    env = {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
     if fsdp:
         fsdp_vars = {k: v for k, v in launch_env(PROJECT_ROOT / "launch/accelerate/fsdp.yaml").items() if "FSDP" in k}
         env.update(fsdp_vars, SAPRETRAIN_TEST_FSDP="1")
-    procs = [subprocess.Popen([sys.executable, str(driver)] + args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        return [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    return launch_ranks(str(driver), world, args, env, timeout=240)
 
 
 def ok(runs) -> None:

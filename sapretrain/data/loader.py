@@ -672,6 +672,11 @@ def _reader_plan(cfg: LoaderConfig, shards: list[Shard], world_size: int, reader
     """Rank ``rank``'s slices per reader for ``epoch`` of an uninterrupted run (epoch mode)."""
     plan = plan_epoch(shards, world_size, readers, cfg.batch_pairs // world_size, batches, epoch, cfg.seed,
                       cfg.shuffle_shards)
+    return _by_reader(plan, rank, readers)
+
+
+def _by_reader(plan: list[Slice], rank: int, readers: int) -> dict[int, list[Slice]]:
+    """``rank``'s slices of an epoch's plan, per reader."""
     return {w: [sl for sl in plan if sl.rank == rank and sl.worker == w] for w in range(readers)}
 
 
@@ -801,7 +806,7 @@ class Loader:
                                 epoch)
         plan = plan_resumed(self.shards, epoch, cfg.seed, cfg.shuffle_shards, cfg.shuffle_buffer, cfg.batch_pairs,
                             self.batches_per_epoch, self._segments, self.world_size, self.readers, self._start)
-        return {w: [sl for sl in plan if sl.rank == self.rank and sl.worker == w] for w in range(self.readers)}
+        return _by_reader(plan, self.rank, self.readers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.cfg.persistent_workers and self.cfg.workers > 0:

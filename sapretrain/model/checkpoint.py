@@ -206,24 +206,28 @@ def _load_file(path: str) -> SAClip:
     raise CheckpointError(f"{path}: not an SA-CLIP checkpoint (format {FORMAT!r} or a trainer state.pt)")
 
 
+def dcp_reader(url: str):
+    """A torch.distributed.checkpoint reader of the directory ``url`` (local, or any fsspec URL)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not storage.is_url(url):
+        return FileSystemReader(url)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url)
+
+
 def read_dcp(url: str) -> dict[str, Any]:
     """Every tensor of the torch.distributed.checkpoint directory ``url``, whole, in this process
     (no process group; any number of ranks wrote it), as the nested dict that was saved."""
-    from torch.distributed.checkpoint import FileSystemReader
     # What torch's own dcp_to_torch_save does (which reads local directories only): the planner
     # takes the keys from the metadata; the public dcp.load fills only keys it is given.
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    if storage.is_url(url):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        reader = FsspecReader(url)
-    else:
-        reader = FileSystemReader(url)
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=dcp_reader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except FileNotFoundError:
         raise CheckpointError(f"{url}: no sharded checkpoint there (its .metadata is missing)") from None
     return state

@@ -150,16 +150,6 @@ def _dcp_writer(url: str):
     return FsspecWriter(url, sync_files=False)  # object stores have no fsync: an object exists once closed
 
 
-def _dcp_reader(url: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not storage.is_url(url):
-        return FileSystemReader(url)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    return FsspecReader(url)
-
-
 def _alone() -> bool:
     """No process group: one process reads or writes the whole checkpoint."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -187,7 +177,7 @@ def load_sharded(state: dict[str, Any], url: str) -> None:
         with warnings.catch_warnings():
             if alone:  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=_dcp_reader(url), no_dist=alone)
+            dcp.load(state, storage_reader=model_ckpt.dcp_reader(url), no_dist=alone)
     except Exception as e:  # DCP wraps every rank's error in a CheckpointException
         raise SystemExit(f"{url}: cannot load the sharded checkpoint into this run's model and optimizer (another "
                          f"model config, or unreadable: {type(e).__name__}: {str(e)[:500]})") from None
