@@ -35,12 +35,15 @@ def format_report(report: dict) -> str:
     lines = []
     if report["mode"] == "cross_fit":
         table = report["pooled"]
-        lines.append(f"{report['folds_k']}-fold cross-fit, threshold {report['threshold_rule']}"
-                     f" (min_precision {report['min_precision']}) on each fold's validation; pooled out-of-fold:")
+        on = "out-of-fold scores of its training folds" if report.get("threshold_on") == "out_of_fold" else "validation"
+        rule = report["threshold_rule"] + (f" (min_precision {report['min_precision']}" if report["threshold_rule"] != "max_f1" else "")
+        rule += f", confidence {report['confidence']})" if report["threshold_rule"] == "precision_bound" else (")" if "(" in rule else "")
+        lines.append(f"{report['folds_k']}-fold cross-fit of the {report.get('kind', 'text')} filter, threshold {rule}"
+                     f" on each fold's {on}; pooled out-of-fold:")
     else:
         table = report
         sizes = report["sizes"]
-        lines.append(f"model {report['model']} on its test split ({sizes['test']} captions; "
+        lines.append(f"{report.get('kind', 'text')} model {report['model']} on its test split ({sizes['test']} captions; "
                      f"validation {sizes['validation']}, train {sizes['train']}):")
     e = table["extractor"]
     lines.append(f"  captions {e.get('captions', '-')}  gold relations {e['gold']}  extracted triplets {e['extracted']}")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sapretrain.curation.svo import load_nlp
 
-    cases = filter_eval.extract_cases(load_nlp(args.spacy_model), rows, progress=not args.no_progress)
+    nlp = load_nlp(args.spacy_model)
+    cases = filter_eval.extract_cases(nlp, rows, progress=not args.no_progress)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -103,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                     if name in result:
                         print(_line(name, result[name]), flush=True)
 
-            report = filter_eval.cross_fit(cases, cfg, args.cross_fit, str(out), not args.no_progress, args.keep_models, on_fold)
+            report = filter_eval.cross_fit(cases, cfg, args.cross_fit, str(out), not args.no_progress, args.keep_models,
+                                           on_fold, nlp=nlp)
         else:
-            report = filter_eval.evaluate_model(cases, args.model, args.device, not args.no_progress)
+            report = filter_eval.evaluate_model(cases, args.model, args.device, not args.no_progress, nlp=nlp)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     report["factual"] = args.factual

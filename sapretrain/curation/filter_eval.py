@@ -45,6 +45,7 @@ from typing import Callable
 import numpy as np
 
 from .evaluate import Normaliser, _match, parse_scene_graph
+from .feature_filter import RelationPrior, inner_fold
 from .relation_filter import choose_threshold, split_key
 from .svo import extract_triplets
 
@@ -212,28 +213,14 @@ def meets_target(metrics: dict, target: dict = TARGET) -> bool:
 
 def relation_prior(train: list[Case], smoothing: float = 2.0) -> Callable[[Case], np.ndarray]:
     """Scores = the training cases' smoothed rate of label 1 for the triplet's relation lemma,
-    backed off to its relation kind, then to the overall rate (a count table, no learning)."""
-    overall = [0, 0]
-    by_kind: dict[str, list[int]] = {}
-    by_rel: dict[str, list[int]] = {}
-    for case in train:
-        for t, triple, label in zip(case.triplets, case.triples, case.labels):
-            for table, key in ((by_kind, t["rel"].get("kind")), (by_rel, triple[1])):
-                table.setdefault(key, [0, 0])[0] += label
-                table[key][1] += 1
-            overall[0] += label
-            overall[1] += 1
-    base = overall[0] / overall[1] if overall[1] else 0.5
-
-    def rate(counts, prior):
-        return (counts[0] + smoothing * prior) / (counts[1] + smoothing) if counts[1] + smoothing else prior
+    backed off to its relation kind, then to the overall rate (``feature_filter.RelationPrior``:
+    a count table, no learning)."""
+    table = RelationPrior(smoothing).fit((t["rel"].get("kind"), triple[1], label) for case in train
+                                         for t, triple, label in zip(case.triplets, case.triples, case.labels))
 
     def score(case: Case) -> np.ndarray:
-        out = []
-        for t, triple in zip(case.triplets, case.triples):
-            kind = rate(by_kind.get(t["rel"].get("kind"), [0, 0]), base)
-            out.append(rate(by_rel.get(triple[1], [0, 0]), kind))
-        return np.array(out, dtype=np.float64)
+        return np.array([table.rate(t["rel"].get("kind"), triple[1]) for t, triple in zip(case.triplets, case.triples)],
+                        dtype=np.float64)
 
     return score
 
@@ -288,10 +275,12 @@ def fold_ranks(scores: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def operating_point(val_cases: list[Case], val_scores: list[np.ndarray], test_cases: list[Case],
-                    test_scores: list[np.ndarray], rule: str, min_precision: float) -> dict:
-    """Threshold chosen on the validation cases by ``rule``, then ``relation_pr`` on the test cases."""
-    flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in val_scores]) if val_scores else np.zeros(0)
-    threshold = choose_threshold(flat_labels(val_cases), flat, rule, min_precision) if len(flat) else 0.5
+                    test_scores: list[np.ndarray], rule: str, min_precision: float, confidence: float = 0.95,
+                    threshold: float | None = None) -> dict:
+    """Threshold chosen on the validation cases by ``rule`` (or given), then ``relation_pr`` on the test cases."""
+    if threshold is None:
+        flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in val_scores]) if val_scores else np.zeros(0)
+        threshold = choose_threshold(flat_labels(val_cases), flat, rule, min_precision, confidence) if len(flat) else 0.5
     return {"threshold": float(threshold), **relation_pr(test_cases, keep_masks(test_cases, test_scores, threshold))}
 
 
@@ -319,19 +308,47 @@ def assign_folds(cases: list[Case], k: int, val_fraction: float) -> list[dict[st
     return out
 
 
+def threshold_cases(split: dict[str, list[Case]], out_of_fold: int = 0, split_by: str = "image",
+                    ) -> tuple[list[Case], list[np.ndarray], Callable]:
+    """The cases whose scores set the thresholds, the relation-prior scores of those cases, and
+    the relation prior for the test cases.
+
+    ``out_of_fold`` 0: the validation cases, the prior fit on train. ``k`` > 0 (the features
+    filter's protocol): train + validation, each case's prior fit on the other of ``k`` inner folds
+    (``feature_filter.inner_fold`` of the ``split_by`` key: the folds the filter's threshold comes
+    from), the test cases' prior fit on all of them."""
+    if not out_of_fold:
+        prior = relation_prior(split["train"])
+        return split["validation"], [prior(c) for c in split["validation"]], prior
+    pool = split["train"] + split["validation"]
+    folds = [inner_fold(split_key({"caption": c.caption, "image_id": c.image_id}, split_by), out_of_fold) for c in pool]
+    scores: list[np.ndarray] = [np.zeros(0)] * len(pool)
+    for i in range(out_of_fold):
+        fit = relation_prior([c for c, f in zip(pool, folds) if f != i])
+        for n in (n for n, f in enumerate(folds) if f == i):
+            scores[n] = fit(pool[n])
+    return pool, scores, relation_prior(pool)
+
+
 def evaluate_split(split: dict[str, list[Case]], filter_scores: dict[str, list[np.ndarray]] | None,
-                   rule: str, min_precision: float, seed: int = 0) -> dict:
+                   rule: str, min_precision: float, seed: int = 0, confidence: float = 0.95, out_of_fold: int = 0,
+                   filter_threshold: float | None = None, split_by: str = "image") -> dict:
     """Extractor alone, extractor + filter (when ``filter_scores`` has validation and test) and
-    the baselines on one (train, validation, test) split of cases."""
-    val, test = split["validation"], split["test"]
+    the baselines on one (train, validation, test) split of cases. Thresholds come from
+    ``threshold_cases(split, out_of_fold, split_by)``; the filter's is ``filter_threshold`` when given (a
+    features filter chose it on the same out-of-fold cases itself)."""
+    test = split["test"]
+    pool, prior_scores, prior = threshold_cases(split, out_of_fold, split_by)
     out = {"sizes": {k: len(v) for k, v in split.items()}, "extractor": relation_pr(test)}
-    scorers = {"relation_prior": relation_prior(split["train"]), "caption_length": caption_length_score}
-    for name, fn in scorers.items():
+    baselines = {"relation_prior": (prior_scores, prior),
+                 "caption_length": ([caption_length_score(c) for c in pool], caption_length_score)}
+    for name, (pool_scores, fn) in baselines.items():
         test_scores = [fn(c) for c in test]
-        out[name] = operating_point(val, [fn(c) for c in val], test, test_scores, rule, min_precision)
+        out[name] = operating_point(pool, pool_scores, test, test_scores, rule, min_precision, confidence)
         out[name]["auc"] = triplet_auc(test, test_scores)
     if filter_scores is not None:
-        out["filter"] = operating_point(val, filter_scores["validation"], test, filter_scores["test"], rule, min_precision)
+        out["filter"] = operating_point(pool, filter_scores.get("validation", []), test, filter_scores["test"], rule,
+                                        min_precision, confidence, filter_threshold)
         out["filter"]["auc"] = triplet_auc(test, filter_scores["test"])
         out["random_at_filter_yield"] = random_keep(test, out["filter"]["kept_fraction"], seed=seed)
     return out
@@ -419,9 +436,11 @@ def _verdict(report: dict, methods: list[str]) -> dict:
     return {name: meets_target(report[name]) for name in methods if name in report}
 
 
-def evaluate_model(cases: list[Case], model_dir: str, device: str = "auto", progress: bool = False) -> dict:
+def evaluate_model(cases: list[Case], model_dir: str, device: str = "auto", progress: bool = False, nlp=None) -> dict:
     """A trained filter on the FACTUAL captions of its own test split (the model's split config);
-    the filter keeps at its saved threshold, the baselines use its threshold rule on validation."""
+    the filter keeps at its saved threshold, the baselines use its threshold rule on what its
+    threshold was chosen on (validation; a features filter: out-of-fold train + validation).
+    ``nlp``: a loaded spaCy pipeline for a features filter to share."""
     from .relation_filter import TripletScorer, read_filter_config, split_of
 
     saved = read_filter_config(model_dir)
@@ -435,28 +454,30 @@ def evaluate_model(cases: list[Case], model_dir: str, device: str = "auto", prog
         split[split_of(key, cfg.get("val_fraction", 0.15), cfg.get("test_fraction", 0.15))].append(case)
     if not split["test"]:
         raise ValueError("no caption of this file falls in the model's test split")
-    scorer = TripletScorer(model_dir, device=device, progress=progress)
-    scores = {name: score_cases(scorer, split[name]) for name in ("validation", "test")}
+    scorer = TripletScorer(model_dir, device=device, progress=progress, nlp=nlp)
+    scores = {"test": score_cases(scorer, split["test"])}
+    out_of_fold = cfg.get("threshold_folds", 4) if scorer.kind == "features" else 0
+    if not out_of_fold:
+        scores["validation"] = score_cases(scorer, split["validation"])
     rule, min_precision = cfg.get("threshold_rule", "max_f1"), cfg.get("min_precision", 0.9)
-    report = evaluate_split(split, scores, rule, min_precision)
+    report = evaluate_split(split, scores, rule, min_precision, confidence=cfg.get("confidence", 0.95),
+                            out_of_fold=out_of_fold, filter_threshold=scorer.threshold, split_by=split_by)
+    _, _, prior = threshold_cases(split, out_of_fold, split_by)
     test = split["test"]
-    threshold = float(saved["threshold"])
-    report["filter"] = {"threshold": threshold, **relation_pr(test, keep_masks(test, scores["test"], threshold)),
-                        "auc": triplet_auc(test, scores["test"])}
-    report["random_at_filter_yield"] = random_keep(test, report["filter"]["kept_fraction"])
-    prior = relation_prior(split["train"])
     report["curves"] = _curves(test, {"filter": scores["test"], "relation_prior": [prior(c) for c in test],
                                       "caption_length": [caption_length_score(c) for c in test]}, report["extractor"])
-    report.update(mode="model", model=str(model_dir), threshold_rule=rule, min_precision=min_precision,
+    report.update(mode="model", model=str(model_dir), kind=scorer.kind, threshold_rule=rule, min_precision=min_precision,
                   target=TARGET, meets_target=_verdict(report, ["extractor", "filter", "relation_prior", "caption_length"]))
     return report
 
 
 def cross_fit(cases: list[Case], cfg, k: int, work_dir: str, progress: bool = False, keep_models: bool = False,
-              on_fold: Callable[[int, dict], None] | None = None) -> dict:
+              on_fold: Callable[[int, dict], None] | None = None, nlp=None) -> dict:
     """``k``-fold cross-fitted filter (see the module docstring): per-fold and pooled numbers,
-    the fold spread, and the out-of-fold precision-yield curves. ``cfg``: a ``FilterConfig``;
-    ``on_fold(i, result)`` is called as each fold finishes."""
+    the fold spread, and the out-of-fold precision-yield curves. ``cfg``: a ``FilterConfig`` (its
+    ``split_by`` is set to ``image``, as the folds are); ``on_fold(i, result)`` is called as each
+    fold finishes; ``nlp``: a loaded spaCy pipeline for a features filter to share."""
+    import dataclasses
     import shutil
     from pathlib import Path
 
@@ -464,30 +485,40 @@ def cross_fit(cases: list[Case], cfg, k: int, work_dir: str, progress: bool = Fa
 
     if k < 2:
         raise ValueError(f"cross-fitting needs k >= 2 folds, got {k}")
+    cfg = dataclasses.replace(cfg, split_by="image")
+    out_of_fold = cfg.threshold_folds if cfg.kind == "features" else 0
     folds, oof = [], {"filter": {}, "relation_prior": {}}
     for i, split in enumerate(assign_folds(cases, k, cfg.val_fraction)):
         if not split["test"] or not split["train"] or not split["validation"]:
             raise ValueError(f"fold {i} has an empty part {({n: len(v) for n, v in split.items()})}: more captions or fewer folds")
         out = Path(work_dir) / f"fold{i}"
         labels = {name: gold_labels(split[name]) for name in ("train", "validation", "test")}
-        train_filter(cfg, [], str(out), progress=progress, splits=labels)
-        scorer = TripletScorer(str(out), device=cfg.device, batch_size=cfg.eval_batch_size)
-        scores = {name: score_cases(scorer, split[name]) for name in ("validation", "test")}
+        if cfg.kind == "features":
+            from .feature_filter import train_feature_filter
+
+            train_feature_filter(cfg, labels, str(out), progress=progress, nlp=nlp)
+        else:
+            train_filter(cfg, [], str(out), progress=progress, splits=labels)
+        scorer = TripletScorer(str(out), device=cfg.device, batch_size=cfg.eval_batch_size, nlp=nlp)
+        scores = {name: score_cases(scorer, split[name]) for name in (("test",) if out_of_fold else ("validation", "test"))}
+        threshold = scorer.threshold if out_of_fold else None
         del scorer
         if not keep_models:
             shutil.rmtree(out, ignore_errors=True)
-        result = evaluate_split(split, scores, cfg.threshold_rule, cfg.min_precision, seed=i)
+        result = evaluate_split(split, scores, cfg.threshold_rule, cfg.min_precision, seed=i, confidence=cfg.confidence,
+                                out_of_fold=out_of_fold, filter_threshold=threshold)
         folds.append(result)
         if on_fold is not None:
             on_fold(i, result)
-        prior = relation_prior(split["train"])
+        _, _, prior = threshold_cases(split, out_of_fold)
         learned = {"filter": fold_ranks(scores["test"]), "relation_prior": fold_ranks([prior(c) for c in split["test"]])}
         for n, case in enumerate(split["test"]):
             for name in oof:
                 oof[name][id(case)] = learned[name][n]
     methods = ["extractor", "filter", "relation_prior", "caption_length"]
-    report = {"mode": "cross_fit", "curve_scores": "filter and relation_prior: rank fraction within their fold", "folds_k": k, "threshold_rule": cfg.threshold_rule, "min_precision": cfg.min_precision,
-              "target": TARGET, "folds": folds, "pooled": {name: pooled(folds, name) for name in methods},
+    report = {"mode": "cross_fit", "kind": cfg.kind, "curve_scores": "filter and relation_prior: rank fraction within their fold",
+              "folds_k": k, "threshold_rule": cfg.threshold_rule, "min_precision": cfg.min_precision,
+              "confidence": cfg.confidence, "threshold_on": "out_of_fold" if out_of_fold else "validation", "target": TARGET, "folds": folds, "pooled": {name: pooled(folds, name) for name in methods},
               "spread": {name: spread(folds, name) for name in methods}}
     report["pooled"]["random_at_filter_yield"] = random_keep(cases, report["pooled"]["filter"]["kept_fraction"])
     report["meets_target"] = {"pooled": _verdict(report["pooled"], methods),

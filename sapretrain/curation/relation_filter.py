@@ -1,4 +1,4 @@
-"""The relation-triplet filter (paper §2.1): a BERT-style binary classifier scores every triplet.
+"""The relation-triplet filter (paper §2.1): a binary classifier scores every triplet.
 
     labels, bad = load_labels("seed_labels.jsonl")            # bad lines skipped and counted
     metrics = train_filter(load_config(FilterConfig, "configs/curation/filter.yaml"), labels, "models/filter")
@@ -6,7 +6,13 @@
     scorer.score([{"caption": "a dog on a couch", "triplet": t}])  # (N,) P(correct)
     run_stage(FilterStage("models/filter"), "triplets.jsonl", "filtered.jsonl")
 
-**Input** (``INPUT_FORMAT``): a sentence pair, the caption as text and ``"subj | rel | obj"`` (the
+**Kinds** (``kind``): ``text`` (the paper's: a BERT-style classifier fine-tuned on the pair
+below) or ``features`` (gradient-boosted trees on parse features of the triplet in its caption,
+``feature_filter.py``: trains in seconds on a CPU, and is the one that beats the no-learning
+baselines on FACTUAL, docs/curation.md). Both read the same labels and split, and save a folder
+that ``TripletScorer`` and ``FilterStage`` load by its ``filter_config.json``.
+
+**Input** of the text kind (``INPUT_FORMAT``): a sentence pair, the caption as text and ``"subj | rel | obj"`` (the
 span texts) as text_pair, so a BERT tokenizer gives ``[CLS] caption [SEP] subj | rel | obj [SEP]``
 with segment ids telling the two apart. The triplet is never truncated: a long caption is.
 
@@ -20,14 +26,20 @@ caption seen in training; ``id`` splits line by line; ``image`` by the record's 
 the region captions of one image, which describe the same objects in near-identical words, stay
 together; the caption where there is none). Independent of the seed and of file order.
 
-**Threshold**: chosen on the validation split only — the F1-maximising score, or with
-``threshold_rule: min_precision`` the lowest score whose precision reaches ``min_precision``
-(most recall at that precision; max-F1 when no threshold reaches it) — and reported, never tuned,
-on the test split. A triplet is kept when ``score >= threshold``.
+**Threshold**: chosen on the validation split only (the features kind: on out-of-fold scores of
+train + validation, see ``feature_filter.py``) and reported, never tuned, on the test split. Rules
+(``choose_threshold``): ``max_f1``, the F1-maximising score; ``min_precision``, the lowest score
+whose precision reaches ``min_precision`` (most recall at that precision; max-F1 when no threshold
+reaches it); ``precision_bound``, the lowest score whose precision's one-sided Wilson lower bound
+at ``confidence`` reaches ``min_precision`` — the point estimate at the chosen threshold is biased
+upwards (it is the best of many), and the bound is what makes "precision >= 0.85" hold on new
+captions rather than on the labels it was chosen on (the highest bound when none reaches it). A
+triplet is kept when ``score >= threshold``.
 
-**Saved model** (Hugging Face format): ``save_pretrained`` model and tokenizer, plus
-``filter_config.json`` (threshold, metrics, input format, base model, full config),
-``metrics.json`` and ``pr_curve.png``.
+**Saved model**: the text kind in Hugging Face format (``save_pretrained`` model and tokenizer),
+the features kind as ``model.joblib``; both with ``filter_config.json`` (``kind``, threshold,
+metrics, full config; the text kind also input format and base model), ``metrics.json`` and
+``pr_curve.png``.
 """
 from __future__ import annotations
 
@@ -50,6 +62,7 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class FilterConfig:
+    kind: Literal["text", "features"] = "text"  # text: BERT pair classifier; features: trees on parse features
     base_model: str = "bert-base-uncased"  # HF name, local folder, or "pkg:MODULE" (MODULE.get_model_path())
     max_length: int = 128                  # tokens of the pair; the caption is truncated, not the triplet
     epochs: int = 3
@@ -63,9 +76,25 @@ class FilterConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_by: Literal["caption", "id", "image"] = "caption"  # image: image_id (else caption), see split_key
-    threshold_rule: Literal["max_f1", "min_precision"] = "max_f1"
-    min_precision: float = 0.9             # for threshold_rule = min_precision
+    threshold_rule: Literal["max_f1", "min_precision", "precision_bound"] = "max_f1"
+    min_precision: float = 0.9             # for threshold_rule = min_precision / precision_bound
+    confidence: float = 0.95               # for threshold_rule = precision_bound (one-sided)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    # kind = features (feature_filter.py)
+    spacy_model: str = ""                  # the parser ("": svo.load_nlp's default)
+    threshold_folds: int = 4               # inner folds of train + validation whose out-of-fold scores set the threshold
+    trees: int = 200                       # boosting iterations
+    tree_depth: int = 3
+    tree_learning_rate: float = 0.05
+    tree_min_leaf: int = 20
+    tree_l2: float = 1.0
+
+    def __post_init__(self):
+        from sapretrain.config import require
+
+        require(0.0 < self.min_precision <= 1.0, "min_precision", self.min_precision, "must be in (0, 1]")
+        require(0.5 <= self.confidence < 1.0, "confidence", self.confidence, "must be in [0.5, 1)")
+        require(self.threshold_folds >= 2, "threshold_folds", self.threshold_folds, "must be >= 2")
 
 
 # --------------------------------------------------------------------------- labels and input
@@ -190,12 +219,33 @@ def _predict(model, tokenizer, samples: list[dict], max_length: int, batch_size:
 # --------------------------------------------------------------------------- metrics and threshold
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "max_f1", min_precision: float = 0.9) -> float:
+def wilson_lower(correct: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Wilson score lower bound of a proportion ``correct / n`` at ``confidence``."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(confidence))
+    n = np.asarray(n, dtype=np.float64)
+    p = np.asarray(correct, dtype=np.float64) / n
+    centre = p + z * z / (2 * n)
+    margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - margin) / (1 + z * z / n)
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "max_f1", min_precision: float = 0.9,
+                     confidence: float = 0.95) -> float:
     """The validation threshold (see the module docstring); 0.5 when one class is missing."""
     from sklearn.metrics import precision_recall_curve
 
     if len(set(labels.tolist())) < 2:
         return 0.5
+    if rule == "precision_bound":
+        order = np.argsort(-scores, kind="stable")
+        ranked, hits = scores[order], np.cumsum(labels[order])
+        ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last index of each distinct score
+        bound = wilson_lower(hits[ends], ends + 1, confidence)
+        ok = np.flatnonzero(bound >= min_precision)
+        best = ok[np.argmax(hits[ends][ok])] if len(ok) else int(np.argmax(bound))
+        return float(ranked[ends[best]])
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -289,19 +339,24 @@ def build_optimizer(model, cfg: FilterConfig, total_steps: int):
 
 def train_filter(cfg: FilterConfig, labels: list[dict], output_dir: str, progress: bool = True,
                  splits: dict[str, list[dict]] | None = None) -> dict[str, Any]:
-    """Fine-tune, choose the threshold on validation, save to ``output_dir``; returns the metrics.
+    """Fine-tune (text kind), choose the threshold on validation, save to ``output_dir``; returns the
+    metrics. The features kind goes to ``feature_filter.train_feature_filter``.
 
     ``splits`` (``train`` / ``validation`` / ``test`` label lists) replaces the hash split of
     ``labels`` (then unused), e.g. for the cross-fitted folds of ``filter_eval``."""
-    import torch
-
     # data
-    _seed_everything(cfg.seed)
     splits = split_labels(labels, cfg) if splits is None else {name: list(splits.get(name, [])) for name in SPLITS}
     train = splits["train"]
     if not train or not splits["validation"]:
         raise ValueError(f"need labelled lines in train and validation, got "
                          f"{ {k: len(v) for k, v in splits.items()} }: more labels or other fractions")
+    if cfg.kind == "features":
+        from .feature_filter import train_feature_filter
+
+        return train_feature_filter(cfg, splits, output_dir, progress=progress)
+    import torch
+
+    _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
     # model, optimizer
@@ -347,7 +402,7 @@ def train_filter(cfg: FilterConfig, labels: list[dict], output_dir: str, progres
         samples = splits[name]
         scores = _predict(model, tokenizer, samples, cfg.max_length, cfg.eval_batch_size, device) if samples else np.zeros(0)
         scored[name] = (np.array([s["label"] for s in samples], dtype=np.int64), scores)
-    threshold = choose_threshold(*scored["validation"], cfg.threshold_rule, cfg.min_precision)
+    threshold = choose_threshold(*scored["validation"], cfg.threshold_rule, cfg.min_precision, cfg.confidence)
     metrics = {"threshold": threshold, "threshold_rule": cfg.threshold_rule, "history": history,
                "split_sizes": {k: len(v) for k, v in splits.items()},
                **{name: binary_metrics(*scored[name], threshold) for name in ("validation", "test")}}
@@ -357,7 +412,7 @@ def train_filter(cfg: FilterConfig, labels: list[dict], output_dir: str, progres
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    filter_config = {"threshold": threshold, "input_format": INPUT_FORMAT, "max_length": cfg.max_length,
+    filter_config = {"kind": "text", "threshold": threshold, "input_format": INPUT_FORMAT, "max_length": cfg.max_length,
                      "base_model": cfg.base_model, "base_model_path": resolve_model_path(cfg.base_model),
                      "metrics": metrics, "config": dataclasses.asdict(cfg)}
     (out / FILTER_CONFIG).write_text(json.dumps(filter_config, indent=1))
@@ -372,14 +427,20 @@ def train_filter(cfg: FilterConfig, labels: list[dict], output_dir: str, progres
 class TripletScorer:
     """A trained filter folder: ``score(samples)`` → (N,) probabilities that each triplet is correct."""
 
-    def __init__(self, model_dir: str, device: str = "auto", batch_size: int = 128, progress: bool = False):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+    def __init__(self, model_dir: str, device: str = "auto", batch_size: int = 128, progress: bool = False, nlp=None):
         self.model_dir = str(model_dir)
         self.config = read_filter_config(self.model_dir)
+        self.kind = self.config.get("kind", "text")
         self.threshold = float(self.config["threshold"])
         self.max_length = int(self.config.get("max_length", 128))
         self.batch_size, self.progress = batch_size, progress
+        if self.kind == "features":  # nlp: a loaded spaCy pipeline to share, else the model's own
+            from .feature_filter import FeatureFilter
+
+            self.model = FeatureFilter.load(self.model_dir, self.config, nlp)
+            return
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).to(self.device).eval()
@@ -388,6 +449,8 @@ class TripletScorer:
         """``samples``: dicts with ``caption`` and ``triplet``."""
         if not samples:
             return np.zeros(0, dtype=np.float32)
+        if self.kind == "features":
+            return self.model.score(samples)
         return _predict(self.model, self.tokenizer, samples, self.max_length, self.batch_size, self.device, self.progress)
 
 
