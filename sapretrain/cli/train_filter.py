@@ -3,10 +3,14 @@ r"""Train the relation-triplet filter on labelled triplets (paper §2.1).
     sapretrain train-filter --labels labels.jsonl --output models/filter \
         [--config configs/curation/filter.yaml] [--no-progress] [key=value ...]
 
-Fine-tunes a BERT-style 2-label classifier on "caption [SEP] subj | rel | obj", splits the labels
-deterministically by hash (train / validation / test), chooses the keep threshold on validation
-and writes the model in Hugging Face format with filter_config.json (threshold, metrics, input
-format, base model), metrics.json and pr_curve.png. Details: sapretrain/curation/relation_filter.py.
+Splits the labels deterministically by hash (train / validation / test), then
+  kind=text (default): fine-tunes a BERT-style 2-label classifier on "caption [SEP] subj | rel | obj",
+    chooses the keep threshold on validation, writes the model in Hugging Face format;
+  kind=features: gradient-boosted trees on parse features of the triplet in its caption, the
+    threshold chosen on out-of-fold scores of train + validation, writes model.joblib;
+both with filter_config.json (kind, threshold, metrics, config), metrics.json and pr_curve.png.
+threshold_rule=precision_bound min_precision=0.85 keeps the most triplets whose precision's 95 %
+lower bound is >= 0.85. Details: sapretrain/curation/relation_filter.py, feature_filter.py.
 """
 from __future__ import annotations
 
@@ -44,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train_filter(cfg, labels, args.output, progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
-    print(f"splits {json.dumps(metrics['split_sizes'])}; threshold {metrics['threshold']:.4f} ({cfg.threshold_rule}, on validation)")
+    on = metrics.get("threshold_on", "validation")
+    print(f"splits {json.dumps(metrics['split_sizes'])}; threshold {metrics['threshold']:.4f} ({cfg.threshold_rule}, on {on})")
     for name in ("validation", "test"):
-        print(f"{name:>10}: {_fmt(metrics[name])}")
+        print(f"{'out-of-fold' if name == 'validation' and 'threshold_on' in metrics else name:>11}: {_fmt(metrics[name])}")
     print(f"wrote {args.output}")
     return 0
 
