@@ -19,6 +19,7 @@ from sapretrain.curation.filter_eval import (
     extract_cases,
     gold_labels,
     label_triples,
+    length_then_prior,
     load_factual_rows,
     precision_yield_curve,
     random_keep,
@@ -169,6 +170,11 @@ def test_baselines_are_what_they_say():
     new = case([], [("x", "on", "y"), ("x", "leave on", "y"), ("x", "stand", "y")], ["spatial", "action", "action"])
     assert score(new).tolist() == pytest.approx([2 / 3, 0.0, 0.0])  # "stand": unseen lemma -> its kind's rate
     assert caption_length_score(case([], [("a", "on", "b")] * 2, caption="a b c")).tolist() == [-3.0, -3.0]
+    both = length_then_prior(score)
+    short, long = case([], [("x", "on", "y"), ("x", "leave on", "y")], ["spatial", "action"], caption="x on y"), new
+    long.caption = "x on y and x leave on y"
+    assert both(short).tolist() == pytest.approx([-3 + 1 / 3, -3.0])  # within a length, the prior orders
+    assert max(both(long)) < min(both(short))                          # a shorter caption always first
     cases = constructed()
     everything = random_keep(cases, 1.0, draws=3)
     assert (everything["precision"], everything["recall"], everything["kept_fraction"]) == (0.5, 0.5, 1.0)
@@ -217,7 +223,7 @@ def test_eval_filter_cross_fit_end_to_end(tiny_base, small_factual, tmp_path, ca
     assert pooled["extractor"]["captions"] == 60 and pooled["extractor"]["kept_fraction"] == 1.0
     assert pooled["filter"]["correct"] <= pooled["extractor"]["correct"]
     assert len(report["folds"]) == 2 and len(report["spread"]["filter"]["precision"]["folds"]) == 2
-    assert set(report["curves"]) == {"filter", "relation_prior", "caption_length", "random"}
+    assert set(report["curves"]) == {"filter", "relation_prior", "caption_length", "length_then_prior", "random"}
     curve = report["curves"]["filter"]
     assert curve["kept_fraction"][-1] == 1.0 and curve["recall"][-1] == pytest.approx(pooled["extractor"]["recall"])
     assert len(report["out_of_fold"]) == report["labels"]["triplets"]

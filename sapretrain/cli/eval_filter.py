@@ -10,8 +10,9 @@ and the precision-yield curve.
 
 Writes OUTPUT/metrics.json (every number, per fold with the spread when cross-fitting) and
 OUTPUT/precision_yield.png; prints the table. Baselines: relation_prior (training rate of correct
-triplets per relation lemma, a count table), caption_length (short captions first), random (a
-random keep at the filter's yield). Target (issue 16): precision >= 0.85 at recall >= 0.60.
+triplets per relation lemma, a count table), caption_length (short captions first),
+length_then_prior (short captions first, ties by the relation prior), random (a random keep at
+the filter's yield). Target (issue 16): precision >= 0.85 at recall >= 0.60.
 Details: sapretrain/curation/filter_eval.py.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
-ROWS = ("extractor", "filter", "relation_prior", "caption_length", "random_at_filter_yield")
+ROWS = ("extractor", "filter", "relation_prior", "caption_length", "length_then_prior", "random_at_filter_yield")
+METHODS = ROWS[:-1]
 
 
 def _line(name: str, m: dict) -> str:
@@ -49,9 +51,9 @@ def format_report(report: dict) -> str:
     lines.append(f"  captions {e.get('captions', '-')}  gold relations {e['gold']}  extracted triplets {e['extracted']}")
     lines += [_line(name, table[name]) for name in ROWS if name in table]
     if report["mode"] == "cross_fit":
-        for name in ("extractor", "filter", "relation_prior", "caption_length"):
+        for name in METHODS:
             s = report["spread"][name]
-            lines.append(f"  fold spread {name:<15} P " + " ".join(f"{v:.3f}" for v in s["precision"]["folds"])
+            lines.append(f"  fold spread {name:<17} P " + " ".join(f"{v:.3f}" for v in s["precision"]["folds"])
                          + f" (std {s['precision']['std']:.3f})  R " + " ".join(f"{v:.3f}" for v in s["recall"]["folds"])
                          + f" (std {s['recall']['std']:.3f})"
                          + ("  AUC " + " ".join(f"{v:.3f}" for v in s["auc"]["folds"]) if "auc" in s else ""))
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     report["factual"] = args.factual
     report["labels"] = filter_eval.label_counts(cases)
     table = report["pooled"] if args.cross_fit else report
-    points = {name: table[name] for name in ("extractor", "filter", "relation_prior", "caption_length") if name in table}
+    points = {name: table[name] for name in METHODS if name in table}
     filter_eval.save_curves(str(out / "precision_yield.png"), report["curves"], points)
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     print(format_report(report))
