@@ -38,8 +38,10 @@ def format_report(report: dict) -> str:
     if report["mode"] == "cross_fit":
         table = report["pooled"]
         on = "out-of-fold scores of its training folds" if report.get("threshold_on") == "out_of_fold" else "validation"
-        rule = report["threshold_rule"] + (f" (min_precision {report['min_precision']}" if report["threshold_rule"] != "max_f1" else "")
-        rule += f", confidence {report['confidence']})" if report["threshold_rule"] == "precision_bound" else (")" if "(" in rule else "")
+        rule = report["threshold_rule"]
+        if rule != "max_f1":
+            bound = f", confidence {report['confidence']}" if rule == "precision_bound" else ""
+            rule += f" (min_precision {report['min_precision']}{bound})"
         lines.append(f"{report['folds_k']}-fold cross-fit of the {report.get('kind', 'text')} filter, threshold {rule}"
                      f" on each fold's {on}; pooled out-of-fold:")
     else:

@@ -504,12 +504,7 @@ def cross_fit(cases: list[Case], cfg, k: int, work_dir: str, progress: bool = Fa
             raise ValueError(f"fold {i} has an empty part {({n: len(v) for n, v in split.items()})}: more captions or fewer folds")
         out = Path(work_dir) / f"fold{i}"
         labels = {name: gold_labels(split[name]) for name in ("train", "validation", "test")}
-        if cfg.kind == "features":
-            from .feature_filter import train_feature_filter
-
-            train_feature_filter(cfg, labels, str(out), progress=progress, nlp=nlp)
-        else:
-            train_filter(cfg, [], str(out), progress=progress, splits=labels)
+        train_filter(cfg, [], str(out), progress=progress, splits=labels, nlp=nlp)
         scorer = TripletScorer(str(out), device=cfg.device, batch_size=cfg.eval_batch_size, nlp=nlp)
         scores = {name: score_cases(scorer, split[name]) for name in (("test",) if out_of_fold else ("validation", "test"))}
         threshold = scorer.threshold if out_of_fold else None
