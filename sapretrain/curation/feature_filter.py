@@ -142,12 +142,18 @@ def _one_hot(value: str, names: tuple[str, ...]) -> list[float]:
     return [float(value == name) for name in names]
 
 
-def triplet_features(doc, caption: str, triplet: dict, prior: float = math.nan) -> list[float]:
-    """The ``FEATURES`` row of ``triplet`` in the parsed ``caption`` (``doc``); ``prior``: its relation prior."""
+def caption_features(doc) -> list[float]:
+    """The caption part of a ``FEATURES`` row (the same for every triplet of the caption)."""
+    return [len(doc), len(extract_triplets(doc)), len(list(doc.noun_chunks)), sum(t.pos_ == "ADP" for t in doc),
+            sum(t.pos_ == "VERB" for t in doc), sum(t.is_punct for t in doc), float(any(t.dep_ in ("relcl", "acl") for t in doc))]
+
+
+def triplet_features(doc, caption: str, triplet: dict, prior: float = math.nan, caption_row: list[float] | None = None) -> list[float]:
+    """The ``FEATURES`` row of ``triplet`` in the parsed ``caption`` (``doc``); ``prior``: its relation
+    prior; ``caption_row``: ``caption_features(doc)`` when already computed."""
     nan = math.nan
     n = len(doc)
-    row = [n, len(extract_triplets(doc)), len(list(doc.noun_chunks)), sum(t.pos_ == "ADP" for t in doc), sum(t.pos_ == "VERB" for t in doc),
-           sum(t.is_punct for t in doc), float(any(t.dep_ in ("relcl", "acl") for t in doc))]
+    row = list(caption_row) if caption_row is not None else caption_features(doc)
     subj, rel, obj = (_span(doc, caption, triplet[k]) for k in ("subj", "rel", "obj"))
     if subj is None or rel is None or obj is None:
         return row + [nan] * (len(FEATURES) - len(row) - 1) + [prior]
@@ -199,8 +205,9 @@ class FeatureFilter:
         prior = prior or self.prior
         captions = list(dict.fromkeys(s["caption"] for s in samples))
         docs = dict(zip(captions, self.nlp.pipe(captions, batch_size=256)))
-        rows = [triplet_features(docs[s["caption"]], s["caption"], s["triplet"], prior.rate(*relation_key(s["triplet"])))
-                for s in samples]
+        parts = {caption: caption_features(doc) for caption, doc in docs.items()}
+        rows = [triplet_features(docs[s["caption"]], s["caption"], s["triplet"], prior.rate(*relation_key(s["triplet"])),
+                                 parts[s["caption"]]) for s in samples]
         return np.asarray(rows, dtype=np.float64).reshape(len(samples), len(FEATURES))
 
     def _trees(self):
