@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-slow test-all bench clean-demo
 
 venv: $(STAMP)
 
@@ -30,7 +30,15 @@ demo: $(STAMP)
 		--checkpoint CLIP+partners=runs/demo/clip_partners --checkpoint "SA-CLIP w/o SVO=runs/demo/no_svo" \
 		--baseline CLIP --candidate SA-CLIP --detector-weights data/detector/scenes-yolov8n.pt --workers 2 --output runs/demo
 
+# make test: the default suite; the tests marked slow (more multi-process runs of what the default
+# suite already covers once) run with make test-slow; CI runs both.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -50,6 +50,7 @@ def table_rows(stdout: str, labels: list[str]) -> dict[str, list[float]]:
     return rows
 
 
+@pytest.mark.slow
 def test_every_configuration_is_measured_against_this_runs_baseline(tiny_run):
     stdout, result = tiny_run
     bench = load_bench()

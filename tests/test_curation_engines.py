@@ -114,6 +114,7 @@ def test_the_ray_engine_gives_the_same_samples_and_resumes_by_part(one_process, 
     assert curated_set(tmp_path) == curated_set(out)
 
 
+@pytest.mark.slow
 def test_with_gpus_the_model_steps_run_on_actor_pools(one_process, tmp_path):
     """A Ray instance that declares a GPU (there is none: the models fall back to the CPU) puts
     rois and positives_embed on GPU actor pools, and the samples stay the same."""

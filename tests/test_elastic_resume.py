@@ -170,7 +170,7 @@ def data_state(out: Path, step: int, rank: int) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-@pytest.mark.parametrize("old, new", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("old, new", [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)])
 def test_the_trainer_resumes_a_mid_epoch_checkpoint_under_another_world_size(shards, key_of, tmp_path, old, new):
     """6 batches of 4 pairs per epoch. A run on ``old`` processes checkpoints after step 2; resumed
     from it on ``new`` processes, steps 3-6 finish the epoch with the records steps 1-2 did not

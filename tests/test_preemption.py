@@ -115,6 +115,7 @@ def data_states(out: Path, step: int, world: int) -> list[dict]:
     return [load_tensor_file(str(out / f"checkpoints/step-{step:08d}/rank-{r}.pt"))["data"] for r in range(world)]
 
 
+@pytest.mark.slow
 def test_sigusr1_stops_two_ranks_at_one_step_and_resume_continues_exactly(shards, tmp_path):
     """10 steps on 2 ranks (2.5 epochs). SIGUSR1 to both ranks' process group after step 2: both
     exit 75 with a checkpoint at the same step N; --resume auto then gives the uninterrupted run's

@@ -130,7 +130,8 @@ def test_launcher_configs_are_valid_accelerate_configs():
 def test_readme_names_the_two_commands_and_ci_calls_make_test():
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
-    assert "make test" in (PROJECT_ROOT / ".ci/run").read_text()
+    ci = (PROJECT_ROOT / ".ci/run").read_text()
+    assert "make test\n" in ci and "make test-slow\n" in ci  # the slow-marked tests run in CI too
     makefile = (PROJECT_ROOT / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
 

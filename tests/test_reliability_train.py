@@ -309,6 +309,7 @@ def step_losses(out) -> dict[int, float]:
     return {line["step"]: line["loss"] for line in lines}
 
 
+@pytest.mark.slow
 def test_s3_outage_stops_the_run_and_resume_gives_the_uninterrupted_curve(shards, tmp_path, flaky_s3):
     """8 steps over 2 epochs of 8 shards from S3. The outage run has a 1 s outage (503s, within
     the 3 s budget) at its 3rd shard open, then the server goes down for good at its 14th (the 6th

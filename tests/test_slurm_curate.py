@@ -388,6 +388,7 @@ def part_files(out: Path, output: str) -> list[str]:
     return sorted(p.name for p in out.iterdir() if pattern.fullmatch(p.name))
 
 
+@pytest.mark.slow
 @needs_steps
 def test_a_failed_part_holds_back_only_its_own_and_the_chain_again_curates_what_one_process_does(
         tmp_path, spaced_config):

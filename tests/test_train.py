@@ -188,6 +188,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(train_shards, tmp_path):
     """4 batches per epoch: resumed from the step-4 checkpoint, epochs 1 and 2 follow (steps 5-10)."""
     import shutil

@@ -211,6 +211,7 @@ if accelerator.is_main_process:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(held_out, tmp_path):
     """3 batches of 8 pairs (a prefix cutting the shards): each rank reads its half, the numbers are
     those of one process reading all (and of other worker counts)."""
