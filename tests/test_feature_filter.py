@@ -151,6 +151,58 @@ def test_train_filter_features_end_to_end(nlp, tmp_path, capsys):
     assert sum(d and r["label"] == 0 for d, r in zip(dropped, fresh)) >= 18 and sum(d and r["label"] == 1 for d, r in zip(dropped, fresh)) <= 2
 
 
+def test_a_run_that_keeps_far_less_than_the_held_out_labels_warns(nlp, tmp_path):
+    from sapretrain.curation.relation_filter import yield_warning
+    from sapretrain.curation.stage import format_stage_summary, run_stage
+
+    labels = write_jsonl(tmp_path / "labels.jsonl", structural_labels(240, seed=0))
+    out = tmp_path / "model"
+    assert train_filter_tool.main(["--labels", str(labels), "--output", str(out), "--no-progress", "kind=features",
+                                   "threshold_folds=3", "trees=60"]) == 0
+    saved = json.loads((out / "filter_config.json").read_text())
+    reference = saved["reference"]
+    assert reference["held_out"] == saved["metrics"]["validation"]["n"] and len(reference["score_quantiles"]) == 101
+    assert 5 <= reference["caption_words"][1] <= 8  # "a dog on the bench" (5) and its 8-word wrong twin
+    expected = np.mean(np.asarray(reference["score_quantiles"]) >= saved["threshold"])
+    assert 0.35 < expected < 0.65  # half the labels are right
+
+    def run(records, name):
+        records = [{k: r[k] for k in ("id", "caption", "triplet")} for r in records]
+        return run_stage(FilterStage(str(out)), str(write_jsonl(tmp_path / f"{name}.jsonl", records)),
+                         str(tmp_path / f"{name}.out.jsonl"), progress=False)
+
+    like = run(structural_labels(40, seed=1), "like")  # captions like the labels: about their share kept
+    assert "warnings" not in like and like["kept"] >= 0.6 * expected * like["records"]
+    fresh = structural_labels(80, seed=3)
+    unlike = run([r for r in fresh if r["label"] == 0][:36] + [r for r in fresh if r["label"] == 1][:4], "unlike")
+    assert unlike["kept"] <= 6 and len(unlike["warnings"]) == 1
+    assert f"of {unlike['records']} triplets, against {expected:.1%}" in unlike["warnings"][0]
+    assert "\nwarning: the filter kept" in format_stage_summary(unlike)
+    saved_summary = json.loads((tmp_path / "unlike.out.jsonl.summary.json").read_text())
+    assert saved_summary["warnings"] == unlike["warnings"]
+    # no reference (a folder saved before it existed), or nothing scored: no warning
+    assert yield_warning(None, 0.5, 100, 1) is None and yield_warning(reference, saved["threshold"], 0, 0) is None
+    assert yield_warning(reference, saved["threshold"], 100, int(60 * expected)) is None
+
+
+def test_curate_with_a_filter_trained_on_other_captions_says_why_it_kept_nothing(nlp, tmp_path, capsys):
+    from conftest import PROJECT_ROOT
+    from sapretrain.cli import curate
+
+    # Trained on 5- and 8-word captions where length tells right from wrong, the trees score
+    # every triplet of the 115 COCO fixture captions (full sentences) as wrong.
+    labels = write_jsonl(tmp_path / "labels.jsonl", structural_labels(240, seed=0))
+    assert train_filter_tool.main(["--labels", str(labels), "--output", str(tmp_path / "model"), "--no-progress",
+                                   "kind=features", "threshold_folds=3", "trees=60"]) == 0
+    capsys.readouterr()
+    config = PROJECT_ROOT / "configs" / "curation" / "coco_fixture.yaml"
+    assert curate.main(["--config", str(config), "--no-progress", f"output_dir={tmp_path / 'out'}",
+                        f"filter.model={tmp_path / 'model'}"]) == 2
+    err = capsys.readouterr().err
+    assert "relation_filter: all" in err and "were dropped (low_score" in err
+    assert "warning: the filter kept 0.0% of" in err and "Train it on labels of captions like these" in err
+
+
 def test_features_filter_needs_both_labels(nlp, tmp_path):
     from sapretrain.curation.feature_filter import train_feature_filter
 

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{report['samples']} curated samples: {report['manifest']}")
+    for note in report.get("warnings", []):
+        print(f"warning: {note}")
     print(f"report: {cfg.output_dir.rstrip('/')}/report.md")
     return 0
 

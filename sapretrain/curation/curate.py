@@ -358,6 +358,10 @@ def finish(cfg: CurationConfig) -> dict[str, Any]:
         spent = sum(v for k, v in seconds.items() if k == name or k.startswith(f"{name}_"))
         rows.append({**stage_summary(out), "stage": name, "output": out, "seconds": round(spent, 1)})
     report = build_report(cfg, rows, rows[-1]["output"])
+    warnings = [f"{row['stage']}: {note}" for row in rows if row["stage"] == "relation_filter"
+                for note in _record_stage(row["stage"], cfg).warnings(row)]  # on the whole run, its parts merged
+    if warnings:
+        report["warnings"] = warnings
     if cfg.shards.output and storage.exists(f"{cfg.shards.output.rstrip('/')}/summary.json"):
         shards = json.loads(storage.read_bytes(f"{cfg.shards.output.rstrip('/')}/summary.json"))
         report["shards"] = {"output": cfg.shards.output, "shards": len(shards.get("shards", [])),
@@ -401,7 +405,7 @@ def format_step_summary(name: str, parts: Parts, summary: dict[str, Any]) -> str
     done = "already done; " if summary.get("already_done") else ""
     counts = (f"{summary['records']} records, kept {summary['kept']}" if "records" in summary and "kept" in summary
               else ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (int, float)) and k != "already_done"))
-    return f"{name}{parts.label()}: {done}{counts}"
+    return f"{name}{parts.label()}: {done}{counts}" + "".join(f"\nwarning: {note}" for note in summary.get("warnings", []))
 
 
 def _stage_line(s: dict[str, Any]) -> str:
@@ -461,8 +465,10 @@ def write_report(report: dict[str, Any], out_dir: str) -> None:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"# Curation report: {report['samples']} samples in {report['manifest']}", "",
-             "| stage | in | kept | dropped (reason: count) | s |", "|---|---:|---:|---|---:|"]
+    lines = [f"# Curation report: {report['samples']} samples in {report['manifest']}", ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
+    lines += ["| stage | in | kept | dropped (reason: count) | s |", "|---|---:|---:|---|---:|"]
     for s in report["stages"]:
         drops = ", ".join(f"{k}: {v}" for k, v in sorted((s["dropped"] or {}).items())) or "-"
         lines.append(f"| {s['stage']} | {s['records']} | {s['kept']} | {drops} | {s['seconds']} |")

@@ -292,7 +292,7 @@ def train_feature_filter(cfg, splits: dict[str, list[dict]], output_dir: str, pr
     The metrics' ``validation`` entry is the out-of-fold scores at the threshold."""
     from tqdm import tqdm
 
-    from .relation_filter import binary_metrics, choose_threshold, save_pr_curve, split_key
+    from .relation_filter import binary_metrics, choose_threshold, held_out_reference, save_pr_curve, split_key
 
     fit_on, test = splits["train"] + splits["validation"], splits["test"]
     model = FeatureFilter(cfg, nlp)
@@ -311,7 +311,7 @@ def train_feature_filter(cfg, splits: dict[str, list[dict]], output_dir: str, pr
                "split_sizes": {k: len(v) for k, v in splits.items()},
                "validation": binary_metrics(*scored["out_of_fold"], model.threshold),
                "test": binary_metrics(*scored["test"], model.threshold)}
-    model.save(output_dir, {"metrics": metrics})
+    model.save(output_dir, {"metrics": metrics, "reference": held_out_reference(oof, [r["caption"] for r in fit_on])})
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_pr_curve(str(Path(output_dir) / "pr_curve.png"), scored, model.threshold)
     return metrics

@@ -40,6 +40,15 @@ triplet is kept when ``score >= threshold``.
 the features kind as ``model.joblib``; both with ``filter_config.json`` (``kind``, threshold,
 metrics, full config; the text kind also input format and base model), ``metrics.json`` and
 ``pr_curve.png``.
+
+**What it keeps of other captions** (``reference`` in ``filter_config.json``, ``yield_warning``):
+the held-out scores it was thresholded on (101 quantiles) and the word counts of its training
+captions. A filter learns what goes wrong *in its training captions*: trained on FACTUAL's short
+Visual Genome regions (median 6 words), where long captions are the ones with wrong triplets, it
+drops most triplets of full COCO sentences (about 10 words) for their length alone. ``FilterStage``
+(and ``curate``'s report) therefore warns when a run keeps less than ``YIELD_WARNING`` (half) of
+the share the filter keeps of its own held-out labels at the threshold used: train it on labels of
+captions like the ones being filtered, or set the threshold.
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ import numpy as np
 INPUT_FORMAT = "caption [SEP] subj | rel | obj"
 FILTER_CONFIG = "filter_config.json"
 SPLITS = ("train", "validation", "test")
+YIELD_WARNING = 0.5  # warn when a run keeps < this times the share kept of the held-out labels
 
 
 @dataclass
@@ -415,7 +425,8 @@ def train_filter(cfg: FilterConfig, labels: list[dict], output_dir: str, progres
     tokenizer.save_pretrained(out)
     filter_config = {"kind": "text", "threshold": threshold, "input_format": INPUT_FORMAT, "max_length": cfg.max_length,
                      "base_model": cfg.base_model, "base_model_path": resolve_model_path(cfg.base_model),
-                     "metrics": metrics, "config": dataclasses.asdict(cfg)}
+                     "metrics": metrics, "config": dataclasses.asdict(cfg),
+                     "reference": held_out_reference(scored["validation"][1], [s["caption"] for s in train])}
     (out / FILTER_CONFIG).write_text(json.dumps(filter_config, indent=1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_pr_curve(str(out / "pr_curve.png"), scored, threshold)
@@ -461,6 +472,31 @@ def _valid_triplet(triplet: Any) -> bool:
         for k in ("subj", "rel", "obj"))
 
 
+def held_out_reference(scores: np.ndarray, train_captions: list[str]) -> dict[str, Any]:
+    """``filter_config.json``'s ``reference``: 101 quantiles of the held-out scores the threshold
+    was chosen on, their count, and the 10 / 50 / 90 % word counts of the distinct training captions."""
+    words = [len(c.split()) for c in set(train_captions)] or [0]
+    quantiles = np.quantile(scores, np.linspace(0, 1, 101)) if len(scores) else np.zeros(0)
+    return {"held_out": int(len(scores)), "score_quantiles": [round(float(q), 6) for q in quantiles],
+            "caption_words": [float(w) for w in np.quantile(words, [0.1, 0.5, 0.9])]}
+
+
+def yield_warning(reference: dict | None, threshold: float, scored: int, kept: int) -> str | None:
+    """A warning when ``kept`` of ``scored`` triplets is under ``YIELD_WARNING`` times the share of
+    held-out scores at or above ``threshold`` (``reference`` from ``held_out_reference``); else None."""
+    if not reference or not reference.get("score_quantiles") or scored <= 0:
+        return None
+    expected = float(np.mean(np.asarray(reference["score_quantiles"]) >= threshold))
+    share = kept / scored
+    if share >= YIELD_WARNING * expected:
+        return None
+    low, median, high = reference["caption_words"]
+    return (f"the filter kept {share:.1%} of {scored} triplets, against {expected:.1%} of its own held-out labels at "
+            f"threshold {threshold:.4f}. It learned what goes wrong in captions of {median:.0f} words (10-90 %: "
+            f"{low:.0f}-{high:.0f}); on captions of another kind its scores shift (a filter trained on short region "
+            f"captions drops long sentences for their length). Train it on labels of captions like these, or set its threshold.")
+
+
 def read_filter_config(model_dir: str) -> dict:
     path = os.path.join(str(model_dir), FILTER_CONFIG)
     if not os.path.exists(path):
@@ -483,7 +519,9 @@ class FilterStage:
 
     def __init__(self, model_dir: str, threshold: float | None = None, device: str = "auto", batch_size: int = 128):
         self.model_dir, self.device, self.batch_size = str(model_dir), device, batch_size
-        self.threshold = float(threshold if threshold is not None else read_filter_config(model_dir)["threshold"])
+        config = read_filter_config(model_dir)
+        self.threshold = float(threshold if threshold is not None else config["threshold"])
+        self.reference = config.get("reference")  # absent in folders saved before it existed: no yield check
         self.scorer: TripletScorer | None = None
 
     def setup(self) -> None:
@@ -492,6 +530,21 @@ class FilterStage:
     def fingerprint(self) -> dict:
         path = self.model_dir if "://" in self.model_dir else os.path.abspath(self.model_dir)
         return {"model": path, "threshold": self.threshold}
+
+    def counts(self, kept: list[dict]) -> dict:
+        return {"caption_level": sum("triplets" in r and not _valid_triplet(r.get("triplet")) for r in kept)}
+
+    def summarize(self, totals: dict) -> dict:
+        return {"caption_level": totals.get("caption_level", 0)}
+
+    def warnings(self, summary: dict) -> list[str]:
+        """``yield_warning`` of a finished run of triplet-level records (caption-level ones keep
+        a caption while one triplet survives: not comparable)."""
+        if summary.get("caption_level"):
+            return []
+        kept = summary.get("kept", 0)
+        note = yield_warning(self.reference, self.threshold, kept + summary.get("dropped", {}).get("low_score", 0), kept)
+        return [note] if note else []
 
     def process(self, records: list[dict]) -> list[dict]:
         if self.scorer is None:

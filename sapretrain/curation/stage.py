@@ -79,7 +79,9 @@ class Stage(Protocol):
 
     # Optional: ``takes_lines = True`` (``process`` gets the raw lines and parses them itself),
     # ``counts(kept) -> dict`` (additive counts of a chunk's kept
-    # records), ``summarize(totals) -> dict`` (summary fields from the summed counts) and
+    # records), ``summarize(totals) -> dict`` (summary fields from the summed counts),
+    # ``warnings(summary) -> list[str]`` (what a finished run's user should look at although it is
+    # not an error: the summary's ``warnings``, printed by ``format_stage_summary``) and
     # ``check(summary, out)`` (raise when the finished run is surely a mistake).
 
 
@@ -176,7 +178,8 @@ def check_kept(summary: dict, out: str) -> None:
     if summary.get("records") and not summary.get("kept"):
         reasons = ", ".join(f"{k} {v}" for k, v in summary.get("dropped", {}).items()) or "none"
         raise NothingKeptError(f"{summary.get('stage')}: all {summary['records']} records of {summary.get('input')} "
-                               f"were dropped ({reasons}); see {dropped_output(out)}")
+                               f"were dropped ({reasons}); see {dropped_output(out)}"
+                               + "".join(f"\nwarning: {note}" for note in summary.get("warnings", [])))
 
 
 def parse_lines(lines: list) -> tuple[list[dict], list[dict]]:
@@ -340,6 +343,9 @@ def _summary(stage: Stage, inputs, counts: list[dict]) -> dict[str, Any]:
                "dropped": dict(sorted(skips.counts.items())), "examples": skips.to_dict()["examples"]}
     if hasattr(stage, "summarize"):
         summary.update(stage.summarize(totals))
+    notes = stage.warnings(summary) if hasattr(stage, "warnings") else []
+    if notes:
+        summary["warnings"] = notes
     return summary
 
 
@@ -379,4 +385,5 @@ def format_stage_summary(summary: dict[str, Any]) -> str:
     done = (f"already done ({summary.get('output', 'the output')} was made from this input with these settings; "
             "nothing recomputed): ") if summary.get("already_done") else ""
     empty = " (this part's share of the input holds no line)" if not summary["records"] else ""
-    return f"{summary['stage']}: {done}{summary['records']} records, kept {summary['kept']}, dropped: {drops}{empty}"
+    return (f"{summary['stage']}: {done}{summary['records']} records, kept {summary['kept']}, dropped: {drops}{empty}"
+            + "".join(f"\nwarning: {note}" for note in summary.get("warnings", [])))
