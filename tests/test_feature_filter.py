@@ -129,7 +129,8 @@ def test_train_filter_features_end_to_end(nlp, tmp_path, capsys):
     argv = ["--labels", str(labels), "--output", str(out), "--no-progress", "kind=features",
             "threshold_rule=precision_bound", "min_precision=0.9", "threshold_folds=3", "trees=60"]
     assert train_filter_tool.main(argv) == 0
-    assert "threshold" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "threshold" in printed and "training captions: " in printed and " words (10-90 %: " in printed
     saved = json.loads((out / "filter_config.json").read_text())
     assert saved["kind"] == "features" and saved["features"] == list(FEATURES) and (out / "model.joblib").exists()
     metrics = json.loads((out / "metrics.json").read_text())

@@ -18,7 +18,7 @@ import argparse
 import json
 
 from sapretrain.config import ConfigError, dump_config, load_config
-from sapretrain.curation.relation_filter import FilterConfig, load_labels, train_filter
+from sapretrain.curation.relation_filter import FilterConfig, load_labels, read_filter_config, train_filter
 
 DEFAULT_CONFIG = "configs/curation/filter.yaml"
 
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"splits {json.dumps(metrics['split_sizes'])}; threshold {metrics['threshold']:.4f} ({cfg.threshold_rule}, on {on})")
     for name in ("validation", "test"):
         print(f"{'out-of-fold' if name == 'validation' and 'threshold_on' in metrics else name:>11}: {_fmt(metrics[name])}")
+    reference = read_filter_config(args.output).get("reference") or {}
+    if reference.get("caption_words"):
+        low, median, high = reference["caption_words"]
+        print(f"training captions: {median:.0f} words (10-90 %: {low:.0f}-{high:.0f}); on captions of another kind "
+              f"its scores shift (a run keeping under half of its held-out share is warned)")
     print(f"wrote {args.output}")
     return 0
 
