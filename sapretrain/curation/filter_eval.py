@@ -232,10 +232,15 @@ def caption_length_score(case: Case) -> np.ndarray:
     return np.full(len(case.triplets), -float(len(case.caption.split())))
 
 
+def length_then(case: Case, prior_scores: np.ndarray) -> np.ndarray:
+    """Shorter captions first, ties broken by ``prior_scores`` (rates in [0, 1], halved so that they
+    never outrank one word): the two no-learning signals together, still without learning."""
+    return caption_length_score(case) + 0.5 * prior_scores
+
+
 def length_then_prior(prior: Callable[[Case], np.ndarray]) -> Callable[[Case], np.ndarray]:
-    """Shorter captions first, ties broken by ``prior`` (a rate in [0, 1], halved so that it never
-    outranks one word): the two no-learning signals together, still without learning."""
-    return lambda case: caption_length_score(case) + 0.5 * prior(case)
+    """``length_then`` with the scores of ``prior``."""
+    return lambda case: length_then(case, prior(case))
 
 
 def random_keep(cases: list[Case], fraction: float, draws: int = 50, seed: int = 0) -> dict:
@@ -316,6 +321,12 @@ def assign_folds(cases: list[Case], k: int, val_fraction: float) -> list[dict[st
     return out
 
 
+def prior_for_test(split: dict[str, list[Case]], out_of_fold: int = 0) -> Callable[[Case], np.ndarray]:
+    """The relation prior that scores the test cases: fit on train, or with ``out_of_fold`` > 0 on
+    train + validation (``threshold_cases``)."""
+    return relation_prior(split["train"] + split["validation"] if out_of_fold else split["train"])
+
+
 def threshold_cases(split: dict[str, list[Case]], out_of_fold: int = 0, split_by: str = "image",
                     ) -> tuple[list[Case], list[np.ndarray], Callable]:
     """The cases whose scores set the thresholds, the relation-prior scores of those cases, and
@@ -325,8 +336,8 @@ def threshold_cases(split: dict[str, list[Case]], out_of_fold: int = 0, split_by
     filter's protocol): train + validation, each case's prior fit on the other of ``k`` inner folds
     (``feature_filter.inner_fold`` of the ``split_by`` key: the folds the filter's threshold comes
     from), the test cases' prior fit on all of them."""
+    prior = prior_for_test(split, out_of_fold)
     if not out_of_fold:
-        prior = relation_prior(split["train"])
         return split["validation"], [prior(c) for c in split["validation"]], prior
     pool = split["train"] + split["validation"]
     folds = [inner_fold(split_key({"caption": c.caption, "image_id": c.image_id}, split_by), out_of_fold) for c in pool]
@@ -335,7 +346,7 @@ def threshold_cases(split: dict[str, list[Case]], out_of_fold: int = 0, split_by
         fit = relation_prior([c for c, f in zip(pool, folds) if f != i])
         for n in (n for n, f in enumerate(folds) if f == i):
             scores[n] = fit(pool[n])
-    return pool, scores, relation_prior(pool)
+    return pool, scores, prior
 
 
 def evaluate_split(split: dict[str, list[Case]], filter_scores: dict[str, list[np.ndarray]] | None,
@@ -351,7 +362,7 @@ def evaluate_split(split: dict[str, list[Case]], filter_scores: dict[str, list[n
     both = length_then_prior(prior)
     baselines = {"relation_prior": (prior_scores, prior),
                  "caption_length": ([caption_length_score(c) for c in pool], caption_length_score),
-                 "length_then_prior": ([caption_length_score(c) + 0.5 * p for c, p in zip(pool, prior_scores)], both)}
+                 "length_then_prior": ([length_then(c, p) for c, p in zip(pool, prior_scores)], both)}
     for name, (pool_scores, fn) in baselines.items():
         test_scores = [fn(c) for c in test]
         out[name] = operating_point(pool, pool_scores, test, test_scores, rule, min_precision, confidence)
@@ -472,7 +483,7 @@ def evaluate_model(cases: list[Case], model_dir: str, device: str = "auto", prog
     rule, min_precision = cfg.get("threshold_rule", "max_f1"), cfg.get("min_precision", 0.9)
     report = evaluate_split(split, scores, rule, min_precision, confidence=cfg.get("confidence", 0.95),
                             out_of_fold=out_of_fold, filter_threshold=scorer.threshold, split_by=split_by)
-    _, _, prior = threshold_cases(split, out_of_fold, split_by)
+    prior = prior_for_test(split, out_of_fold)
     test = split["test"]
     report["curves"] = _curves(test, {"filter": scores["test"], "relation_prior": [prior(c) for c in test],
                                       "caption_length": [caption_length_score(c) for c in test],
@@ -516,7 +527,7 @@ def cross_fit(cases: list[Case], cfg, k: int, work_dir: str, progress: bool = Fa
         folds.append(result)
         if on_fold is not None:
             on_fold(i, result)
-        _, _, prior = threshold_cases(split, out_of_fold)
+        prior = prior_for_test(split, out_of_fold)
         learned = {"filter": fold_ranks(scores["test"]), "relation_prior": fold_ranks([prior(c) for c in split["test"]]),
                    "length_then_prior": fold_ranks([length_then_prior(prior)(c) for c in split["test"]])}
         for n, case in enumerate(split["test"]):
