@@ -152,14 +152,21 @@ def test_train_filter_features_end_to_end(nlp, tmp_path, capsys):
     assert sum(d and r["label"] == 0 for d, r in zip(dropped, fresh)) >= 18 and sum(d and r["label"] == 1 for d, r in zip(dropped, fresh)) <= 2
 
 
-def test_a_run_that_keeps_far_less_than_the_held_out_labels_warns(nlp, tmp_path):
+@pytest.fixture(scope="module")
+def structural_model(tmp_path_factory):
+    """A features filter (max-F1 threshold) trained on ``structural_labels(240, seed=0)``."""
+    folder = tmp_path_factory.mktemp("structural")
+    labels = write_jsonl(folder / "labels.jsonl", structural_labels(240, seed=0))
+    assert train_filter_tool.main(["--labels", str(labels), "--output", str(folder / "model"), "--no-progress",
+                                   "kind=features", "threshold_folds=3", "trees=60"]) == 0
+    return folder / "model"
+
+
+def test_a_run_that_keeps_far_less_than_the_held_out_labels_warns(structural_model, tmp_path):
     from sapretrain.curation.relation_filter import yield_warning
     from sapretrain.curation.stage import format_stage_summary, run_stage
 
-    labels = write_jsonl(tmp_path / "labels.jsonl", structural_labels(240, seed=0))
-    out = tmp_path / "model"
-    assert train_filter_tool.main(["--labels", str(labels), "--output", str(out), "--no-progress", "kind=features",
-                                   "threshold_folds=3", "trees=60"]) == 0
+    out = structural_model
     saved = json.loads((out / "filter_config.json").read_text())
     reference = saved["reference"]
     assert reference["held_out"] == saved["metrics"]["validation"]["n"] and len(reference["score_quantiles"]) == 101
@@ -186,19 +193,16 @@ def test_a_run_that_keeps_far_less_than_the_held_out_labels_warns(nlp, tmp_path)
     assert yield_warning(reference, saved["threshold"], 100, int(60 * expected)) is None
 
 
-def test_curate_with_a_filter_trained_on_other_captions_says_why_it_kept_nothing(nlp, tmp_path, capsys):
+def test_curate_with_a_filter_trained_on_other_captions_says_why_it_kept_nothing(structural_model, tmp_path, capsys):
     from conftest import PROJECT_ROOT
     from sapretrain.cli import curate
 
     # Trained on 5- and 8-word captions where length tells right from wrong, the trees score
     # every triplet of the 115 COCO fixture captions (full sentences) as wrong.
-    labels = write_jsonl(tmp_path / "labels.jsonl", structural_labels(240, seed=0))
-    assert train_filter_tool.main(["--labels", str(labels), "--output", str(tmp_path / "model"), "--no-progress",
-                                   "kind=features", "threshold_folds=3", "trees=60"]) == 0
     capsys.readouterr()
     config = PROJECT_ROOT / "configs" / "curation" / "coco_fixture.yaml"
     assert curate.main(["--config", str(config), "--no-progress", f"output_dir={tmp_path / 'out'}",
-                        f"filter.model={tmp_path / 'model'}"]) == 2
+                        f"filter.model={structural_model}"]) == 2
     err = capsys.readouterr().err
     assert "relation_filter: all" in err and "were dropped (low_score" in err
     assert "warning: the filter kept 0.0% of" in err and "Train it on labels of captions like these" in err
